@@ -1,0 +1,130 @@
+//! The guest's first process: from the kernel's hand-over to systemd.
+//!
+//! 1. mount `/dev`, `/proc` and `/sys`;
+//! 2. load the modules listed in the initramfs's load order;
+//! 3. mount the read-only root image named by `vmrig.root=` and put a
+//!    writable overlay on it;
+//! 4. move the kernel filesystems into the new root, make it `/`, and
+//!    `exec` systemd, which stays PID 1.
+//!
+//! Any failure is printed on the console and the machine powers off: as
+//! PID 1 we must not exit, and a powered-off node is what the driver reports.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::fs::{self, File};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::kmod::{finit_module, ModuleInitFlags};
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::unistd::{chdir, chroot, execv};
+use vmrig_proto::{CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, HANDOVER_BANNER, INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER};
+
+/// How long to wait for the root disk to appear after its driver loads.
+const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself.
+const COMPRESSED_MODULE: u32 = 4;
+/// Where systemd lives on a merged-/usr Debian root.
+const SYSTEMD: &str = "/lib/systemd/systemd";
+
+/// Boots the guest; returns only by powering it off.
+pub fn run() -> ! {
+    let error = match boot() {
+        Ok(never) => match never {},
+        Err(error) => error,
+    };
+    eprintln!("vmrig-init: {error}");
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn fail(what: impl std::fmt::Display) -> impl FnOnce(nix::Error) -> String {
+    move |errno| format!("{what}: {errno}")
+}
+
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    fs::create_dir_all(target).map_err(|e| format!("cannot create {target}: {e}"))?;
+    mount(Some(source), target, Some(fstype), flags, data).map_err(fail(format!("cannot mount {fstype} on {target}")))
+}
+
+fn boot() -> Result<Infallible, String> {
+    let quiet = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("proc", "/proc", "proc", quiet | MsFlags::MS_NODEV, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", quiet | MsFlags::MS_NODEV, None)?;
+
+    load_modules()?;
+
+    let cmdline = fs::read_to_string("/proc/cmdline").map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
+    let param = |key: &str| {
+        cmdline
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(str::to_string)
+    };
+    let root = param(CMDLINE_ROOT).ok_or_else(|| format!("the kernel command line has no {CMDLINE_ROOT}="))?;
+    let fstype = param(CMDLINE_ROOT_FSTYPE).unwrap_or_else(|| "erofs".into());
+    wait_for(&root)?;
+
+    mount_fs(&root, "/lower", &fstype, MsFlags::MS_RDONLY, None)?;
+    mount_fs("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    for dir in ["/rw/upper", "/rw/work"] {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    }
+    mount_fs(
+        "overlay",
+        "/newroot",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
+    )?;
+
+    for dir in ["/dev", "/proc", "/sys"] {
+        let target = format!("/newroot{dir}");
+        mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .map_err(fail(format!("cannot move {dir} into the new root")))?;
+    }
+    chdir("/newroot").map_err(fail("cannot enter the new root"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(fail("cannot make the new root /"))?;
+    chroot(".").map_err(fail("cannot chroot into the new root"))?;
+    chdir("/").map_err(fail("cannot enter /"))?;
+
+    println!("{HANDOVER_BANNER}");
+    let program = CString::new(SYSTEMD).expect("no NUL in a constant");
+    execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
+}
+
+/// Loads every module of the initramfs's load order, which already puts each
+/// after its dependencies.
+fn load_modules() -> Result<(), String> {
+    let order = fs::read_to_string(format!("/{INITRAMFS_MODULE_ORDER}")).map_err(|e| format!("cannot read the module list: {e}"))?;
+    for name in order.lines().filter(|l| !l.is_empty()) {
+        let path = format!("/{INITRAMFS_MODULE_DIR}/{name}");
+        let file = File::open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let flags = if name.ends_with(".ko") {
+            ModuleInitFlags::empty()
+        } else {
+            ModuleInitFlags::from_bits_retain(COMPRESSED_MODULE)
+        };
+        match finit_module(&file, &CString::default(), flags) {
+            Ok(()) | Err(nix::Error::EEXIST) => {}
+            Err(errno) => return Err(format!("cannot load module {name}: {errno}")),
+        }
+    }
+    Ok(())
+}
+
+fn wait_for(device: &str) -> Result<(), String> {
+    let started = Instant::now();
+    while !Path::new(device).exists() {
+        if started.elapsed() > DEVICE_TIMEOUT {
+            return Err(format!("the root device {device} did not appear within {} s", DEVICE_TIMEOUT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! `vmrig-agent`, vmrig's program inside every guest.
+//!
+//! Started by the kernel as the initramfs's `/init` (PID 1), it loads the
+//! boot modules, assembles the root filesystem from the read-only image and
+//! a writable layer, and hands PID 1 over to systemd.
+
+mod init;
+
+fn main() -> std::process::ExitCode {
+    if std::process::id() == 1 {
+        init::run()
+    }
+    eprintln!("vmrig-agent: this is the guest's /init; it runs as PID 1 inside a vmrig node");
+    std::process::ExitCode::from(2)
+}

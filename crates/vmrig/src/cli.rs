@@ -1,0 +1,208 @@
+//! The command line: parses arguments, calls the library, prints the outcome
+//! and maps it to vmrig's exit status.
+//!
+//! Exit status: 0 success, 1 the test failed, 2 the definition or the
+//! command line is wrong, 3 the infrastructure failed (host tools, build,
+//! boot, QEMU).
+
+use std::error::Error as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::host::{self, Agent, Kvm, Packer};
+use crate::image::{self, Builder, ImageError};
+use crate::spec::{Diagnostics, SpecError, TestSpec};
+use crate::store::{Provenance, Store, StoreError};
+use crate::ui::Ui;
+
+/// Exit status when the definition or the command line is wrong.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status when the infrastructure failed.
+pub const EXIT_INFRA: u8 = 3;
+
+#[derive(Parser)]
+#[command(name = "vmrig", version, about = "Declarative multi-machine integration tests on real QEMU virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Validate a test definition and lint its script, without booting.
+    Check {
+        /// The test directory (holding vmrig.toml).
+        test: PathBuf,
+    },
+    /// Build (or find in the store) every node's image.
+    Build {
+        /// The test directory (holding vmrig.toml).
+        test: PathBuf,
+    },
+    /// Report what this host has: QEMU, mmdebstrap, an image packer,
+    /// python3, the guest agent, and whether KVM works.
+    Doctor,
+}
+
+/// A failure, with the exit status it maps to.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Invalid(Diagnostics),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    #[error(transparent)]
+    Script(#[from] crate::script::ScriptError),
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Spec(_) | Self::Invalid(_) => EXIT_USAGE,
+            Self::Image(ImageError::UnknownPackages { .. }) => EXIT_USAGE,
+            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) => EXIT_INFRA,
+        }
+    }
+}
+
+/// Runs vmrig with the process's arguments.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ui = Ui::detect();
+    let outcome = match cli.command {
+        Commands::Check { test } => check(&test, ui),
+        Commands::Build { test } => build(&test, ui),
+        Commands::Doctor => Ok(doctor(ui)),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err(failure) => {
+            report(&failure);
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Prints an error and each of its causes, once.
+fn report(failure: &Failure) {
+    match failure {
+        Failure::Spec(SpecError::Invalid(diagnostics)) | Failure::Invalid(diagnostics) => {
+            eprintln!("{diagnostics}");
+        }
+        _ => {
+            eprintln!("error: {failure}");
+            let mut cause = failure.source();
+            // A transparent variant's source is the wrapped error itself.
+            if cause.is_some_and(|c| c.to_string() == failure.to_string()) {
+                cause = cause.and_then(|c| c.source());
+            }
+            while let Some(error) = cause {
+                eprintln!("  caused by: {error}");
+                cause = error.source();
+            }
+        }
+    }
+}
+
+fn load(test: &Path) -> Result<TestSpec, Failure> {
+    Ok(TestSpec::load(test)?)
+}
+
+fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
+    let spec = load(test)?;
+    let problems = crate::script::lint(&spec)?;
+    if !problems.is_empty() {
+        return Err(Failure::Invalid(Diagnostics(problems)));
+    }
+    ui.say(format!(
+        "{}: the definition is valid ({} node{})",
+        spec.name,
+        spec.nodes.len(),
+        if spec.nodes.len() == 1 { "" } else { "s" }
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
+    let spec = load(test)?;
+    let store = Store::open(Store::default_location()?)?;
+    let agent = Agent::locate()?;
+    let sources = image::sources_for(&spec).map_err(ImageError::from)?;
+    let builder = Builder::new(&store, ui);
+    for request in image::plan(&spec, &sources) {
+        let boot = builder.boot_files(&request, &agent)?;
+        let how = match boot.image_provenance {
+            Provenance::Built => "built",
+            Provenance::Cached => "cached",
+        };
+        for node in &request.nodes {
+            ui.say(format!(
+                "{node}: image {} ({how}), kernel {}",
+                boot.image.path.display(),
+                boot.image.manifest.meta["kernel"].as_str().unwrap_or("?"),
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn doctor(ui: Ui) -> ExitCode {
+    let mut ok = true;
+    let mut line = |what: &str, found: Result<String, String>| {
+        match found {
+            Ok(detail) => ui.say(format!("ok       {what}: {detail}")),
+            Err(problem) => {
+                ok = false;
+                ui.say(format!("MISSING  {what}: {problem}"));
+            }
+        }
+    };
+    for tool in [host::QEMU, host::MMDEBSTRAP, host::PYTHON] {
+        line(tool.program, describe(tool));
+    }
+    line(
+        "image packer",
+        Packer::find()
+            .map_err(|e| e.to_string())
+            .and_then(|packer| describe(packer.tool())),
+    );
+    line(
+        "guest agent",
+        Agent::locate()
+            .map(|a| a.path.display().to_string())
+            .map_err(|e| e.to_string()),
+    );
+    line(
+        "store",
+        Store::default_location()
+            .map(|p| p.display().to_string())
+            .map_err(|e| e.to_string()),
+    );
+    let kernel = Store::default_location()
+        .and_then(Store::open)
+        .ok()
+        .and_then(|store| image::any_kernel(&store));
+    match kernel.as_deref().map(host::probe_kvm) {
+        Some(Kvm::Usable) => ui.say("ok       accelerator: KVM boots guests; they will run under KVM"),
+        Some(Kvm::Unusable(reason)) => ui.say(format!("ok       accelerator: KVM is not usable ({reason}); guests will run under TCG")),
+        None => ui.say("ok       accelerator: not probed yet: KVM is tried with a real kernel, and the store has none until `vmrig build` has run once"),
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INFRA)
+    }
+}
+
+fn describe(tool: host::Tool) -> Result<String, String> {
+    tool.require().map_err(|e| e.to_string())?;
+    Ok(tool.version().unwrap_or_else(|| "installed".into()))
+}

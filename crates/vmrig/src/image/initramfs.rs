@@ -1,0 +1,285 @@
+//! vmrig's own initramfs: the few kernel modules a node needs before its
+//! root filesystem is mounted, in the order they must be loaded, plus the
+//! agent as `/init`.
+//!
+//! The archive is an uncompressed `newc` cpio, the format the kernel unpacks
+//! itself; uncompressed because it is a few MiB and unpacking is faster than
+//! decompressing under TCG. Several such archives may be concatenated and the
+//! kernel unpacks each in turn, which is how per-node files are added at boot
+//! without rebuilding this one.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use vmrig_proto::{INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER};
+
+/// The modules, by name, that every node loads from its initramfs: the
+/// virtio transports of both machine types (microvm's MMIO and q35's PCI),
+/// the disks holding the root image and the writable layer, the console the
+/// agent listens on, the network, and the filesystems mounted before systemd
+/// starts. A module the kernel has built in is simply not needed.
+pub const BOOT_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_net",
+    "erofs",
+    "squashfs",
+    "overlay",
+    "ext4",
+];
+
+/// Problems reading a kernel's module tree.
+#[derive(Debug, thiserror::Error)]
+pub enum ModulesError {
+    /// `modules.dep` is missing or unreadable.
+    #[error("cannot read the kernel's module list {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A wanted module is neither built in nor shipped.
+    #[error("the kernel has no module `{0}`, built in or loadable")]
+    Unknown(String),
+}
+
+/// Module names use `_` and `-` interchangeably; the kernel treats them alike.
+fn normalise(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// The module name of a path in `modules.dep` (`kernel/fs/erofs/erofs.ko.xz` → `erofs`).
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    normalise(file.split(".ko").next().unwrap_or(file))
+}
+
+/// The files (relative to the module directory) that loading `wanted` takes,
+/// each after the modules it depends on, with no repeats.
+pub fn load_order(module_dir: &Path, wanted: &[&str]) -> Result<Vec<String>, ModulesError> {
+    let read = |name: &str| {
+        let path = module_dir.join(name);
+        fs::read_to_string(&path).map_err(|source| ModulesError::Read { path, source })
+    };
+    let dep_text = read("modules.dep")?;
+    let builtin: HashSet<String> = read("modules.builtin")
+        .unwrap_or_default()
+        .lines()
+        .map(module_name)
+        .collect();
+
+    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
+    for line in dep_text.lines() {
+        let Some((path, rest)) = line.split_once(':') else { continue };
+        let needs = rest.split_whitespace().map(str::to_string).collect();
+        deps.insert(module_name(path), (path.to_string(), needs));
+    }
+
+    let mut order = Vec::new();
+    let mut placed = BTreeSet::new();
+    for name in wanted {
+        let name = normalise(name);
+        if builtin.contains(&name) {
+            continue;
+        }
+        let Some((path, needs)) = deps.get(&name) else {
+            return Err(ModulesError::Unknown(name));
+        };
+        // modules.dep lists a module's dependencies so that loading them
+        // from last to first satisfies every one.
+        for dependency in needs.iter().rev().chain(std::iter::once(path)) {
+            if placed.insert(dependency.clone()) {
+                order.push(dependency.clone());
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// A writer of `newc` cpio archives with fixed owners and times, so that the
+/// same inputs give the same bytes.
+pub struct CpioWriter<W: Write> {
+    out: W,
+    written: u64,
+    next_inode: u32,
+}
+
+impl<W: Write> CpioWriter<W> {
+    /// An archive written to `out`.
+    pub fn new(out: W) -> Self {
+        Self {
+            out,
+            written: 0,
+            next_inode: 1,
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], (major, minor): (u32, u32)) -> io::Result<()> {
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        let size = u32::try_from(data.len()).map_err(io::Error::other)?;
+        let name_size = name.len() + 1;
+        let header = format!(
+            "070701{inode:08x}{mode:08x}{uid:08x}{gid:08x}{nlink:08x}{mtime:08x}{size:08x}{:08x}{:08x}{major:08x}{minor:08x}{name_size:08x}{check:08x}",
+            0,
+            0,
+            uid = 0,
+            gid = 0,
+            nlink = 1,
+            mtime = 0,
+            check = 0,
+        );
+        self.put(header.as_bytes())?;
+        self.put(name.as_bytes())?;
+        self.put(&[0])?;
+        self.pad()?;
+        self.put(data)?;
+        self.pad()
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    fn pad(&mut self) -> io::Result<()> {
+        let padding = (4 - self.written % 4) % 4;
+        self.put(&[0; 3][..padding as usize])
+    }
+
+    /// Adds a directory (its parents must have been added before).
+    pub fn dir(&mut self, name: &str) -> io::Result<()> {
+        self.entry(name, 0o040_755, &[], (0, 0))
+    }
+
+    /// Adds a character device node.
+    pub fn char_device(&mut self, name: &str, major: u32, minor: u32) -> io::Result<()> {
+        self.entry(name, 0o020_600, &[], (major, minor))
+    }
+
+    /// Adds a regular file with permission bits `mode`.
+    pub fn file(&mut self, name: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        self.entry(name, 0o100_000 | (mode & 0o7777), data, (0, 0))
+    }
+
+    /// Writes the trailer and returns the output.
+    pub fn finish(mut self) -> io::Result<W> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0))?;
+        Ok(self.out)
+    }
+}
+
+/// Writes to `out` an archive holding `modules` (paths relative to
+/// `module_dir`, in load order) and the list of them in that order.
+pub fn write_modules(out: impl Write, module_dir: &Path, modules: &[String]) -> io::Result<()> {
+    let mut cpio = CpioWriter::new(out);
+    for dir in ["dev", "proc", "sys", "run", "newroot", "lib", INITRAMFS_MODULE_DIR] {
+        cpio.dir(dir)?;
+    }
+    // The kernel opens /dev/console for /init's stdio before /init mounts
+    // devtmpfs, so the node must exist in the archive itself.
+    cpio.char_device("dev/console", 5, 1)?;
+    let mut order = String::new();
+    for module in modules {
+        let file = module.rsplit('/').next().unwrap_or(module);
+        cpio.file(
+            &format!("{INITRAMFS_MODULE_DIR}/{file}"),
+            0o644,
+            &fs::read(module_dir.join(module))?,
+        )?;
+        order.push_str(file);
+        order.push('\n');
+    }
+    cpio.file(INITRAMFS_MODULE_ORDER, 0o644, order.as_bytes())?;
+    cpio.finish()?.flush()
+}
+
+/// Writes to `out` an archive holding just `init` as `/init`.
+pub fn write_init(out: impl Write, init: &[u8]) -> io::Result<()> {
+    let mut cpio = CpioWriter::new(out);
+    cpio.file("init", 0o755, init)?;
+    cpio.finish()?.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_kernel(dir: &Path) {
+        fs::write(
+            dir.join("modules.dep"),
+            "kernel/drivers/virtio/virtio_mmio.ko:\n\
+             kernel/drivers/block/virtio_blk.ko:\n\
+             kernel/fs/ext4/ext4.ko.xz: kernel/fs/jbd2/jbd2.ko.xz kernel/fs/mbcache.ko.xz kernel/lib/crc16.ko.xz\n\
+             kernel/fs/jbd2/jbd2.ko.xz:\n\
+             kernel/fs/mbcache.ko.xz:\n\
+             kernel/lib/crc16.ko.xz:\n\
+             kernel/fs/overlayfs/overlay.ko: kernel/lib/crc16.ko.xz\n\
+             kernel/drivers/char/hw_random/virtio-rng.ko:\n",
+        )
+        .unwrap();
+        fs::write(dir.join("modules.builtin"), "kernel/drivers/virtio/virtio.ko\n").unwrap();
+    }
+
+    #[test]
+    fn orders_dependencies_first_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        fake_kernel(dir.path());
+        let order = load_order(dir.path(), &["virtio", "ext4", "overlay", "virtio-rng"]).unwrap();
+        assert_eq!(
+            order,
+            [
+                "kernel/lib/crc16.ko.xz",
+                "kernel/fs/mbcache.ko.xz",
+                "kernel/fs/jbd2/jbd2.ko.xz",
+                "kernel/fs/ext4/ext4.ko.xz",
+                "kernel/fs/overlayfs/overlay.ko",
+                "kernel/drivers/char/hw_random/virtio-rng.ko",
+            ]
+        );
+        assert!(matches!(load_order(dir.path(), &["nosuch"]), Err(ModulesError::Unknown(m)) if m == "nosuch"));
+    }
+
+    #[test]
+    fn cpio_entries_are_aligned_and_terminated() {
+        let mut cpio = CpioWriter::new(Vec::new());
+        cpio.dir("lib").unwrap();
+        cpio.file("lib/x", 0o644, b"hello").unwrap();
+        let bytes = cpio.finish().unwrap();
+        assert_eq!(bytes.len() % 4, 0);
+        assert!(bytes.starts_with(b"070701"));
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(text.contains("lib/x\0"));
+        assert!(text.contains("hello"));
+        assert!(text.contains("TRAILER!!!\0"));
+    }
+
+    #[test]
+    fn cpio_round_trips_through_the_system_cpio() {
+        let mut cpio = CpioWriter::new(Vec::new());
+        cpio.dir("d").unwrap();
+        cpio.file("d/file", 0o600, b"some bytes\n").unwrap();
+        cpio.file("init", 0o755, b"#!/bin/sh\n").unwrap();
+        let bytes = cpio.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("cpio")
+            .args(["-idm", "--quiet"])
+            .current_dir(dir.path())
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&bytes).unwrap();
+        assert!(child.wait().unwrap().success());
+        assert_eq!(fs::read(dir.path().join("d/file")).unwrap(), b"some bytes\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.path().join("init")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+    }
+}

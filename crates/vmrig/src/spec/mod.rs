@@ -1,0 +1,257 @@
+//! The test definition: `vmrig.toml` read and validated into typed values.
+//!
+//! This module is the only reader of TOML in vmrig. It owns every rule about
+//! what a definition may say (design section 2) and reports every mistake it
+//! finds at once, each with its file, line and column. It does not look at
+//! the network, the store or the host beyond checking that files named as a
+//! `source` exist.
+
+mod diagnostic;
+mod parse;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use diagnostic::{nearest, Diagnostic, SourceFile};
+
+/// The file name of a test definition inside a test directory.
+pub const DEFINITION_FILE: &str = "vmrig.toml";
+
+/// The folder, inside a test directory, where a run writes its report. It is
+/// never copied into a node.
+pub const RESULT_DIR: &str = "result";
+
+/// A test definition, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestSpec {
+    /// The test's name (`name`, else the directory's name).
+    pub name: String,
+    /// The test directory; relative `source` paths are resolved against it.
+    pub dir: PathBuf,
+    /// The Debian suite every node's image is built from.
+    pub distro: String,
+    /// The archive to build from, when the test names one; otherwise the
+    /// host's apt sources are used.
+    pub mirror: Option<String>,
+    /// The whole run's time limit.
+    pub timeout: Duration,
+    /// Nodes by name; iteration order is name order, which also numbers them.
+    pub nodes: BTreeMap<String, Node>,
+    /// The test script.
+    pub script: Script,
+}
+
+/// One VM of the test.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// The node's name, also its hostname.
+    pub name: String,
+    /// Debian packages installed on top of what every guest has.
+    pub packages: Vec<String>,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// The VLANs the node joins, one NIC each.
+    pub vlans: Vec<u8>,
+    /// Files placed in the guest, by absolute guest path.
+    pub files: BTreeMap<String, FileSpec>,
+    /// systemd services, by name without the `.service` suffix.
+    pub services: BTreeMap<String, Service>,
+    /// Inbound packet filtering.
+    pub firewall: Firewall,
+    /// Extra user accounts, by name.
+    pub users: BTreeMap<String, User>,
+    /// Extra kernel command-line parameters.
+    pub kernel_params: Vec<String>,
+    /// Extra `/etc/hosts` entries: address → names.
+    pub extra_hosts: BTreeMap<String, Vec<String>>,
+}
+
+/// Where a guest file's content comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FileContent {
+    /// A host file or directory, resolved against the test directory.
+    Source {
+        /// Absolute host path.
+        path: PathBuf,
+        /// Paths relative to `path` that are left out, with everything below them.
+        exclude: Vec<String>,
+    },
+    /// Literal text.
+    Text(String),
+}
+
+/// A file (or directory tree) to place in a guest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileSpec {
+    /// Where the content comes from.
+    pub content: FileContent,
+    /// Permission bits; `None` keeps the source's (or 0644 for text).
+    pub mode: Option<u32>,
+}
+
+/// A systemd service of a node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Service {
+    /// A unit written verbatim by the user.
+    Raw(String),
+    /// A unit vmrig writes from these fields.
+    Fields(ServiceFields),
+}
+
+/// The fields of a service that vmrig turns into a unit file.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServiceFields {
+    /// `Description=`.
+    pub description: Option<String>,
+    /// `ExecStart=`.
+    pub exec_start: String,
+    /// `ExecStartPre=` lines.
+    pub exec_start_pre: Vec<String>,
+    /// `WorkingDirectory=`.
+    pub working_directory: Option<String>,
+    /// `Environment=` pairs.
+    pub environment: BTreeMap<String, String>,
+    /// `User=`.
+    pub user: Option<String>,
+    /// `Type=`.
+    pub service_type: Option<String>,
+    /// `Restart=`.
+    pub restart: Option<String>,
+    /// `WantedBy=` targets.
+    pub wanted_by: Vec<String>,
+    /// `After=` units.
+    pub after: Vec<String>,
+    /// `Requires=` units.
+    pub requires: Vec<String>,
+}
+
+/// A node's inbound firewall.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Firewall {
+    /// Whether inbound traffic is filtered at all.
+    pub enable: bool,
+    /// TCP ports open to other nodes.
+    pub allowed_tcp_ports: Vec<u16>,
+    /// UDP ports open to other nodes.
+    pub allowed_udp_ports: Vec<u16>,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Self {
+            enable: true,
+            allowed_tcp_ports: Vec::new(),
+            allowed_udp_ports: Vec::new(),
+        }
+    }
+}
+
+/// An extra user account.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct User {
+    /// Supplementary groups.
+    pub groups: Vec<String>,
+    /// Home directory.
+    pub home: Option<String>,
+    /// Login shell.
+    pub shell: Option<String>,
+}
+
+/// The test script and where it was written, so that errors in it can point
+/// at the right line of the right file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Script {
+    /// The Python source.
+    pub text: String,
+    /// The file holding it.
+    pub path: PathBuf,
+    /// The 1-based line of `path` on which the script's first line stands.
+    pub first_line: usize,
+}
+
+/// Why a test definition could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The test directory has no definition file.
+    #[error("{} has no {DEFINITION_FILE}", .0.display())]
+    Missing(PathBuf),
+    /// The definition file exists but cannot be read.
+    #[error("cannot read {}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The definition has mistakes.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
+/// Every mistake found in one definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, diagnostic) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+                writeln!(f)?;
+            }
+            write!(f, "{diagnostic}")?;
+        }
+        let count = self.0.len();
+        write!(
+            f,
+            "\n\n{count} error{} in the test definition",
+            if count == 1 { "" } else { "s" }
+        )
+    }
+}
+
+impl TestSpec {
+    /// Reads and validates the test in `dir` (a directory holding
+    /// `vmrig.toml`, or the definition file itself).
+    pub fn load(dir: &Path) -> Result<Self, SpecError> {
+        let (dir, file) = if dir.is_file() {
+            let parent = dir.parent().unwrap_or(Path::new("."));
+            (parent.to_path_buf(), dir.to_path_buf())
+        } else {
+            (dir.to_path_buf(), dir.join(DEFINITION_FILE))
+        };
+        if !file.exists() {
+            return Err(SpecError::Missing(dir));
+        }
+        let source = SourceFile::read(&file).map_err(|source| SpecError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        parse::parse(&source, &dir).map_err(SpecError::Invalid)
+    }
+}
+
+impl Node {
+    /// The node's name as a Python identifier, the global the script uses.
+    pub fn python_name(&self) -> String {
+        python_identifier(&self.name)
+    }
+}
+
+/// `name` with every character that may not appear in a Python identifier
+/// replaced by `_`.
+pub fn python_identifier(name: &str) -> String {
+    let mut ident: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    if ident.starts_with(|c: char| c.is_ascii_digit()) {
+        ident.insert(0, '_');
+    }
+    ident
+}

@@ -1,0 +1,784 @@
+//! The walk from a spanned TOML tree to [`TestSpec`]: one method per table of
+//! the format, each recording every problem it sees and carrying on, so that
+//! one `vmrig check` shows all of them.
+
+use std::collections::BTreeMap;
+use std::ops::{Range, RangeInclusive};
+use std::path::Path;
+use std::time::Duration;
+
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
+
+use super::{
+    nearest, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script, Service,
+    ServiceFields, SourceFile, TestSpec, User,
+};
+
+type Value<'i> = Spanned<DeValue<'i>>;
+
+const TOP_KEYS: &[&str] = &["name", "distro", "mirror", "timeout", "defaults", "nodes", "test"];
+const NODE_KEYS: &[&str] = &[
+    "packages",
+    "memory",
+    "cpus",
+    "vlans",
+    "files",
+    "services",
+    "firewall",
+    "users",
+    "kernel_params",
+    "extra_hosts",
+];
+const FILE_KEYS: &[&str] = &["source", "exclude", "mode", "text"];
+const SERVICE_KEYS: &[&str] = &[
+    "description",
+    "exec_start",
+    "exec_start_pre",
+    "working_directory",
+    "environment",
+    "user",
+    "type",
+    "restart",
+    "wanted_by",
+    "after",
+    "requires",
+    "unit",
+];
+const SERVICE_TYPES: &[&str] = &["simple", "exec", "forking", "oneshot", "dbus", "notify", "idle"];
+const RESTART_POLICIES: &[&str] = &[
+    "no",
+    "on-success",
+    "on-failure",
+    "on-abnormal",
+    "on-watchdog",
+    "on-abort",
+    "always",
+];
+const FIREWALL_KEYS: &[&str] = &["enable", "allowed_tcp_ports", "allowed_udp_ports"];
+const USER_KEYS: &[&str] = &["groups", "home", "shell"];
+const TEST_KEYS: &[&str] = &["script", "script_file"];
+
+const DEFAULT_DISTRO: &str = "bookworm";
+const DEFAULT_TIMEOUT_SECS: i64 = 3600;
+const DEFAULT_MEMORY_MIB: i64 = 512;
+/// Node numbers are the last byte of their addresses.
+const MAX_NODES: usize = 254;
+
+/// Parses and validates `source`, a definition for the test in `dir`.
+pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, Diagnostics> {
+    let root = match DeTable::parse(&source.text) {
+        Ok(root) => root,
+        Err(error) => {
+            let span = error.span().unwrap_or(0..0);
+            let message = error.message().trim().to_string();
+            return Err(Diagnostics(vec![Diagnostic::new(
+                source,
+                span,
+                format!("this is not valid TOML: {message}"),
+            )]));
+        }
+    };
+    let mut parser = Parser {
+        source,
+        dir,
+        diagnostics: Vec::new(),
+    };
+    let spec = parser.test(root.get_ref());
+    let mut diagnostics = parser.diagnostics;
+    diagnostics.dedup();
+    match spec {
+        Some(spec) if diagnostics.is_empty() => Ok(spec),
+        _ => Err(Diagnostics(diagnostics)),
+    }
+}
+
+struct Parser<'s> {
+    source: &'s SourceFile,
+    dir: &'s Path,
+    diagnostics: Vec<Diagnostic>,
+}
+
+fn field<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(_, v)| v)
+}
+
+fn key_span(table: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    table
+        .iter()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(k, _)| k.span())
+}
+
+fn one_of(words: &[&str]) -> String {
+    let quoted: Vec<String> = words.iter().map(|w| format!("`{w}`")).collect();
+    format!("expected one of {}", quoted.join(", "))
+}
+
+impl Parser<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.diagnostics
+            .push(Diagnostic::new(self.source, span, message));
+    }
+
+    fn error_with_help(&mut self, span: Range<usize>, message: impl Into<String>, help: String) {
+        self.diagnostics
+            .push(Diagnostic::new(self.source, span, message).with_help(help));
+    }
+
+    /// Reports every key of `table` not in `known`, suggesting the nearest.
+    fn known_keys(&mut self, table: &DeTable<'_>, known: &[&str], context: &str) {
+        for (key, _) in table.iter() {
+            let key_text = key.get_ref().as_ref();
+            if known.contains(&key_text) {
+                continue;
+            }
+            let help = match nearest(key_text, known.iter().copied()) {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => one_of(known),
+            };
+            self.error_with_help(key.span(), format!("unknown key `{key_text}` in {context}"), help);
+        }
+    }
+
+    fn wrong_type(&mut self, value: &Value<'_>, what: &str, expected: &str) {
+        let found = value.get_ref().type_str();
+        self.error(value.span(), format!("{what} must be {expected}, found {found}"));
+    }
+
+    fn table<'a, 'i>(&mut self, value: &'a Value<'i>, what: &str) -> Option<&'a DeTable<'i>> {
+        let table = value.get_ref().as_table();
+        if table.is_none() {
+            self.wrong_type(value, what, "a table");
+        }
+        table
+    }
+
+    fn string(&mut self, value: &Value<'_>, what: &str) -> Option<String> {
+        let text = value.get_ref().as_str().map(str::to_string);
+        if text.is_none() {
+            self.wrong_type(value, what, "a string");
+        }
+        text
+    }
+
+    fn string_list(&mut self, value: &Value<'_>, what: &str) -> Option<Vec<String>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, what, "a list of strings");
+            return None;
+        };
+        let mut strings = Vec::with_capacity(array.len());
+        for item in array.iter() {
+            strings.push(self.string(item, &format!("each item of {what}"))?);
+        }
+        Some(strings)
+    }
+
+    fn integer(&mut self, value: &Value<'_>, what: &str, range: RangeInclusive<i64>) -> Option<i64> {
+        let Some(integer) = value.get_ref().as_integer() else {
+            self.wrong_type(value, what, "an integer");
+            return None;
+        };
+        let digits = integer.as_str().replace('_', "");
+        let parsed = i64::from_str_radix(&digits, integer.radix())
+            .ok()
+            .filter(|n| range.contains(n));
+        if parsed.is_none() {
+            self.error(
+                value.span(),
+                format!(
+                    "{what} must be between {} and {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+        }
+        parsed
+    }
+
+    fn boolean(&mut self, value: &Value<'_>, what: &str) -> Option<bool> {
+        let flag = value.get_ref().as_bool();
+        if flag.is_none() {
+            self.wrong_type(value, what, "true or false");
+        }
+        flag
+    }
+
+    fn string_map(&mut self, value: &Value<'_>, what: &str) -> Option<BTreeMap<String, String>> {
+        let table = self.table(value, what)?;
+        let mut map = BTreeMap::new();
+        for (key, value) in table.iter() {
+            let text = self.string(value, &format!("`{}` in {what}", key.get_ref()))?;
+            map.insert(key.get_ref().to_string(), text);
+        }
+        Some(map)
+    }
+
+    fn test(&mut self, root: &DeTable<'_>) -> Option<TestSpec> {
+        self.known_keys(root, TOP_KEYS, "the test definition");
+
+        let name = match field(root, "name") {
+            Some(v) => self.string(v, "`name`").filter(|n| {
+                let ok = !n.trim().is_empty();
+                if !ok {
+                    self.error(v.span(), "`name` must not be empty");
+                }
+                ok
+            }),
+            None => Some(
+                self.dir
+                    .canonicalize()
+                    .ok()
+                    .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                    .unwrap_or_else(|| "test".into()),
+            ),
+        };
+        let distro = match field(root, "distro") {
+            Some(v) => self.string(v, "`distro`").filter(|d| {
+                let ok = !d.is_empty()
+                    && d.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+                if !ok {
+                    self.error(v.span(), "`distro` must be a Debian suite name, such as `bookworm`");
+                }
+                ok
+            }),
+            None => Some(DEFAULT_DISTRO.to_string()),
+        };
+        let mirror = match field(root, "mirror") {
+            Some(v) => match self.string(v, "`mirror`") {
+                Some(m) if ["http://", "https://", "file:/"].iter().any(|p| m.starts_with(p)) => {
+                    Some(Some(m.trim_end_matches('/').to_string()))
+                }
+                Some(_) => {
+                    self.error(v.span(), "`mirror` must be an http://, https:// or file:/ URL of a Debian archive");
+                    None
+                }
+                None => None,
+            },
+            None => Some(None),
+        };
+        let timeout = match field(root, "timeout") {
+            Some(v) => self.integer(v, "`timeout` (seconds)", 1..=7 * 24 * 3600),
+            None => Some(DEFAULT_TIMEOUT_SECS),
+        };
+
+        let defaults = field(root, "defaults").and_then(|v| self.table(v, "`defaults`"));
+        if let Some(defaults) = defaults {
+            self.known_keys(defaults, NODE_KEYS, "`defaults`");
+        }
+        let nodes = self.nodes(root, defaults);
+        let script = self.script(root);
+
+        Some(TestSpec {
+            name: name?,
+            dir: self.dir.to_path_buf(),
+            distro: distro?,
+            mirror: mirror?,
+            timeout: Duration::from_secs(timeout?.unsigned_abs()),
+            nodes: nodes?,
+            script: script?,
+        })
+    }
+
+    fn nodes(&mut self, root: &DeTable<'_>, defaults: Option<&DeTable<'_>>) -> Option<BTreeMap<String, Node>> {
+        let Some(nodes_value) = field(root, "nodes") else {
+            self.error(0..0, "the test declares no nodes: add a `[nodes.NAME]` table");
+            return None;
+        };
+        let table = self.table(nodes_value, "`nodes`")?;
+        let nodes_span = key_span(root, "nodes").unwrap_or(0..0);
+        if table.is_empty() {
+            self.error(nodes_span, "the test declares no nodes: add a `[nodes.NAME]` table");
+            return None;
+        }
+        if table.len() > MAX_NODES {
+            self.error(nodes_span, format!("a test may have at most {MAX_NODES} nodes"));
+        }
+        let mut nodes = BTreeMap::new();
+        let mut complete = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            if !is_node_name(&name) {
+                self.error(
+                    key.span(),
+                    format!("`{name}` is not a valid node name: it is the node's hostname, so use letters, digits and `-`, starting with a letter, at most 63 characters"),
+                );
+            }
+            let Some(node_table) = self.table(value, &format!("node `{name}`")) else {
+                complete = false;
+                continue;
+            };
+            // `[defaults]` fills in whatever the node does not set itself.
+            let mut merged = node_table.clone();
+            for (key, value) in defaults.into_iter().flat_map(|d| d.iter()) {
+                if field(&merged, key.get_ref()).is_none() {
+                    merged.insert(key.clone(), value.clone());
+                }
+            }
+            match self.node(&name, &merged) {
+                Some(node) => {
+                    nodes.insert(name, node);
+                }
+                None => complete = false,
+            }
+        }
+        complete.then_some(nodes)
+    }
+
+    fn node(&mut self, name: &str, table: &DeTable<'_>) -> Option<Node> {
+        let context = format!("node `{name}`");
+        self.known_keys(table, NODE_KEYS, &context);
+        let mut ok = true;
+        let packages = match field(table, "packages") {
+            Some(v) => self.packages(v, name).unwrap_or_else(|| {
+                ok = false;
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let memory_mib = match field(table, "memory") {
+            Some(v) => self.integer(v, "`memory` (MiB)", 128..=1 << 20),
+            None => Some(DEFAULT_MEMORY_MIB),
+        };
+        let cpus = match field(table, "cpus") {
+            Some(v) => self.integer(v, "`cpus`", 1..=64),
+            None => Some(1),
+        };
+        let vlans = match field(table, "vlans") {
+            Some(v) => self.vlans(v),
+            None => Some(vec![1]),
+        };
+        let files = match field(table, "files") {
+            Some(v) => self.files(v),
+            None => Some(BTreeMap::new()),
+        };
+        let services = match field(table, "services") {
+            Some(v) => self.services(v),
+            None => Some(BTreeMap::new()),
+        };
+        let firewall = match field(table, "firewall") {
+            Some(v) => self.firewall(v),
+            None => Some(Firewall::default()),
+        };
+        let users = match field(table, "users") {
+            Some(v) => self.users(v),
+            None => Some(BTreeMap::new()),
+        };
+        let kernel_params = match field(table, "kernel_params") {
+            Some(v) => self.string_list(v, "`kernel_params`"),
+            None => Some(Vec::new()),
+        };
+        let extra_hosts = match field(table, "extra_hosts") {
+            Some(v) => self.extra_hosts(v),
+            None => Some(BTreeMap::new()),
+        };
+
+        if !ok {
+            return None;
+        }
+        Some(Node {
+            name: name.to_string(),
+            packages,
+            memory_mib: u32::try_from(memory_mib?).ok()?,
+            cpus: u32::try_from(cpus?).ok()?,
+            vlans: vlans?,
+            files: files?,
+            services: services?,
+            firewall: firewall?,
+            users: users?,
+            kernel_params: kernel_params?,
+            extra_hosts: extra_hosts?,
+        })
+    }
+
+    fn packages(&mut self, value: &Value<'_>, node: &str) -> Option<Vec<String>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, "`packages`", "a list of Debian package names");
+            return None;
+        };
+        let mut packages = Vec::new();
+        let mut ok = true;
+        for item in array.iter() {
+            let Some(package) = self.string(item, "each package") else {
+                ok = false;
+                continue;
+            };
+            // Debian policy 5.6.1: lower case letters, digits, `+`, `-`, `.`; at least two characters, starting alphanumeric.
+            let valid = package.len() >= 2
+                && package.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                && package
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c));
+            if !valid {
+                self.error(item.span(), format!("`{package}` in node `{node}` is not a valid Debian package name"));
+                ok = false;
+            }
+            packages.push(package);
+        }
+        ok.then_some(packages)
+    }
+
+    fn vlans(&mut self, value: &Value<'_>) -> Option<Vec<u8>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, "`vlans`", "a list of VLAN numbers");
+            return None;
+        };
+        let mut vlans = Vec::new();
+        for item in array.iter() {
+            let vlan = u8::try_from(self.integer(item, "a VLAN number", 1..=254)?).ok()?;
+            if vlans.contains(&vlan) {
+                self.error(item.span(), format!("VLAN {vlan} is listed twice"));
+                return None;
+            }
+            vlans.push(vlan);
+        }
+        Some(vlans)
+    }
+
+    fn files(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, FileSpec>> {
+        let table = self.table(value, "`files`")?;
+        let mut files = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let guest_path = key.get_ref().to_string();
+            let absolute = guest_path.starts_with('/')
+                && guest_path.len() > 1
+                && !guest_path.split('/').any(|part| part == "..");
+            if !absolute {
+                self.error(key.span(), format!("guest path `{guest_path}` must be absolute, below `/`, without `..`"));
+                ok = false;
+            }
+            match self.file(value, &guest_path) {
+                Some(file) => {
+                    files.insert(guest_path, file);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(files)
+    }
+
+    fn file(&mut self, value: &Value<'_>, guest_path: &str) -> Option<FileSpec> {
+        let context = format!("file `{guest_path}`");
+        let table = self.table(value, &context)?;
+        self.known_keys(table, FILE_KEYS, &context);
+        let mode = match field(table, "mode") {
+            Some(v) => Some(self.mode(v)?),
+            None => None,
+        };
+        let content = match (field(table, "source"), field(table, "text")) {
+            (Some(_), Some(text)) => {
+                self.error(text.span(), format!("{context} has both `source` and `text`: keep one"));
+                return None;
+            }
+            (None, None) => {
+                self.error(value.span(), format!("{context} needs `source` (a host path) or `text`"));
+                return None;
+            }
+            (None, Some(text)) => {
+                if let Some(exclude) = field(table, "exclude") {
+                    self.error(exclude.span(), "`exclude` applies only to a `source`");
+                    return None;
+                }
+                FileContent::Text(self.string(text, "`text`")?)
+            }
+            (Some(source), None) => {
+                let relative = self.string(source, "`source`")?;
+                let path = self.dir.join(&relative);
+                if !path.exists() {
+                    self.error(
+                        source.span(),
+                        format!("`source` `{relative}` does not exist (looked for {})", path.display()),
+                    );
+                    return None;
+                }
+                let exclude = match field(table, "exclude") {
+                    Some(v) => self.string_list(v, "`exclude`")?,
+                    None => Vec::new(),
+                };
+                FileContent::Source { path, exclude }
+            }
+        };
+        Some(FileSpec { content, mode })
+    }
+
+    fn mode(&mut self, value: &Value<'_>) -> Option<u32> {
+        const HELP: &str = "`mode` must be permission bits, as an octal string such as \"0644\" or an integer such as 0o644";
+        let mode = match value.get_ref() {
+            DeValue::String(text) => u32::from_str_radix(text, 8).ok(),
+            DeValue::Integer(_) => self
+                .integer(value, "`mode`", 0..=0o7777)
+                .and_then(|m| u32::try_from(m).ok()),
+            _ => None,
+        };
+        match mode {
+            Some(mode) if mode <= 0o7777 => Some(mode),
+            _ => {
+                self.error(value.span(), HELP);
+                None
+            }
+        }
+    }
+
+    fn services(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, Service>> {
+        let table = self.table(value, "`services`")?;
+        let mut services = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            if let Some(stem) = name.strip_suffix(".service") {
+                self.error_with_help(
+                    key.span(),
+                    format!("service names are written without `.service`"),
+                    format!("write `{stem}`"),
+                );
+                ok = false;
+                continue;
+            }
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || ":_.\\-@".contains(c));
+            if !valid {
+                self.error(key.span(), format!("`{name}` is not a valid systemd unit name"));
+                ok = false;
+                continue;
+            }
+            match self.service(value, &name, key.span()) {
+                Some(service) => {
+                    services.insert(name, service);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(services)
+    }
+
+    fn service(&mut self, value: &Value<'_>, name: &str, name_span: Range<usize>) -> Option<Service> {
+        let context = format!("service `{name}`");
+        let table = self.table(value, &context)?;
+        self.known_keys(table, SERVICE_KEYS, &context);
+        if let Some(unit) = field(table, "unit") {
+            if let Some((other, _)) = table.iter().find(|(k, _)| k.get_ref() != "unit") {
+                self.error(other.span(), format!("{context} is given as a raw `unit`, so it takes no other keys"));
+                return None;
+            }
+            return self.string(unit, "`unit`").map(Service::Raw);
+        }
+        let Some(exec_start) = field(table, "exec_start") else {
+            self.error(name_span, format!("{context} needs `exec_start` (or a raw `unit`)"));
+            return None;
+        };
+        let mut ok = true;
+        let mut fields = ServiceFields {
+            exec_start: self.string(exec_start, "`exec_start`").unwrap_or_default(),
+            ..ServiceFields::default()
+        };
+        for (key, value) in table.iter() {
+            let key = key.get_ref().as_ref();
+            let what = format!("`{key}`");
+            let parsed = match key {
+                "description" => self.string(value, &what).map(|v| fields.description = Some(v)),
+                "exec_start_pre" => self.command_list(value, &what).map(|v| fields.exec_start_pre = v),
+                "working_directory" => self.string(value, &what).map(|v| fields.working_directory = Some(v)),
+                "environment" => self.string_map(value, &what).map(|v| fields.environment = v),
+                "user" => self.string(value, &what).map(|v| fields.user = Some(v)),
+                "type" => self.choice(value, &what, SERVICE_TYPES).map(|v| fields.service_type = Some(v)),
+                "restart" => self.choice(value, &what, RESTART_POLICIES).map(|v| fields.restart = Some(v)),
+                "wanted_by" => self.string_list(value, &what).map(|v| fields.wanted_by = v),
+                "after" => self.string_list(value, &what).map(|v| fields.after = v),
+                "requires" => self.string_list(value, &what).map(|v| fields.requires = v),
+                _ => Some(()),
+            };
+            ok &= parsed.is_some();
+        }
+        if fields.exec_start.trim().is_empty() {
+            self.error(exec_start.span(), "`exec_start` must not be empty");
+            ok = false;
+        }
+        ok.then_some(Service::Fields(fields))
+    }
+
+    /// One command or a list of them.
+    fn command_list(&mut self, value: &Value<'_>, what: &str) -> Option<Vec<String>> {
+        match value.get_ref() {
+            DeValue::String(s) => Some(vec![s.to_string()]),
+            _ => self.string_list(value, what),
+        }
+    }
+
+    fn choice(&mut self, value: &Value<'_>, what: &str, choices: &[&str]) -> Option<String> {
+        let text = self.string(value, what)?;
+        if choices.contains(&text.as_str()) {
+            return Some(text);
+        }
+        let help = match nearest(&text, choices.iter().copied()) {
+            Some(near) => format!("did you mean `{near}`?"),
+            None => one_of(choices),
+        };
+        self.error_with_help(value.span(), format!("`{text}` is not a valid {what}"), help);
+        None
+    }
+
+    fn firewall(&mut self, value: &Value<'_>) -> Option<Firewall> {
+        let table = self.table(value, "`firewall`")?;
+        self.known_keys(table, FIREWALL_KEYS, "`firewall`");
+        let mut firewall = Firewall::default();
+        let mut ok = true;
+        if let Some(v) = field(table, "enable") {
+            match self.boolean(v, "`firewall.enable`") {
+                Some(enable) => firewall.enable = enable,
+                None => ok = false,
+            }
+        }
+        for (key, target) in [
+            ("allowed_tcp_ports", &mut firewall.allowed_tcp_ports),
+            ("allowed_udp_ports", &mut firewall.allowed_udp_ports),
+        ] {
+            if let Some(v) = field(table, key) {
+                match self.ports(v, key) {
+                    Some(ports) => *target = ports,
+                    None => ok = false,
+                }
+            }
+        }
+        ok.then_some(firewall)
+    }
+
+    fn ports(&mut self, value: &Value<'_>, key: &str) -> Option<Vec<u16>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, &format!("`{key}`"), "a list of port numbers");
+            return None;
+        };
+        let mut ports = Vec::new();
+        let mut ok = true;
+        for item in array.iter() {
+            match self.integer(item, "a port", 1..=65535) {
+                Some(port) => ports.push(u16::try_from(port).ok()?),
+                None => ok = false,
+            }
+        }
+        ok.then_some(ports)
+    }
+
+    fn users(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, User>> {
+        let table = self.table(value, "`users`")?;
+        let mut users = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            let valid = name.len() <= 32
+                && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c));
+            if !valid {
+                self.error(key.span(), format!("`{name}` is not a valid user name"));
+                ok = false;
+            }
+            let context = format!("user `{name}`");
+            let Some(user_table) = self.table(value, &context) else {
+                ok = false;
+                continue;
+            };
+            self.known_keys(user_table, USER_KEYS, &context);
+            let mut user = User::default();
+            if let Some(v) = field(user_table, "groups") {
+                user.groups = self.string_list(v, "`groups`").unwrap_or_else(|| {
+                    ok = false;
+                    Vec::new()
+                });
+            }
+            for (key, target) in [("home", &mut user.home), ("shell", &mut user.shell)] {
+                if let Some(v) = field(user_table, key) {
+                    *target = self.string(v, &format!("`{key}`"));
+                    ok &= target.is_some();
+                }
+            }
+            users.insert(name, user);
+        }
+        ok.then_some(users)
+    }
+
+    fn extra_hosts(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, Vec<String>>> {
+        let table = self.table(value, "`extra_hosts`")?;
+        let mut hosts = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let address = key.get_ref().to_string();
+            if address.parse::<std::net::IpAddr>().is_err() {
+                self.error(key.span(), format!("`{address}` is not an IP address: `extra_hosts` maps an address to its names"));
+                ok = false;
+            }
+            match self.string_list(value, &format!("the names of `{address}`")) {
+                Some(names) => {
+                    hosts.insert(address, names);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(hosts)
+    }
+
+    fn script(&mut self, root: &DeTable<'_>) -> Option<Script> {
+        let Some(test_value) = field(root, "test") else {
+            self.error(0..0, "the test has no script: add a `[test]` table with `script` or `script_file`");
+            return None;
+        };
+        let table = self.table(test_value, "`test`")?;
+        self.known_keys(table, TEST_KEYS, "`[test]`");
+        let test_span = key_span(root, "test").unwrap_or(0..0);
+        match (field(table, "script"), field(table, "script_file")) {
+            (Some(_), Some(file)) => {
+                self.error(file.span(), "`[test]` has both `script` and `script_file`: keep one");
+                None
+            }
+            (None, None) => {
+                self.error(test_span, "`[test]` needs `script` or `script_file`");
+                None
+            }
+            (Some(inline), None) => {
+                let text = self.string(inline, "`script`")?;
+                let span = inline.span();
+                let (opening_line, _) = self.source.line_col(span.start);
+                // TOML drops a newline right after `'''` or `"""`, so the
+                // script then starts on the next line.
+                let raw = &self.source.text[span.start..];
+                let trimmed_newline = (raw.starts_with("'''") || raw.starts_with("\"\"\""))
+                    && (raw[3..].starts_with('\n') || raw[3..].starts_with("\r\n"));
+                Some(Script {
+                    text,
+                    path: self.source.path.clone(),
+                    first_line: opening_line + usize::from(trimmed_newline),
+                })
+            }
+            (None, Some(file)) => {
+                let relative = self.string(file, "`script_file`")?;
+                let path = self.dir.join(&relative);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(Script {
+                        text,
+                        path,
+                        first_line: 1,
+                    }),
+                    Err(error) => {
+                        self.error(file.span(), format!("cannot read script `{relative}`: {error}"));
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A node name is its hostname: one DNS label, starting with a letter.
+fn is_node_name(name: &str) -> bool {
+    name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !name.ends_with('-')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}

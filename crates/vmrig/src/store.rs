@@ -1,0 +1,421 @@
+//! The store: vmrig's content-addressed cache on disk.
+//!
+//! An entry is a directory `<root>/<kind>/<key>/` holding files and a
+//! `manifest.json` that lists each file's size and BLAKE3 hash. It is built
+//! in `<root>/tmp/` and renamed into place, so an entry that exists is
+//! complete; one whose manifest is missing, unreadable, or disagrees with the
+//! files (truncated, altered, deleted) is treated as absent and rebuilt.
+//!
+//! Builders of the same entry are serialised by an exclusive `flock` on
+//! `<root>/locks/<kind>-<key>.lock`: the first builds, the others wait and
+//! then find the entry made. The store knows nothing of what entries mean;
+//! the image module decides keys and contents.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+/// Name of the file in each entry that describes it.
+const MANIFEST: &str = "manifest.json";
+/// Bumped when the manifest format changes; older entries are rebuilt.
+const MANIFEST_VERSION: u32 = 1;
+
+/// Errors of the store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Neither `$VMRIG_STORE`, `$XDG_CACHE_HOME` nor `$HOME` is set.
+    #[error("cannot tell where the store is: set VMRIG_STORE (or XDG_CACHE_HOME or HOME)")]
+    NoLocation,
+    /// A filesystem operation in the store failed.
+    #[error("store: cannot {action} {}", .path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provenance {
+    /// It was already in the store.
+    Cached,
+    /// This call built it.
+    Built,
+}
+
+/// What an entry records about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version of this manifest.
+    pub version: u32,
+    /// The entry's key.
+    pub key: String,
+    /// When the entry was made, seconds since the Unix epoch.
+    pub created: u64,
+    /// Every file of the entry (relative path → size and hash).
+    pub files: BTreeMap<String, FileRecord>,
+    /// What the builder wanted to remember (kernel version, package list …).
+    pub meta: serde_json::Value,
+}
+
+/// Size and hash of one file of an entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Length in bytes.
+    pub size: u64,
+    /// BLAKE3 of the contents, hex.
+    pub blake3: String,
+}
+
+/// A complete entry of the store.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The entry's directory.
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+impl Entry {
+    /// The path of one of the entry's files.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+/// The store at one root directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// The hex BLAKE3 key of `parts`, each length-prefixed so that no two
+/// different lists of parts share a key.
+pub fn key_of<I, P>(parts: I) -> String
+where
+    I: IntoIterator<Item = P>,
+    P: AsRef<[u8]>,
+{
+    let mut hasher = blake3::Hasher::new();
+    for part in parts {
+        let part = part.as_ref();
+        hasher.update(&(part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().to_hex()[..32].to_string()
+}
+
+/// The hex BLAKE3 hash of a file's contents.
+pub fn hash_file(path: &Path) -> io::Result<String> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(File::open(path)?)?;
+    Ok(hasher.finalize().to_hex().to_string())
+}
+
+impl Store {
+    /// The store named by `$VMRIG_STORE`, else `$XDG_CACHE_HOME/vmrig`, else
+    /// `~/.cache/vmrig`.
+    pub fn default_location() -> Result<PathBuf, StoreError> {
+        let env = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        if let Some(root) = env("VMRIG_STORE") {
+            return Ok(root);
+        }
+        if let Some(cache) = env("XDG_CACHE_HOME") {
+            return Ok(cache.join("vmrig"));
+        }
+        env("HOME")
+            .map(|home| home.join(".cache").join("vmrig"))
+            .ok_or(StoreError::NoLocation)
+    }
+
+    /// Opens (creating if needed) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        for dir in ["tmp", "locks", "logs"] {
+            let path = root.join(dir);
+            fs::create_dir_all(&path).map_err(io_error("create", &path))?;
+        }
+        Ok(Self { root })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where builders keep the log of building `kind`/`key`.
+    pub fn log_path(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join("logs").join(format!("{kind}-{key}.log"))
+    }
+
+    fn entry_dir(&self, kind: &str, key: &str) -> PathBuf {
+        self.root.join(kind).join(key)
+    }
+
+    /// The entry `kind`/`key`, if it is present and intact.
+    pub fn lookup(&self, kind: &str, key: &str) -> Option<Entry> {
+        let path = self.entry_dir(kind, key);
+        let manifest = read_manifest(&path).ok()?;
+        (manifest.version == MANIFEST_VERSION && manifest.key == key && files_match(&path, &manifest))
+            .then_some(Entry { path, manifest })
+    }
+
+    /// The entry `kind`/`key`, built by `build` if it is absent or damaged.
+    ///
+    /// `build` fills the empty directory it is given and returns the entry's
+    /// metadata; every regular file it leaves there becomes part of the
+    /// entry. Concurrent callers for the same entry build it once.
+    pub fn get_or_build<E>(
+        &self,
+        kind: &str,
+        key: &str,
+        build: impl FnOnce(&Path) -> Result<serde_json::Value, E>,
+    ) -> Result<(Entry, Provenance), E>
+    where
+        E: From<StoreError>,
+    {
+        if let Some(entry) = self.lookup(kind, key) {
+            return Ok((entry, Provenance::Cached));
+        }
+        let _lock = self.lock(kind, key)?;
+        // Whoever held the lock before us may have built it meanwhile.
+        if let Some(entry) = self.lookup(kind, key) {
+            return Ok((entry, Provenance::Cached));
+        }
+        let final_dir = self.entry_dir(kind, key);
+        self.discard_leftovers(kind, key, &final_dir)?;
+
+        let staging = tempfile::Builder::new()
+            .prefix(&format!("{kind}-{key}-"))
+            .tempdir_in(self.root.join("tmp"))
+            .map_err(io_error("create a temporary directory in", &self.root))?;
+        let meta = build(staging.path())?;
+        let manifest = Manifest {
+            version: MANIFEST_VERSION,
+            key: key.to_string(),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            files: record_files(staging.path())?,
+            meta,
+        };
+        let manifest_path = staging.path().join(MANIFEST);
+        let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
+        fs::write(&manifest_path, json).map_err(io_error("write", &manifest_path))?;
+
+        let parent = self.root.join(kind);
+        fs::create_dir_all(&parent).map_err(io_error("create", &parent))?;
+        let staged = staging.keep();
+        fs::rename(&staged, &final_dir).map_err(io_error("move into place", &final_dir))?;
+        Ok((
+            Entry {
+                path: final_dir,
+                manifest,
+            },
+            Provenance::Built,
+        ))
+    }
+
+    /// Takes the exclusive lock for building `kind`/`key`, waiting if
+    /// another process holds it.
+    fn lock(&self, kind: &str, key: &str) -> Result<Flock<File>, StoreError> {
+        let path = self.root.join("locks").join(format!("{kind}-{key}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("open the lock", &path))?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StoreError::Io {
+            action: "lock",
+            path,
+            source: errno.into(),
+        })
+    }
+
+    /// Removes a damaged entry and the staging directories of builds of this
+    /// entry that died. Only called with the entry's lock held, so no live
+    /// build owns them.
+    fn discard_leftovers(&self, kind: &str, key: &str, final_dir: &Path) -> Result<(), StoreError> {
+        if final_dir.exists() {
+            remove_tree(final_dir)?;
+        }
+        let tmp = self.root.join("tmp");
+        let prefix = format!("{kind}-{key}-");
+        for dirent in fs::read_dir(&tmp).map_err(io_error("list", &tmp))?.flatten() {
+            if dirent.file_name().to_string_lossy().starts_with(&prefix) {
+                remove_tree(&dirent.path())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn remove_tree(path: &Path) -> Result<(), StoreError> {
+    match fs::remove_dir_all(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Io {
+            action: "remove",
+            path: path.to_path_buf(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn read_manifest(dir: &Path) -> io::Result<Manifest> {
+    let mut text = String::new();
+    File::open(dir.join(MANIFEST))?.read_to_string(&mut text)?;
+    serde_json::from_str(&text).map_err(io::Error::other)
+}
+
+fn files_match(dir: &Path, manifest: &Manifest) -> bool {
+    manifest.files.iter().all(|(name, record)| {
+        let path = dir.join(name);
+        fs::metadata(&path).is_ok_and(|m| m.len() == record.size)
+            && hash_file(&path).is_ok_and(|hash| hash == record.blake3)
+    })
+}
+
+fn record_files(dir: &Path) -> Result<BTreeMap<String, FileRecord>, StoreError> {
+    let mut files = BTreeMap::new();
+    for dirent in fs::read_dir(dir).map_err(io_error("list", dir))? {
+        let dirent = dirent.map_err(io_error("list", dir))?;
+        let path = dirent.path();
+        let metadata = dirent.metadata().map_err(io_error("inspect", &path))?;
+        if !metadata.is_file() {
+            continue;
+        }
+        let blake3 = hash_file(&path).map_err(io_error("hash", &path))?;
+        files.insert(
+            dirent.file_name().to_string_lossy().into_owned(),
+            FileRecord {
+                size: metadata.len(),
+                blake3,
+            },
+        );
+    }
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn build_hello(dir: &Path) -> Result<serde_json::Value, StoreError> {
+        fs::write(dir.join("hello.txt"), "hello").unwrap();
+        Ok(serde_json::json!({"greeting": "hello"}))
+    }
+
+    #[test]
+    fn keys_separate_their_parts() {
+        assert_ne!(key_of(["ab", "c"]), key_of(["a", "bc"]));
+        assert_eq!(key_of(["ab", "c"]), key_of(["ab", "c"]));
+        assert_eq!(key_of(["x"]).len(), 32);
+    }
+
+    #[test]
+    fn builds_once_then_hits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (entry, provenance) = store.get_or_build("things", "k1", build_hello).unwrap();
+        assert_eq!(provenance, Provenance::Built);
+        assert_eq!(fs::read_to_string(entry.file("hello.txt")).unwrap(), "hello");
+        assert_eq!(entry.manifest.meta["greeting"], "hello");
+        let (_, provenance) = store
+            .get_or_build("things", "k1", |_| -> Result<_, StoreError> { panic!("must not rebuild") })
+            .unwrap();
+        assert_eq!(provenance, Provenance::Cached);
+    }
+
+    #[test]
+    fn a_failed_build_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let result = store.get_or_build("things", "k", |d| {
+            fs::write(d.join("half"), "x").unwrap();
+            Err(StoreError::NoLocation)
+        });
+        assert!(result.is_err());
+        assert!(store.lookup("things", "k").is_none());
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(!dir.path().join("things").join("k").exists());
+    }
+
+    #[test]
+    fn damaged_entries_are_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let damage: [fn(&Path); 4] = [
+            |e| fs::write(e.join("hello.txt"), "hellp").unwrap(),  // same size, other bytes
+            |e| fs::write(e.join("hello.txt"), "hel").unwrap(),    // truncated
+            |e| fs::remove_file(e.join(MANIFEST)).unwrap(),        // never finished
+            |e| fs::write(e.join(MANIFEST), "{\"vers").unwrap(),   // garbage manifest
+        ];
+        for harm in damage {
+            let (entry, _) = store.get_or_build("things", "k", build_hello).unwrap();
+            harm(&entry.path);
+            assert!(store.lookup("things", "k").is_none());
+            let (entry, provenance) = store.get_or_build("things", "k", build_hello).unwrap();
+            assert_eq!(provenance, Provenance::Built);
+            assert_eq!(fs::read_to_string(entry.file("hello.txt")).unwrap(), "hello");
+        }
+    }
+
+    #[test]
+    fn leftovers_of_a_dead_build_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let dead = dir.path().join("tmp").join("things-k-abandoned");
+        fs::create_dir_all(&dead).unwrap();
+        store.get_or_build("things", "k", build_hello).unwrap();
+        assert!(!dead.exists());
+    }
+
+    #[test]
+    fn concurrent_builders_build_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let builds = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let root = dir.path().to_path_buf();
+                let builds = builds.clone();
+                std::thread::spawn(move || {
+                    let store = Store::open(root).unwrap();
+                    store
+                        .get_or_build("things", "k", |d| {
+                            builds.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            build_hello(d)
+                        })
+                        .unwrap()
+                        .0
+                })
+            })
+            .collect();
+        for thread in threads {
+            let entry = thread.join().unwrap();
+            assert_eq!(fs::read_to_string(entry.file("hello.txt")).unwrap(), "hello");
+        }
+        assert_eq!(builds.load(Ordering::SeqCst), 1);
+    }
+}

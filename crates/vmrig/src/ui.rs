@@ -1,0 +1,100 @@
+//! Everything vmrig shows a person while it works: progress for long steps
+//! and status lines. All terminal styling lives here; elsewhere code says
+//! what happened, not how it looks. On a terminal a step is a live spinner;
+//! in a log (CI, a pipe) it is one line when it starts and one when it ends.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How output is shown.
+#[derive(Debug, Clone, Copy)]
+pub struct Ui {
+    interactive: bool,
+}
+
+impl Default for Ui {
+    fn default() -> Self {
+        Self::detect()
+    }
+}
+
+impl Ui {
+    /// Live progress when stderr is a terminal, plain lines otherwise.
+    pub fn detect() -> Self {
+        Self {
+            interactive: std::io::stderr().is_terminal(),
+        }
+    }
+
+    /// Starts a long step, described by `what` (e.g. "building image for server").
+    pub fn step(&self, what: impl Into<String>) -> Step {
+        let what = what.into();
+        let bar = if self.interactive {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {prefix} … {msg} [{elapsed}]")
+                    .expect("the template is valid"),
+            );
+            bar.set_prefix(what.clone());
+            bar.enable_steady_tick(Duration::from_millis(120));
+            Some(bar)
+        } else {
+            eprintln!("{what} …");
+            None
+        };
+        Step {
+            what,
+            bar,
+            started: Instant::now(),
+        }
+    }
+
+    /// A line of status.
+    pub fn say(&self, line: impl AsRef<str>) {
+        eprintln!("{}", line.as_ref());
+    }
+}
+
+/// A long step in progress. Dropping it without finishing clears it.
+pub struct Step {
+    what: String,
+    bar: Option<ProgressBar>,
+    started: Instant,
+}
+
+impl Step {
+    /// Shows the step's latest detail (a terminal shows it; a log does not,
+    /// since the full output goes to the step's own log).
+    pub fn detail(&self, detail: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(detail.to_string());
+        }
+    }
+
+    /// How long the step has run.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Ends the step with `outcome` (e.g. "done").
+    pub fn finish(mut self, outcome: &str) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        eprintln!(
+            "{} … {outcome} in {:.1} s",
+            self.what,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
