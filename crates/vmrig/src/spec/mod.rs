@@ -8,6 +8,8 @@
 
 mod diagnostic;
 mod parse;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -99,7 +101,7 @@ pub enum Service {
     /// A unit written verbatim by the user.
     Raw(String),
     /// A unit vmrig writes from these fields.
-    Fields(ServiceFields),
+    Fields(Box<ServiceFields>),
 }
 
 /// The fields of a service that vmrig turns into a unit file.

@@ -533,7 +533,7 @@ impl Parser<'_> {
             if let Some(stem) = name.strip_suffix(".service") {
                 self.error_with_help(
                     key.span(),
-                    format!("service names are written without `.service`"),
+                    "service names are written without `.service`",
                     format!("write `{stem}`"),
                 );
                 ok = false;
@@ -600,7 +600,7 @@ impl Parser<'_> {
             self.error(exec_start.span(), "`exec_start` must not be empty");
             ok = false;
         }
-        ok.then_some(Service::Fields(fields))
+        ok.then_some(Service::Fields(Box::new(fields)))
     }
 
     /// One command or a list of them.

@@ -1,0 +1,246 @@
+//! The definition rules, one test per rule: valid input gives the right
+//! values, and each mistake is reported where it is, with a useful message.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+/// Writes `toml` as a test definition in a fresh directory and loads it.
+fn load(toml: &str) -> (tempfile::TempDir, Result<TestSpec, SpecError>) {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join(DEFINITION_FILE), toml).unwrap();
+    fs::write(dir.path().join("main.py"), "print('hi')\n").unwrap();
+    let spec = TestSpec::load(dir.path());
+    (dir, spec)
+}
+
+fn errors(toml: &str) -> Vec<Diagnostic> {
+    match load(toml).1 {
+        Err(SpecError::Invalid(Diagnostics(all))) => all,
+        other => panic!("expected diagnostics, got {other:?}"),
+    }
+}
+
+/// The one diagnostic `toml` gives, as (line, column, message, help).
+fn error(toml: &str) -> (usize, usize, String, Option<String>) {
+    let all = errors(toml);
+    assert_eq!(all.len(), 1, "expected one error, got: {all:#?}");
+    let d = &all[0];
+    (d.line, d.column, d.message.clone(), d.help.clone())
+}
+
+const SCRIPT: &str = "\n[test]\nscript = \"machine.succeed('true')\"\n";
+
+fn with_script(nodes: &str) -> String {
+    format!("{nodes}{SCRIPT}")
+}
+
+#[test]
+fn reads_the_reference_example() {
+    let spec = TestSpec::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/nix-is-cool"))).unwrap();
+    assert_eq!(spec.name, "api-test");
+    assert_eq!(spec.distro, "bookworm");
+    assert_eq!(spec.timeout, Duration::from_secs(3600));
+    assert_eq!(spec.nodes.keys().collect::<Vec<_>>(), ["client", "server"]);
+    let server = &spec.nodes["server"];
+    assert_eq!(server.packages, ["python3-fastapi", "python3-uvicorn"]);
+    assert_eq!(server.firewall.allowed_tcp_ports, [4000]);
+    assert!(server.firewall.enable);
+    assert_eq!(server.vlans, [1]);
+    let Service::Fields(app) = &server.services["app"] else { panic!("app is not a field service") };
+    assert_eq!(app.exec_start, "uvicorn main:app");
+    assert_eq!(app.working_directory.as_deref(), Some("/srv/api"));
+    assert_eq!(app.environment["UVICORN_PORT"], "4000");
+    assert_eq!(app.wanted_by, ["multi-user.target"]);
+    let FileContent::Source { exclude, .. } = &server.files["/srv/api"].content else { panic!("not a source") };
+    assert_eq!(exclude, &["vmrig.toml"]);
+    assert!(spec.script.text.starts_with("server.wait_for_unit(\"default.target\")"));
+    // The script's first line is the line after `script = '''`.
+    let definition = fs::read_to_string(&spec.script.path).unwrap();
+    let line = definition.lines().nth(spec.script.first_line - 1).unwrap();
+    assert_eq!(line, "server.wait_for_unit(\"default.target\")");
+}
+
+#[test]
+fn defaults_fill_in_what_nodes_leave_out() {
+    let (_dir, spec) = load(&with_script(
+        "[defaults]\nmemory = 1024\npackages = [\"curl\"]\n[nodes.a]\n[nodes.b]\nmemory = 256\n",
+    ));
+    let spec = spec.unwrap();
+    assert_eq!(spec.nodes["a"].memory_mib, 1024);
+    assert_eq!(spec.nodes["a"].packages, ["curl"]);
+    assert_eq!(spec.nodes["b"].memory_mib, 256);
+}
+
+#[test]
+fn reads_every_node_field() {
+    let (dir, spec) = load(&with_script(
+        r#"
+name = "all"
+distro = "trixie"
+mirror = "http://archive.example/debian/"
+timeout = 60
+[nodes.web-1]
+cpus = 2
+vlans = [1, 2]
+kernel_params = ["quiet"]
+extra_hosts = { "10.0.0.1" = ["gateway", "gw"] }
+files."/etc/motd" = { text = "hello", mode = "0600" }
+files."/srv/app" = { source = "main.py", mode = 0o755 }
+users.alice = { groups = ["wheel"], shell = "/bin/bash" }
+firewall = { enable = false, allowed_udp_ports = [53] }
+[nodes.web-1.services.raw]
+unit = "[Service]\nExecStart=/bin/true\n"
+[nodes.web-1.services.job]
+exec_start = "/bin/true"
+exec_start_pre = "/bin/echo pre"
+type = "oneshot"
+restart = "on-failure"
+user = "alice"
+after = ["network.target"]
+"#,
+    ));
+    let spec = spec.unwrap();
+    assert_eq!(spec.name, "all");
+    assert_eq!(spec.distro, "trixie");
+    assert_eq!(spec.mirror.as_deref(), Some("http://archive.example/debian"));
+    assert_eq!(spec.timeout, Duration::from_secs(60));
+    let node = &spec.nodes["web-1"];
+    assert_eq!(node.python_name(), "web_1");
+    assert_eq!((node.cpus, node.vlans.as_slice()), (2, [1, 2].as_slice()));
+    assert_eq!(node.extra_hosts["10.0.0.1"], ["gateway", "gw"]);
+    assert_eq!(node.files["/etc/motd"], FileSpec { content: FileContent::Text("hello".into()), mode: Some(0o600) });
+    assert_eq!(
+        node.files["/srv/app"],
+        FileSpec {
+            content: FileContent::Source { path: dir.path().join("main.py"), exclude: vec![] },
+            mode: Some(0o755)
+        }
+    );
+    assert_eq!(node.users["alice"].groups, ["wheel"]);
+    assert!(!node.firewall.enable);
+    assert_eq!(node.firewall.allowed_udp_ports, [53]);
+    assert!(matches!(&node.services["raw"], Service::Raw(text) if text.contains("ExecStart=/bin/true")));
+    let Service::Fields(job) = &node.services["job"] else { panic!() };
+    assert_eq!(job.exec_start_pre, ["/bin/echo pre"]);
+    assert_eq!(job.service_type.as_deref(), Some("oneshot"));
+}
+
+#[test]
+fn misspelt_keys_name_the_nearest() {
+    let (line, column, message, help) = error(&with_script("[nodes.a]\npakages = [\"curl\"]\n"));
+    assert_eq!((line, column), (2, 1));
+    assert_eq!(message, "unknown key `pakages` in node `a`");
+    assert_eq!(help.as_deref(), Some("did you mean `packages`?"));
+
+    let (_, _, message, help) = error(&with_script("[nodes.a.services.x]\nexec_strat = \"/bin/true\"\nexec_start = \"/bin/true\"\n"));
+    assert_eq!(message, "unknown key `exec_strat` in service `x`");
+    assert_eq!(help.as_deref(), Some("did you mean `exec_start`?"));
+
+    let (_, _, message, help) = error(&with_script("naem = \"x\"\n[nodes.a]\n"));
+    assert_eq!(message, "unknown key `naem` in the test definition");
+    assert_eq!(help.as_deref(), Some("did you mean `name`?"));
+
+    let (_, _, _, help) = error(&with_script("[nodes.a]\nzzzzzz = 1\n"));
+    assert!(help.unwrap().starts_with("expected one of `packages`"));
+}
+
+#[test]
+fn misspelt_choices_name_the_nearest() {
+    let (_, _, message, help) = error(&with_script("[nodes.a.services.x]\nexec_start = \"/bin/true\"\ntype = \"oneshoot\"\n"));
+    assert_eq!(message, "`oneshoot` is not a valid `type`");
+    assert_eq!(help.as_deref(), Some("did you mean `oneshot`?"));
+}
+
+#[test]
+fn a_test_needs_nodes_and_a_script() {
+    let (_, _, message, _) = error(SCRIPT);
+    assert!(message.starts_with("the test declares no nodes"), "{message}");
+    let (_, _, message, _) = error("[nodes.a]\n");
+    assert!(message.starts_with("the test has no script"), "{message}");
+    let (_, _, message, _) = error("[nodes.a]\n[test]\nscript = \"x\"\nscript_file = \"main.py\"\n");
+    assert!(message.contains("both `script` and `script_file`"), "{message}");
+    let (line, _, message, _) = error("[nodes.a]\n[test]\nscript_file = \"missing.py\"\n");
+    assert_eq!(line, 3);
+    assert!(message.starts_with("cannot read script `missing.py`"), "{message}");
+}
+
+#[test]
+fn a_missing_source_is_located() {
+    let (line, column, message, _) = error(&with_script("[nodes.a]\nfiles.\"/srv\" = { source = \"nope\" }\n"));
+    assert_eq!((line, column), (2, 27));
+    assert!(message.starts_with("`source` `nope` does not exist"), "{message}");
+}
+
+#[test]
+fn ports_must_be_in_range() {
+    let (line, column, message, _) = error(&with_script("[nodes.a]\nfirewall.allowed_tcp_ports = [80, 70000]\n"));
+    assert_eq!((line, column), (2, 35));
+    assert_eq!(message, "a port must be between 1 and 65535");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nfirewall.allowed_tcp_ports = [0]\n"));
+    assert_eq!(message, "a port must be between 1 and 65535");
+}
+
+#[test]
+fn services_need_a_command_or_a_unit() {
+    let (line, column, message, _) = error(&with_script("[nodes.a.services.app]\nuser = \"x\"\n"));
+    assert_eq!((line, column), (1, 19));
+    assert_eq!(message, "service `app` needs `exec_start` (or a raw `unit`)");
+    let (_, _, message, _) = error(&with_script("[nodes.a.services.app]\nunit = \"x\"\nuser = \"y\"\n"));
+    assert!(message.contains("raw `unit`, so it takes no other keys"), "{message}");
+    let (_, _, message, help) = error(&with_script("[nodes.a.services.\"app.service\"]\nexec_start = \"x\"\n"));
+    assert_eq!(message, "service names are written without `.service`");
+    assert_eq!(help.as_deref(), Some("write `app`"));
+}
+
+#[test]
+fn types_are_checked() {
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nmemory = \"lots\"\n"));
+    assert_eq!(message, "`memory` (MiB) must be an integer, found string");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\npackages = \"curl\"\n"));
+    assert_eq!(message, "`packages` must be a list of Debian package names, found string");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\npackages = [\"Curl\"]\n"));
+    assert_eq!(message, "`Curl` in node `a` is not a valid Debian package name");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nvlans = [1, 1]\n"));
+    assert_eq!(message, "VLAN 1 is listed twice");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nfiles.\"etc/x\" = { text = \"\" }\n"));
+    assert!(message.starts_with("guest path `etc/x` must be absolute"), "{message}");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nextra_hosts = { \"gw\" = [\"x\"] }\n"));
+    assert!(message.starts_with("`gw` is not an IP address"), "{message}");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nfiles.\"/x\" = { text = \"\", mode = \"999\" }\n"));
+    assert!(message.starts_with("`mode` must be permission bits"), "{message}");
+    let (_, _, message, _) = error(&with_script("mirror = \"deb.example\"\n[nodes.a]\n"));
+    assert!(message.starts_with("`mirror` must be an http://"), "{message}");
+}
+
+#[test]
+fn node_names_are_hostnames() {
+    let (_, _, message, _) = error(&with_script("[nodes.\"my_node\"]\n"));
+    assert!(message.starts_with("`my_node` is not a valid node name"), "{message}");
+}
+
+#[test]
+fn every_mistake_is_reported_at_once() {
+    let all = errors(&with_script(
+        "[nodes.a]\npakages = []\nmemory = 1\n[nodes.b]\nfirewall.allowed_tcp_ports = [0]\n",
+    ));
+    let lines: Vec<usize> = all.iter().map(|d| d.line).collect();
+    assert_eq!(lines, [2, 3, 5]);
+}
+
+#[test]
+fn toml_syntax_errors_are_located() {
+    let (line, _, message, _) = error("[nodes.a]\npackages = [\"curl\"\n");
+    assert_eq!(line, 2);
+    assert!(message.starts_with("this is not valid TOML"), "{message}");
+}
+
+#[test]
+fn a_directory_without_a_definition_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = TestSpec::load(dir.path()).unwrap_err();
+    assert!(matches!(error, SpecError::Missing(_)));
+    assert!(error.to_string().ends_with("has no vmrig.toml"));
+}

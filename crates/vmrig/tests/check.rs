@@ -1,0 +1,90 @@
+//! `vmrig check` as a user runs it: on the reference example, and on a copy
+//! broken in the ways people break definitions.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn example() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nix-is-cool")
+}
+
+fn vmrig_check(dir: &Path) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("check")
+        .arg(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap(), text)
+}
+
+#[test]
+fn the_reference_example_is_valid() {
+    let (code, output) = vmrig_check(&example());
+    assert_eq!(code, 0, "{output}");
+    assert!(output.contains("api-test: the definition is valid (2 nodes)"), "{output}");
+}
+
+#[test]
+fn a_broken_copy_gets_every_error_located() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(example().join("main.py"), dir.path().join("main.py")).unwrap();
+    let definition = fs::read_to_string(example().join("vmrig.toml"))
+        .unwrap()
+        .replace("packages = [\"curl\"]", "pakages = [\"curl\"]")
+        .replace("source = \".\"", "source = \"./app\"");
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let toml = dir.path().join("vmrig.toml");
+
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    let expected = format!(
+        "error: `source` `./app` does not exist (looked for {}/./app)\n --> {toml}:6:31\n  |\n6 | files.\"/srv/api\" = {{ source = \"./app\", exclude = [\"vmrig.toml\"] }}\n  |                               ^^^^^^^\n\n\
+         error: unknown key `pakages` in node `client`\n  --> {toml}:15:1\n   |\n15 | pakages = [\"curl\"]\n   | ^^^^^^^\n   = help: did you mean `packages`?\n\n\
+         2 errors in the test definition\n",
+        dir.path().display(),
+        toml = toml.display(),
+    );
+    assert_eq!(output, expected);
+}
+
+#[test]
+fn an_unknown_node_in_the_script_names_the_nearest() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::copy(example().join("main.py"), dir.path().join("main.py")).unwrap();
+    let definition = fs::read_to_string(example().join("vmrig.toml"))
+        .unwrap()
+        .replace("client.wait_for_unit", "clinet.wait_for_unit");
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    let expected = format!(
+        "error: unknown node `clinet` in the test script\n  --> {}:21:1\n   |\n21 | clinet.wait_for_unit(\"default.target\")\n   | ^^^^^^\n   = help: did you mean `client`?\n\n1 error in the test definition\n",
+        dir.path().join("vmrig.toml").display()
+    );
+    assert_eq!(output, expected);
+}
+
+#[test]
+fn a_script_syntax_error_points_into_the_definition() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("vmrig.toml"),
+        "[nodes.a]\n\n[test]\nscript = '''\nmachine.succeed('true')\nif True\n    pass\n'''\n",
+    )
+    .unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("error: the test script is not valid Python: expected ':'"), "{output}");
+    assert!(output.contains("vmrig.toml:6:"), "{output}");
+}
+
+#[test]
+fn a_missing_definition_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2);
+    assert!(output.contains("has no vmrig.toml"), "{output}");
+}
