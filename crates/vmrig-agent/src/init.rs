@@ -3,9 +3,11 @@
 //! 1. mount `/dev`, `/proc` and `/sys`;
 //! 2. load the modules listed in the initramfs's load order;
 //! 3. mount the read-only root image named by `vmrig.root=` and put a
-//!    writable overlay on it;
-//! 4. move the kernel filesystems into the new root, make it `/`, and
-//!    `exec` systemd, which stays PID 1.
+//!    writable overlay on it, kept on the ext4 disk named by `vmrig.state=`
+//!    (so that it survives a reboot) or else on a tmpfs;
+//! 4. copy the node's own files and units over it and create its users;
+//! 5. move the kernel filesystems into the new root and make it `/`;
+//! 6. fork the agent, and `exec` systemd, which stays PID 1.
 //!
 //! Any failure is printed on the console and the machine powers off: as
 //! PID 1 we must not exit, and a powered-off node is what the driver reports.
@@ -20,7 +22,11 @@ use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::unistd::{chdir, chroot, execv};
-use vmrig_proto::{CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, HANDOVER_BANNER, INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER};
+use nix::unistd::{fork, setsid, ForkResult};
+use vmrig_proto::{
+    CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE, HANDOVER_BANNER, INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER,
+    INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS,
+};
 
 /// How long to wait for the root disk to appear after its driver loads.
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,7 +77,13 @@ fn boot() -> Result<Infallible, String> {
     wait_for(&root)?;
 
     mount_fs(&root, "/lower", &fstype, MsFlags::MS_RDONLY, None)?;
-    mount_fs("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    match param(CMDLINE_STATE) {
+        Some(state) => {
+            wait_for(&state)?;
+            mount_fs(&state, "/rw", "ext4", MsFlags::empty(), None)?;
+        }
+        None => mount_fs("tmpfs", "/rw", "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+    }
     for dir in ["/rw/upper", "/rw/work"] {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
     }
@@ -83,6 +95,10 @@ fn boot() -> Result<Infallible, String> {
         Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
     )?;
 
+    copy_tree(Path::new("/").join(INITRAMFS_OVERLAY_DIR).as_path(), Path::new("/newroot"))?;
+    // Read now: the initramfs is out of reach once the new root is `/`.
+    let users = fs::read_to_string(Path::new("/").join(INITRAMFS_USERS).as_path()).unwrap_or_default();
+
     for dir in ["/dev", "/proc", "/sys"] {
         let target = format!("/newroot{dir}");
         mount(Some(dir), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
@@ -92,7 +108,14 @@ fn boot() -> Result<Infallible, String> {
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(fail("cannot make the new root /"))?;
     chroot(".").map_err(fail("cannot chroot into the new root"))?;
     chdir("/").map_err(fail("cannot enter /"))?;
+    create_users(&users)?;
 
+    // SAFETY: we are single-threaded here (PID 1 has started no thread), so
+    // the child may run any code.
+    if let ForkResult::Child = unsafe { fork() }.map_err(fail("cannot start the agent"))? {
+        let _ = setsid();
+        crate::server::serve();
+    }
     println!("{HANDOVER_BANNER}");
     let program = CString::new(SYSTEMD).expect("no NUL in a constant");
     execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
@@ -113,6 +136,56 @@ fn load_modules() -> Result<(), String> {
         match finit_module(&file, &CString::default(), flags) {
             Ok(()) | Err(nix::Error::EEXIST) => {}
             Err(errno) => return Err(format!("cannot load module {name}: {errno}")),
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` (the node's files and units, laid out as they go) over
+/// `to`, replacing what is there.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+    let Ok(entries) = fs::read_dir(from) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let source = entry.path();
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().map_err(|e| format!("cannot inspect {}: {e}", source.display()))?;
+        let copied = if kind.is_dir() {
+            fs::create_dir_all(&target)
+                .and_then(|()| fs::set_permissions(&target, fs::metadata(&source)?.permissions()))
+                .map_err(|e| format!("cannot create {}: {e}", target.display()))
+                .and_then(|()| copy_tree(&source, &target))
+        } else if kind.is_symlink() {
+            let _ = fs::remove_file(&target);
+            fs::read_link(&source)
+                .and_then(|link| std::os::unix::fs::symlink(link, &target))
+                .map_err(|e| format!("cannot link {}: {e}", target.display()))
+        } else {
+            let _ = fs::remove_file(&target);
+            fs::copy(&source, &target)
+                .map(drop)
+                .map_err(|e| format!("cannot write {}: {e}", target.display()))
+        };
+        copied?;
+    }
+    Ok(())
+}
+
+/// Creates the node's users that do not exist yet (the writable layer
+/// keeps them across a reboot).
+fn create_users(list: &str) -> Result<(), String> {
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    for line in list.lines().filter(|l| !l.is_empty()) {
+        let args: Vec<&str> = line.split('\t').collect();
+        let Some(name) = args.last() else { continue };
+        if passwd.lines().any(|entry| entry.split(':').next() == Some(name)) {
+            continue;
+        }
+        let status = std::process::Command::new("/usr/sbin/useradd")
+            .args(&args)
+            .status()
+            .map_err(|e| format!("cannot run useradd: {e}"))?;
+        if !status.success() {
+            return Err(format!("useradd {line} failed: {status}"));
         }
     }
     Ok(())

@@ -1,10 +1,12 @@
 //! `vmrig-agent`, vmrig's program inside every guest.
 //!
 //! Started by the kernel as the initramfs's `/init` (PID 1), it loads the
-//! boot modules, assembles the root filesystem from the read-only image and
-//! a writable layer, and hands PID 1 over to systemd.
+//! boot modules, assembles the root filesystem from the read-only image, a
+//! writable layer and the node's own files, then forks the agent that
+//! serves the driver and hands PID 1 over to systemd.
 
 mod init;
+mod server;
 
 fn main() -> std::process::ExitCode {
     if std::process::id() == 1 {

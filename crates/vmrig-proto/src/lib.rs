@@ -1,8 +1,32 @@
-//! The wire protocol between the vmrig driver (host) and `vmrig-agent` (guest).
+//! What the vmrig driver (host) and `vmrig-agent` (guest) agree on: the
+//! guest's boot layout, and the framed protocol they speak over a
+//! virtio-serial port.
 //!
-//! The agent's first job, before any protocol exists, is to be the guest's
-//! `/init`; this crate holds what both sides must agree on about the guest's
-//! layout, so that neither hard-codes it twice.
+//! # The exchange
+//!
+//! 1. The guest's `/init` forks the agent just before it execs systemd; the
+//!    agent opens the port named [`AGENT_PORT`] and waits.
+//! 2. The driver connects to QEMU's end of the port and sends
+//!    [`Request::Hello`]; the agent answers [`Reply::Hello`] with the boot's
+//!    id, so that after a reboot the driver knows it talks to the new boot.
+//! 3. The driver sends one request at a time and reads replies until the
+//!    request's last one: [`Reply::Exited`] for `Exec` (after any number of
+//!    [`Reply::Output`]), [`Reply::Done`] for `ReadPath` (after its
+//!    [`Reply::Entry`]s), [`Reply::Ack`] for the rest, or [`Reply::Error`].
+//!
+//! # Frames
+//!
+//! Every message is one frame: a little-endian `u32` header length, a
+//! little-endian `u32` data length, the header as JSON, then the data as raw
+//! bytes (command input and output, file contents). Both lengths are
+//! bounded ([`MAX_HEADER`], [`MAX_DATA`]), so a peer can never make the
+//! other allocate without limit; anything else malformed is an error for
+//! that connection, never a panic.
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Kernel command-line key naming the block device that holds the read-only
 /// root image, e.g. `vmrig.root=/dev/vda`.
@@ -12,6 +36,10 @@ pub const CMDLINE_ROOT: &str = "vmrig.root";
 /// (`erofs` or `squashfs`).
 pub const CMDLINE_ROOT_FSTYPE: &str = "vmrig.rootfstype";
 
+/// Kernel command-line key naming the ext4 block device holding the node's
+/// writable layer; without it the layer is a tmpfs, lost at reboot.
+pub const CMDLINE_STATE: &str = "vmrig.state";
+
 /// Where, inside the initramfs, the kernel modules that `/init` loads live.
 pub const INITRAMFS_MODULE_DIR: &str = "lib/modules";
 
@@ -19,7 +47,274 @@ pub const INITRAMFS_MODULE_DIR: &str = "lib/modules";
 /// line, in dependency order.
 pub const INITRAMFS_MODULE_ORDER: &str = "lib/modules/load-order";
 
+/// The tree, inside the initramfs, that `/init` copies over the root
+/// filesystem before systemd starts: the node's own files and units.
+pub const INITRAMFS_OVERLAY_DIR: &str = "vmrig/root";
+
+/// The file, inside the initramfs, holding the node's users to create: one
+/// `useradd` argument list a line, tab-separated.
+pub const INITRAMFS_USERS: &str = "vmrig/users";
+
 /// The line `/init` prints on the console just before it hands the machine
 /// to systemd; the driver and the tests use it to tell a working initramfs
 /// from a kernel that never reached userspace.
 pub const HANDOVER_BANNER: &str = "vmrig-init: starting systemd";
+
+/// The name of the virtio-serial port the agent listens on.
+pub const AGENT_PORT: &str = "vmrig.agent";
+
+/// Largest JSON header accepted.
+pub const MAX_HEADER: u32 = 256 * 1024;
+
+/// Largest data part accepted; longer contents travel in several frames.
+pub const MAX_DATA: u32 = 1024 * 1024;
+
+/// A command for the agent to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// A shell command line (run by `bash -c`), or an argument vector.
+    pub program: Program,
+    /// Variables added to the agent's environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory; `/` when absent.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Time limit in milliseconds, enforced in the guest; the whole process
+    /// group is killed when it passes.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// What to execute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Program {
+    /// A command line for `bash -c`.
+    Shell(String),
+    /// A program and its arguments, run without a shell.
+    Argv(Vec<String>),
+}
+
+/// A request from the driver. Data travelling with it is noted per variant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// Are you there, and which boot are you?
+    Hello,
+    /// Run a command; the frame's data is its standard input.
+    Exec(Command),
+    /// Write a chunk of a file (the frame's data), creating parents. The
+    /// file appears at `path` only after its last chunk (`more: false`).
+    WriteFile {
+        /// Absolute guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Whether further chunks of the same file follow.
+        more: bool,
+    },
+    /// Create a directory and its parents.
+    MakeDir {
+        /// Absolute guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+    },
+    /// Send a file or a directory tree.
+    ReadPath {
+        /// Absolute guest path.
+        path: String,
+    },
+    /// Power the machine off.
+    PowerOff,
+    /// Reboot the machine.
+    Reboot,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// What a path sent by `ReadPath` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file; its contents are the data of one or more frames.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; the data is its target.
+    Symlink,
+}
+
+/// A reply from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Reply {
+    /// The agent is up.
+    Hello {
+        /// The kernel's boot id, new at every boot.
+        boot_id: String,
+        /// The agent's version.
+        version: String,
+    },
+    /// A chunk of a command's output (the frame's data).
+    Output {
+        /// The stream.
+        stream: Stream,
+    },
+    /// The command ended.
+    Exited {
+        /// Its exit status, if it exited.
+        status: Option<i32>,
+        /// The signal that killed it, if one did.
+        signal: Option<i32>,
+        /// Whether the agent killed it for running past its time limit.
+        timed_out: bool,
+    },
+    /// One entry of a `ReadPath` tree, or one chunk of a file's contents.
+    Entry {
+        /// Path relative to the requested path (empty for the path itself).
+        path: String,
+        /// What it is.
+        kind: EntryKind,
+        /// Permission bits.
+        mode: u32,
+        /// Whether more chunks of this file follow.
+        more: bool,
+    },
+    /// A `ReadPath` is complete.
+    Done,
+    /// The request was carried out.
+    Ack,
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or closed.
+    #[error("the agent connection failed")]
+    Io(#[from] io::Error),
+    /// The peer announced more than the limit.
+    #[error("frame too large: {what} of {len} bytes exceeds {limit}")]
+    TooLarge {
+        /// Header or data.
+        what: &'static str,
+        /// The announced length.
+        len: u32,
+        /// The limit.
+        limit: u32,
+    },
+    /// The header is not a message we know.
+    #[error("malformed frame header")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Writes one frame.
+pub fn write_frame(out: &mut impl Write, header: &impl Serialize, data: &[u8]) -> Result<(), FrameError> {
+    let header = serde_json::to_vec(header)?;
+    let header_len = checked_len("header", header.len(), MAX_HEADER)?;
+    let data_len = checked_len("data", data.len(), MAX_DATA)?;
+    let mut frame = Vec::with_capacity(8 + header.len() + data.len());
+    frame.extend_from_slice(&header_len.to_le_bytes());
+    frame.extend_from_slice(&data_len.to_le_bytes());
+    frame.extend_from_slice(&header);
+    frame.extend_from_slice(data);
+    out.write_all(&frame)?;
+    out.flush()?;
+    Ok(())
+}
+
+fn checked_len(what: &'static str, len: usize, limit: u32) -> Result<u32, FrameError> {
+    u32::try_from(len)
+        .ok()
+        .filter(|l| *l <= limit)
+        .ok_or(FrameError::TooLarge {
+            what,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            limit,
+        })
+}
+
+/// Reads one frame: its message and its data.
+pub fn read_frame<T: DeserializeOwned>(input: &mut impl Read) -> Result<(T, Vec<u8>), FrameError> {
+    let mut lengths = [0u8; 8];
+    input.read_exact(&mut lengths)?;
+    let header_len = u32::from_le_bytes(lengths[..4].try_into().expect("4 bytes"));
+    let data_len = u32::from_le_bytes(lengths[4..].try_into().expect("4 bytes"));
+    for (what, len, limit) in [("header", header_len, MAX_HEADER), ("data", data_len, MAX_DATA)] {
+        if len > limit {
+            return Err(FrameError::TooLarge { what, len, limit });
+        }
+    }
+    let mut header = vec![0; header_len as usize];
+    input.read_exact(&mut header)?;
+    let mut data = vec![0; data_len as usize];
+    input.read_exact(&mut data)?;
+    Ok((serde_json::from_slice(&header)?, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_with_binary_data() {
+        let mut wire = Vec::new();
+        let request = Request::Exec(Command {
+            program: Program::Shell("cat".into()),
+            env: vec![("A".into(), "b".into())],
+            cwd: None,
+            timeout_ms: Some(5),
+        });
+        write_frame(&mut wire, &request, &[0, 255, 10, 13]).unwrap();
+        write_frame(&mut wire, &Request::Hello, &[]).unwrap();
+        let mut reader = wire.as_slice();
+        let (first, data): (Request, _) = read_frame(&mut reader).unwrap();
+        assert_eq!(first, request);
+        assert_eq!(data, [0, 255, 10, 13]);
+        let (second, data): (Request, _) = read_frame(&mut reader).unwrap();
+        assert_eq!((second, data.len()), (Request::Hello, 0));
+        assert!(reader.is_empty());
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocating() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&2u32.to_le_bytes());
+        wire.extend_from_slice(&u32::MAX.to_le_bytes());
+        let error = read_frame::<Reply>(&mut wire.as_slice()).unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { what: "data", .. }), "{error}");
+        let big = vec![0; MAX_DATA as usize + 1];
+        let error = write_frame(&mut Vec::new(), &Reply::Done, &big).unwrap_err();
+        assert!(matches!(error, FrameError::TooLarge { what: "data", .. }));
+    }
+
+    #[test]
+    fn malformed_and_truncated_frames_are_errors() {
+        let mut wire = Vec::new();
+        wire.extend_from_slice(&5u32.to_le_bytes());
+        wire.extend_from_slice(&0u32.to_le_bytes());
+        wire.extend_from_slice(b"{\"ty");
+        let error = read_frame::<Reply>(&mut wire.as_slice()).unwrap_err();
+        assert!(matches!(error, FrameError::Io(ref e) if e.kind() == io::ErrorKind::UnexpectedEof));
+        wire.push(b'x');
+        let error = read_frame::<Reply>(&mut wire.as_slice()).unwrap_err();
+        assert!(matches!(error, FrameError::Malformed(_)));
+        let mut unknown = Vec::new();
+        write_frame(&mut unknown, &serde_json::json!({"type": "launch_missiles"}), &[]).unwrap();
+        assert!(matches!(read_frame::<Reply>(&mut unknown.as_slice()), Err(FrameError::Malformed(_))));
+    }
+}

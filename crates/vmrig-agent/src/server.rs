@@ -1,0 +1,405 @@
+//! The agent proper: serves the driver's requests on the virtio-serial port
+//! named [`AGENT_PORT`], one at a time, for as long as the guest runs.
+//!
+//! Commands run in their own process group with stdout and stderr kept
+//! apart and streamed back as they come. A command's time limit is
+//! enforced here, in the guest, by killing its whole group. A command that
+//! exits while a background child still holds its output open returns
+//! anyway, after a short grace for output already written.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
+
+/// How long output is still collected after a command exits, for a
+/// background child that keeps its pipes open.
+const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// Size of the chunks file contents and output travel in.
+const CHUNK: usize = 256 * 1024;
+/// The environment every command starts from.
+const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
+/// Serves the driver until the machine stops; reopens the port after an
+/// error so that a confused driver never leaves the guest unreachable.
+pub fn serve() -> ! {
+    loop {
+        if let Err(error) = serve_port() {
+            eprintln!("vmrig-agent: {error}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The device of the agent's port, named through sysfs since no udev runs
+/// this early to make `/dev/virtio-ports/` links.
+fn find_port() -> io::Result<PathBuf> {
+    loop {
+        for dirent in fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten() {
+            let name = fs::read_to_string(dirent.path().join("name")).unwrap_or_default();
+            if name.trim() == AGENT_PORT {
+                let device = Path::new("/dev").join(dirent.file_name());
+                if device.exists() {
+                    return Ok(device);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn serve_port() -> Result<(), FrameError> {
+    let port = File::options().read(true).write(true).open(find_port()?)?;
+    let mut input = port.try_clone()?;
+    let mut output = port;
+    let mut upload = Upload::default();
+    loop {
+        let (request, data): (Request, Vec<u8>) = match read_frame(&mut input) {
+            Ok(frame) => frame,
+            // A well-framed message we do not know: say so and go on.
+            Err(FrameError::Malformed(error)) => {
+                write_frame(&mut output, &Reply::Error { message: format!("malformed request: {error}") }, &[])?;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        match request {
+            Request::Hello => {
+                let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+                let reply = Reply::Hello {
+                    boot_id: boot_id.trim().to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                write_frame(&mut output, &reply, &[])?;
+            }
+            Request::Exec(command) => exec(command, data, &mut output)?,
+            Request::WriteFile { path, mode, more } => {
+                if let Some(reply) = upload.chunk(&path, mode, more, &data) {
+                    write_frame(&mut output, &reply, &[])?;
+                }
+            }
+            Request::MakeDir { path, mode } => {
+                let made = fs::create_dir_all(&path).and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(mode)));
+                write_frame(&mut output, &outcome(made, &path), &[])?;
+            }
+            Request::ReadPath { path } => {
+                match send_tree(Path::new(&path), "", &mut output) {
+                    Ok(()) => write_frame(&mut output, &Reply::Done, &[])?,
+                    Err(TreeError::Frame(error)) => return Err(error),
+                    Err(TreeError::Io(error)) => {
+                        write_frame(&mut output, &Reply::Error { message: format!("cannot read {path}: {error}") }, &[])?
+                    }
+                }
+            }
+            Request::PowerOff | Request::Reboot => {
+                let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
+                let started = std::process::Command::new("systemctl").args([verb, "--no-block"]).status();
+                let reply = match started {
+                    Ok(status) if status.success() => Reply::Ack,
+                    Ok(status) => Reply::Error { message: format!("systemctl {verb} failed: {status}") },
+                    Err(error) => Reply::Error { message: format!("cannot run systemctl {verb}: {error}") },
+                };
+                write_frame(&mut output, &reply, &[])?;
+            }
+        }
+    }
+}
+
+fn outcome(result: io::Result<()>, path: &str) -> Reply {
+    match result {
+        Ok(()) => Reply::Ack,
+        Err(error) => Reply::Error { message: format!("{path}: {error}") },
+    }
+}
+
+/// A file arriving in chunks: written beside its target, renamed into place
+/// after its last chunk, answered once.
+#[derive(Default)]
+struct Upload {
+    current: Option<(String, io::Result<File>)>,
+}
+
+impl Upload {
+    fn partial(path: &str) -> String {
+        format!("{path}.vmrig-part")
+    }
+
+    /// Takes one chunk; returns the reply once the file is complete.
+    fn chunk(&mut self, path: &str, mode: u32, more: bool, data: &[u8]) -> Option<Reply> {
+        if self.current.as_ref().is_none_or(|(p, _)| p != path) {
+            let file = Path::new(path)
+                .parent()
+                .map_or(Ok(()), fs::create_dir_all)
+                .and_then(|()| File::create(Self::partial(path)));
+            self.current = Some((path.to_string(), file));
+        }
+        let (_, file) = self.current.as_mut().expect("set above");
+        if let Ok(open) = file {
+            if let Err(error) = open.write_all(data) {
+                *file = Err(error);
+            }
+        }
+        if more {
+            return None;
+        }
+        let (_, file) = self.current.take().expect("set above");
+        let partial = Self::partial(path);
+        let result = file.and_then(|f| {
+            f.set_permissions(fs::Permissions::from_mode(mode))?;
+            f.sync_all()?;
+            fs::rename(&partial, path)
+        });
+        if result.is_err() {
+            let _ = fs::remove_file(&partial);
+        }
+        Some(outcome(result, path))
+    }
+}
+
+enum TreeError {
+    Frame(FrameError),
+    Io(io::Error),
+}
+
+impl From<io::Error> for TreeError {
+    fn from(error: io::Error) -> Self {
+        Self::Io(error)
+    }
+}
+
+impl From<FrameError> for TreeError {
+    fn from(error: FrameError) -> Self {
+        Self::Frame(error)
+    }
+}
+
+/// Sends `path` (and, for a directory, everything below it) as entries
+/// named relative to the requested path.
+fn send_tree(path: &Path, relative: &str, out: &mut File) -> Result<(), TreeError> {
+    let metadata = fs::symlink_metadata(path)?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    let entry = |kind, more| Reply::Entry { path: relative.to_string(), kind, mode, more };
+    if metadata.file_type().is_symlink() {
+        let target = fs::read_link(path)?;
+        write_frame(out, &entry(EntryKind::Symlink, false), target.as_os_str().as_encoded_bytes())?;
+    } else if metadata.is_dir() {
+        write_frame(out, &entry(EntryKind::Dir, false), &[])?;
+        let mut children: Vec<_> = fs::read_dir(path)?.collect::<io::Result<_>>()?;
+        children.sort_by_key(|d| d.file_name());
+        for child in children {
+            let name = child.file_name().to_string_lossy().into_owned();
+            let child_relative = if relative.is_empty() { name } else { format!("{relative}/{name}") };
+            send_tree(&child.path(), &child_relative, out)?;
+        }
+    } else {
+        let mut file = File::open(path)?;
+        let mut remaining = metadata.len();
+        let mut buffer = vec![0; CHUNK];
+        loop {
+            let want = usize::try_from(remaining).unwrap_or(CHUNK).min(CHUNK);
+            let read = file.read(&mut buffer[..want])?;
+            remaining -= read as u64;
+            let more = read > 0 && remaining > 0;
+            write_frame(out, &entry(EntryKind::File, more), &buffer[..read])?;
+            if !more {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `command` with `stdin` as its input, streaming its output.
+fn exec(command: Command, stdin: Vec<u8>, out: &mut File) -> Result<(), FrameError> {
+    let mut process = match &command.program {
+        Program::Shell(line) => {
+            let mut p = std::process::Command::new("/bin/bash");
+            p.arg("-c").arg(line);
+            p
+        }
+        Program::Argv(argv) if !argv.is_empty() => {
+            let mut p = std::process::Command::new(&argv[0]);
+            p.args(&argv[1..]);
+            p
+        }
+        Program::Argv(_) => {
+            return write_frame(out, &Reply::Error { message: "empty argument vector".into() }, &[]);
+        }
+    };
+    process
+        .env_clear()
+        .envs(BASE_ENV.iter().copied())
+        .envs(command.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(command.cwd.as_deref().unwrap_or("/"))
+        .process_group(0)
+        .stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match process.spawn() {
+        Ok(child) => child,
+        Err(error) => return write_frame(out, &Reply::Error { message: format!("cannot start the command: {error}") }, &[]),
+    };
+    if let Some(mut input) = child.stdin.take() {
+        // A separate thread, so that a command that reads its input slowly
+        // cannot stall the reading of its output.
+        std::thread::spawn(move || input.write_all(&stdin));
+    }
+    let deadline = command.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    let (status, timed_out) = pump(&mut child, deadline, out)?;
+    let reply = Reply::Exited {
+        status: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+        timed_out,
+    };
+    write_frame(out, &reply, &[])
+}
+
+/// Forwards the child's output until it has exited and its pipes are
+/// drained (or the grace has passed), or until the deadline.
+fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<(Option<std::process::ExitStatus>, bool), FrameError> {
+    let mut pipes: Vec<(Stream, Box<dyn ReadFd>)> = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        pipes.push((Stream::Stdout, Box::new(stdout)));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        pipes.push((Stream::Stderr, Box::new(stderr)));
+    }
+    let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    let mut buffer = vec![0; CHUNK];
+    loop {
+        if !pipes.is_empty() {
+            let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
+            poll(&mut fds, PollTimeout::from(20u16)).map_err(io::Error::from)?;
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
+                .collect();
+            let mut closed = Vec::new();
+            for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
+                if !ready[index] {
+                    continue;
+                }
+                match pipe.read(&mut buffer) {
+                    Ok(0) => closed.push(index),
+                    Ok(n) => write_frame(out, &Reply::Output { stream: *stream }, &buffer[..n])?,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => closed.push(index),
+                }
+            }
+            for index in closed.into_iter().rev() {
+                pipes.remove(index);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if exited.is_none() {
+            if let Some(status) = child.try_wait()? {
+                exited = Some((status, Instant::now()));
+            }
+        }
+        match exited {
+            Some((status, at)) if pipes.is_empty() || at.elapsed() > DRAIN_GRACE => return Ok((Some(status), false)),
+            None if deadline.is_some_and(|d| Instant::now() > d) => {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                let _ = child.wait();
+                return Ok((None, true));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A readable pipe whose descriptor can be polled.
+trait ReadFd: Read {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_>;
+}
+
+impl<T: Read + AsFd> ReadFd for T {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(line: &str, timeout_ms: Option<u64>) -> (Vec<Reply>, Vec<u8>, Vec<u8>) {
+        let dir = tempfile_dir();
+        let path = dir.join("wire");
+        let mut wire = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
+        let command = Command { program: Program::Shell(line.into()), env: vec![("GREETING".into(), "hi".into())], cwd: None, timeout_ms };
+        exec(command, Vec::new(), &mut wire).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        let mut reader = bytes.as_mut_slice() as &[u8];
+        let (mut replies, mut stdout, mut stderr) = (Vec::new(), Vec::new(), Vec::new());
+        while !reader.is_empty() {
+            let (reply, data): (Reply, Vec<u8>) = read_frame(&mut reader).unwrap();
+            match reply {
+                Reply::Output { stream: Stream::Stdout } => stdout.extend(data),
+                Reply::Output { stream: Stream::Stderr } => stderr.extend(data),
+                other => replies.push(other),
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+        (replies, stdout, stderr)
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vmrig-agent-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn keeps_stdout_and_stderr_apart_with_the_status() {
+        let (replies, stdout, stderr) = run("echo out $GREETING; echo err >&2; exit 3", None);
+        assert_eq!(replies, [Reply::Exited { status: Some(3), signal: None, timed_out: false }]);
+        assert_eq!(stdout, b"out hi\n");
+        assert_eq!(stderr, b"err\n");
+    }
+
+    #[test]
+    fn returns_while_a_background_child_holds_stdout() {
+        let started = Instant::now();
+        let (replies, stdout, _) = run("echo started; sleep 30 &", None);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
+        assert_eq!(stdout, b"started\n");
+    }
+
+    #[test]
+    fn kills_the_whole_group_at_the_time_limit() {
+        let (replies, _, _) = run("sleep 30 & sleep 30", Some(200));
+        assert_eq!(replies, [Reply::Exited { status: None, signal: None, timed_out: true }]);
+    }
+
+    #[test]
+    fn uploads_appear_whole_or_not_at_all() {
+        let dir = tempfile_dir();
+        let target = dir.join("sub/file");
+        let target = target.to_str().unwrap();
+        let mut upload = Upload::default();
+        assert_eq!(upload.chunk(target, 0o600, true, b"hello "), None);
+        assert!(!Path::new(target).exists());
+        assert_eq!(upload.chunk(target, 0o600, false, b"world"), Some(Reply::Ack));
+        assert_eq!(fs::read(target).unwrap(), b"hello world");
+        assert_eq!(fs::metadata(target).unwrap().permissions().mode() & 0o777, 0o600);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
