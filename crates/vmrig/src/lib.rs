@@ -10,7 +10,10 @@
 pub mod cli;
 pub mod host;
 pub mod image;
+pub mod nodeconfig;
+pub mod runlog;
 pub mod script;
 pub mod spec;
 pub mod store;
 pub mod ui;
+pub mod vm;

@@ -154,9 +154,15 @@ impl<W: Write> CpioWriter<W> {
         self.put(&[0; 3][..padding as usize])
     }
 
-    /// Adds a directory (its parents must have been added before).
-    pub fn dir(&mut self, name: &str) -> io::Result<()> {
-        self.entry(name, 0o040_755, &[], (0, 0))
+    /// Adds a directory with permission bits `mode` (its parents must have
+    /// been added before).
+    pub fn dir(&mut self, name: &str, mode: u32) -> io::Result<()> {
+        self.entry(name, 0o040_000 | (mode & 0o7777), &[], (0, 0))
+    }
+
+    /// Adds a symbolic link to `target`.
+    pub fn symlink(&mut self, name: &str, target: &str) -> io::Result<()> {
+        self.entry(name, 0o120_777, target.as_bytes(), (0, 0))
     }
 
     /// Adds a character device node.
@@ -181,7 +187,7 @@ impl<W: Write> CpioWriter<W> {
 pub fn write_modules(out: impl Write, module_dir: &Path, modules: &[String]) -> io::Result<()> {
     let mut cpio = CpioWriter::new(out);
     for dir in ["dev", "proc", "sys", "run", "newroot", "lib", INITRAMFS_MODULE_DIR] {
-        cpio.dir(dir)?;
+        cpio.dir(dir, 0o755)?;
     }
     // The kernel opens /dev/console for /init's stdio before /init mounts
     // devtmpfs, so the node must exist in the archive itself.
@@ -250,7 +256,7 @@ mod tests {
     #[test]
     fn cpio_entries_are_aligned_and_terminated() {
         let mut cpio = CpioWriter::new(Vec::new());
-        cpio.dir("lib").unwrap();
+        cpio.dir("lib", 0o755).unwrap();
         cpio.file("lib/x", 0o644, b"hello").unwrap();
         let bytes = cpio.finish().unwrap();
         assert_eq!(bytes.len() % 4, 0);
@@ -264,7 +270,7 @@ mod tests {
     #[test]
     fn cpio_round_trips_through_the_system_cpio() {
         let mut cpio = CpioWriter::new(Vec::new());
-        cpio.dir("d").unwrap();
+        cpio.dir("d", 0o755).unwrap();
         cpio.file("d/file", 0o600, b"some bytes\n").unwrap();
         cpio.file("init", 0o755, b"#!/bin/sh\n").unwrap();
         let bytes = cpio.finish().unwrap();

@@ -1,0 +1,308 @@
+//! What makes a node itself rather than any guest of its image: hostname,
+//! hosts file, systemd units, files and users, packed as a small cpio layer
+//! that is appended to the image's initramfs at boot. `/init` copies the
+//! layer's tree over the root before systemd starts, so units are in place
+//! for the first boot and editing a node never rebuilds an image.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+
+use vmrig_proto::{INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+
+use crate::image::CpioWriter;
+use crate::spec::{FileContent, Node, Service, ServiceFields, TestSpec, DEFINITION_FILE, RESULT_DIR};
+
+/// A node's configuration could not be gathered.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {} for node `{node}`", .path.display())]
+pub struct NodeConfigError {
+    /// The node.
+    pub node: String,
+    /// The host file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// The layer's writer: an overlay tree rooted at [`INITRAMFS_OVERLAY_DIR`]
+/// whose parent directories are written once, before their children.
+struct Layer<W: Write> {
+    cpio: CpioWriter<W>,
+    dirs: BTreeSet<String>,
+}
+
+impl<W: Write> Layer<W> {
+    fn parents(&mut self, archive_path: &str) -> io::Result<()> {
+        let mut prefix = String::new();
+        let parts: Vec<&str> = archive_path.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(part);
+            if self.dirs.insert(prefix.clone()) {
+                self.cpio.dir(&prefix, 0o755)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn in_root(guest_path: &str) -> String {
+        format!("{INITRAMFS_OVERLAY_DIR}/{}", guest_path.trim_start_matches('/'))
+    }
+
+    fn file(&mut self, guest_path: &str, mode: u32, data: &[u8]) -> io::Result<()> {
+        let name = Self::in_root(guest_path);
+        self.parents(&name)?;
+        self.cpio.file(&name, mode, data)
+    }
+
+    fn dir(&mut self, guest_path: &str, mode: u32) -> io::Result<()> {
+        let name = Self::in_root(guest_path);
+        self.parents(&name)?;
+        if self.dirs.insert(name.clone()) {
+            self.cpio.dir(&name, mode)?;
+        }
+        Ok(())
+    }
+
+    fn symlink(&mut self, guest_path: &str, target: &str) -> io::Result<()> {
+        let name = Self::in_root(guest_path);
+        self.parents(&name)?;
+        self.cpio.symlink(&name, target)
+    }
+}
+
+/// Writes `node`'s layer to `out`.
+pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), NodeConfigError> {
+    let error = |path: &Path| {
+        let node = node.name.clone();
+        let path = path.to_path_buf();
+        move |source| NodeConfigError { node, path, source }
+    };
+    let mut layer = Layer {
+        cpio: CpioWriter::new(out),
+        dirs: BTreeSet::new(),
+    };
+    let spec_path = spec.dir.join(DEFINITION_FILE);
+    (|| -> io::Result<()> {
+        layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
+        layer.file("/etc/hosts", 0o644, hosts_file(node).as_bytes())?;
+        for (name, service) in &node.services {
+            let unit_path = format!("/etc/systemd/system/{name}.service");
+            let (text, wanted_by) = match service {
+                Service::Raw(text) => (text.clone(), Vec::new()),
+                Service::Fields(fields) => (unit_file(name, fields), fields.wanted_by.clone()),
+            };
+            layer.file(&unit_path, 0o644, text.as_bytes())?;
+            for target in wanted_by {
+                layer.symlink(&format!("/etc/systemd/system/{target}.wants/{name}.service"), &unit_path)?;
+            }
+        }
+        Ok(())
+    })()
+    .map_err(error(&spec_path))?;
+
+    for (guest_path, file) in &node.files {
+        match &file.content {
+            FileContent::Text(text) => layer
+                .file(guest_path, file.mode.unwrap_or(0o644), text.as_bytes())
+                .map_err(error(&spec_path))?,
+            FileContent::Source { path, exclude } => {
+                let never = [spec.dir.join(RESULT_DIR), spec_path.clone()];
+                copy_source(&mut layer, path, guest_path, file.mode, exclude, &never).map_err(|(p, e)| error(&p)(e))?;
+            }
+        }
+    }
+
+    let mut users = String::new();
+    for (name, user) in &node.users {
+        let mut args = vec!["--create-home".to_string()];
+        if !user.groups.is_empty() {
+            args.extend(["--groups".into(), user.groups.join(",")]);
+        }
+        if let Some(home) = &user.home {
+            args.extend(["--home-dir".into(), home.clone()]);
+        }
+        args.extend(["--shell".into(), user.shell.clone().unwrap_or_else(|| "/bin/bash".into())]);
+        args.push(name.clone());
+        writeln!(users, "{}", args.join("\t")).expect("writing to a String");
+    }
+    (|| -> io::Result<()> {
+        if !users.is_empty() {
+            layer.parents(INITRAMFS_USERS)?;
+            layer.cpio.file(INITRAMFS_USERS, 0o644, users.as_bytes())?;
+        }
+        layer.cpio.finish()?.flush()
+    })()
+    .map_err(error(&spec_path))
+}
+
+fn hosts_file(node: &Node) -> String {
+    let mut hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", node.name);
+    for (address, names) in &node.extra_hosts {
+        writeln!(hosts, "{address}\t{}", names.join(" ")).expect("writing to a String");
+    }
+    hosts
+}
+
+/// The unit file for a service declared by its fields.
+pub fn unit_file(name: &str, fields: &ServiceFields) -> String {
+    let mut unit = String::from("[Unit]\n");
+    let line = |section: &mut String, key: &str, value: &str| {
+        writeln!(section, "{key}={value}").expect("writing to a String");
+    };
+    line(&mut unit, "Description", fields.description.as_deref().unwrap_or(name));
+    for after in &fields.after {
+        line(&mut unit, "After", after);
+    }
+    for requires in &fields.requires {
+        line(&mut unit, "Requires", requires);
+    }
+    unit.push_str("\n[Service]\n");
+    if let Some(kind) = &fields.service_type {
+        line(&mut unit, "Type", kind);
+    }
+    for pre in &fields.exec_start_pre {
+        line(&mut unit, "ExecStartPre", pre);
+    }
+    line(&mut unit, "ExecStart", &fields.exec_start);
+    if let Some(dir) = &fields.working_directory {
+        line(&mut unit, "WorkingDirectory", dir);
+    }
+    for (key, value) in &fields.environment {
+        line(&mut unit, "Environment", &systemd_quote(&format!("{key}={value}")));
+    }
+    if let Some(user) = &fields.user {
+        line(&mut unit, "User", user);
+    }
+    if let Some(restart) = &fields.restart {
+        line(&mut unit, "Restart", restart);
+    }
+    if !fields.wanted_by.is_empty() {
+        unit.push_str("\n[Install]\n");
+        line(&mut unit, "WantedBy", &fields.wanted_by.join(" "));
+    }
+    unit
+}
+
+/// A value as one double-quoted systemd word.
+fn systemd_quote(value: &str) -> String {
+    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+    format!("\"{escaped}\"")
+}
+
+/// Adds host file or tree `source` at `guest_path`, leaving out `exclude`
+/// (relative to `source`) and the paths in `never`.
+fn copy_source<W: Write>(
+    layer: &mut Layer<W>,
+    source: &Path,
+    guest_path: &str,
+    mode: Option<u32>,
+    exclude: &[String],
+    never: &[PathBuf],
+) -> Result<(), (PathBuf, io::Error)> {
+    let excluded: Vec<PathBuf> = exclude.iter().map(|e| normalise(&source.join(e))).chain(never.iter().map(|p| normalise(p))).collect();
+    let mut stack = vec![(source.to_path_buf(), guest_path.to_string())];
+    while let Some((host, guest)) = stack.pop() {
+        if excluded.contains(&normalise(&host)) {
+            continue;
+        }
+        let metadata = fs::metadata(&host).map_err(|e| (host.clone(), e))?;
+        let host_mode = metadata.permissions().mode() & 0o7777;
+        if metadata.is_dir() {
+            layer.dir(&guest, host_mode).map_err(|e| (host.clone(), e))?;
+            let mut children: Vec<_> = fs::read_dir(&host)
+                .and_then(|d| d.collect::<io::Result<Vec<_>>>())
+                .map_err(|e| (host.clone(), e))?;
+            children.sort_by_key(|d| std::cmp::Reverse(d.file_name()));
+            for child in children {
+                let name = child.file_name().to_string_lossy().into_owned();
+                stack.push((child.path(), format!("{}/{name}", guest.trim_end_matches('/'))));
+            }
+        } else {
+            let data = fs::read(&host).map_err(|e| (host.clone(), e))?;
+            let file_mode = if host == source { mode.unwrap_or(host_mode) } else { host_mode };
+            layer.file(&guest, file_mode, &data).map_err(|e| (host.clone(), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// `path` without `.` components, for comparing paths spelt differently.
+fn normalise(path: &Path) -> PathBuf {
+    path.components().filter(|c| *c != Component::CurDir).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::TestSpec;
+    use std::process::{Command, Stdio};
+
+    /// Unpacks a layer with the system's cpio and returns the overlay root.
+    fn unpack(bytes: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("cpio")
+            .args(["-idm", "--quiet", "--no-absolute-filenames"])
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(bytes).unwrap();
+        assert!(child.wait().unwrap().success());
+        dir
+    }
+
+    #[test]
+    fn the_reference_server_gets_its_unit_files_and_sources() {
+        let spec = TestSpec::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/nix-is-cool"))).unwrap();
+        let mut bytes = Vec::new();
+        write_layer(&mut bytes, &spec, &spec.nodes["server"]).unwrap();
+        let dir = unpack(&bytes);
+        let root = dir.path().join(INITRAMFS_OVERLAY_DIR);
+        assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "server\n");
+        let unit = fs::read_to_string(root.join("etc/systemd/system/app.service")).unwrap();
+        assert!(unit.contains("ExecStart=uvicorn main:app\n"), "{unit}");
+        assert!(unit.contains("WorkingDirectory=/srv/api\n"), "{unit}");
+        assert!(unit.contains("Environment=\"UVICORN_PORT=4000\"\n"), "{unit}");
+        assert!(unit.contains("[Install]\nWantedBy=multi-user.target\n"), "{unit}");
+        let wants = root.join("etc/systemd/system/multi-user.target.wants/app.service");
+        assert_eq!(fs::read_link(wants).unwrap(), Path::new("/etc/systemd/system/app.service"));
+        assert!(root.join("srv/api/main.py").is_file());
+        assert!(!root.join("srv/api/vmrig.toml").exists(), "the definition is excluded");
+    }
+
+    #[test]
+    fn results_and_excludes_stay_out_and_modes_are_kept() {
+        let test = tempfile::tempdir().unwrap();
+        fs::write(
+            test.path().join(DEFINITION_FILE),
+            "[nodes.n]\nfiles.\"/app\" = { source = \".\", exclude = [\"secret\"] }\nfiles.\"/etc/motd\" = { text = \"hi\", mode = \"0600\" }\nusers.alice = { groups = [\"adm\"] }\n[test]\nscript = \"n.succeed('true')\"\n",
+        )
+        .unwrap();
+        fs::create_dir_all(test.path().join("result/nodes")).unwrap();
+        fs::write(test.path().join("result/log.txt"), "old").unwrap();
+        fs::write(test.path().join("secret"), "s").unwrap();
+        fs::create_dir_all(test.path().join("bin")).unwrap();
+        fs::write(test.path().join("bin/tool"), "#!/bin/sh\n").unwrap();
+        fs::set_permissions(test.path().join("bin/tool"), fs::Permissions::from_mode(0o750)).unwrap();
+        let spec = TestSpec::load(test.path()).unwrap();
+        let mut bytes = Vec::new();
+        write_layer(&mut bytes, &spec, &spec.nodes["n"]).unwrap();
+        let dir = unpack(&bytes);
+        let root = dir.path().join(INITRAMFS_OVERLAY_DIR);
+        assert!(!root.join("app/result").exists());
+        assert!(!root.join("app/secret").exists());
+        assert!(!root.join("app/vmrig.toml").exists());
+        assert_eq!(fs::metadata(root.join("app/bin/tool")).unwrap().permissions().mode() & 0o777, 0o750);
+        assert_eq!(fs::metadata(root.join("etc/motd")).unwrap().permissions().mode() & 0o777, 0o600);
+        let users = fs::read_to_string(dir.path().join(INITRAMFS_USERS)).unwrap();
+        assert_eq!(users, "--create-home\t--groups\tadm\t--shell\t/bin/bash\talice\n");
+    }
+}

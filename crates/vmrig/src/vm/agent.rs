@@ -1,0 +1,288 @@
+//! The driver's side of the agent protocol (see `vmrig_proto` for the
+//! exchange): one request at a time over QEMU's end of the virtio-serial
+//! port. Everything the guest sends is checked: frame sizes are bounded by
+//! the codec, a reply that does not fit the request is an error for this
+//! node, and nothing here writes to the host's filesystem.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, Stream, MAX_DATA};
+
+/// Errors of the agent connection.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The connection failed, closed, or carried a bad frame.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The agent did not answer in time.
+    #[error("the agent did not answer within {} s", .0.as_secs())]
+    Timeout(Duration),
+    /// The agent reported a failure.
+    #[error("the agent says: {0}")]
+    Agent(String),
+    /// The agent sent a reply that does not fit the request.
+    #[error("the agent sent an unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// How a command ended, with its output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// Exit status, if it exited.
+    pub status: Option<i32>,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// Whether it was killed at its time limit.
+    pub timed_out: bool,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutcome {
+    /// Whether it exited with status 0.
+    pub fn succeeded(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// The exit status, or the shell's convention (128 + signal) when a
+    /// signal ended it, or -1 when it was killed at its time limit.
+    pub fn status_code(&self) -> i32 {
+        match (self.status, self.signal) {
+            (Some(status), _) => status,
+            (None, Some(signal)) => 128 + signal,
+            (None, None) => -1,
+        }
+    }
+}
+
+/// One entry received from `ReadPath`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathEntry<'a> {
+    /// Relative path as the guest named it (unchecked).
+    pub path: &'a str,
+    /// What it is.
+    pub kind: EntryKind,
+    /// Permission bits.
+    pub mode: u32,
+    /// A chunk of contents, or a symlink's target.
+    pub data: &'a [u8],
+    /// Whether more chunks of this file follow.
+    pub more: bool,
+}
+
+/// A connection to a node's agent.
+pub struct AgentClient {
+    stream: UnixStream,
+}
+
+fn with_deadline(result: Result<(Reply, Vec<u8>), FrameError>, wait: Duration) -> Result<(Reply, Vec<u8>), AgentError> {
+    match result {
+        Err(FrameError::Io(e)) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(AgentError::Timeout(wait))
+        }
+        other => Ok(other?),
+    }
+}
+
+impl AgentClient {
+    /// Connects to the socket QEMU serves at `path`, waiting for it to
+    /// appear while `alive` says QEMU runs.
+    pub fn connect(path: &Path, wait: Duration, alive: impl Fn() -> bool) -> io::Result<Self> {
+        let started = Instant::now();
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => return Ok(Self { stream }),
+                Err(error) if started.elapsed() > wait || !alive() => return Err(error),
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    fn send(&mut self, request: &Request, data: &[u8]) -> Result<(), AgentError> {
+        Ok(write_frame(&mut self.stream, request, data)?)
+    }
+
+    fn receive(&mut self, wait: Option<Duration>) -> Result<(Reply, Vec<u8>), AgentError> {
+        self.stream.set_read_timeout(wait).map_err(FrameError::Io)?;
+        with_deadline(read_frame(&mut self.stream), wait.unwrap_or_default())
+    }
+
+    /// Greets the agent and returns its boot id. Replies left over from an
+    /// earlier boot are skipped.
+    pub fn hello(&mut self, wait: Duration) -> Result<String, AgentError> {
+        self.send(&Request::Hello, &[])?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            if let (Reply::Hello { boot_id, .. }, _) = self.receive(Some(left))? {
+                return Ok(boot_id);
+            }
+        }
+    }
+
+    /// Runs `command`, feeding it `stdin` and showing each chunk of output
+    /// to `on_output` as it arrives.
+    pub fn exec(&mut self, command: Command, stdin: &[u8], mut on_output: impl FnMut(Stream, &[u8])) -> Result<ExecOutcome, AgentError> {
+        if stdin.len() > MAX_DATA as usize {
+            return Err(AgentError::Agent(format!("command input over {MAX_DATA} bytes is not supported")));
+        }
+        // The guest enforces the time limit; this only notices a guest that
+        // stopped answering altogether.
+        let wait = command.timeout_ms.map(|ms| Duration::from_millis(ms) + Duration::from_secs(60));
+        self.send(&Request::Exec(command), stdin)?;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            match self.receive(wait)? {
+                (Reply::Output { stream }, data) => {
+                    on_output(stream, &data);
+                    match stream {
+                        Stream::Stdout => stdout.extend_from_slice(&data),
+                        Stream::Stderr => stderr.extend_from_slice(&data),
+                    }
+                }
+                (Reply::Exited { status, signal, timed_out }, _) => {
+                    return Ok(ExecOutcome { status, signal, timed_out, stdout, stderr })
+                }
+                (Reply::Error { message }, _) => return Err(AgentError::Agent(message)),
+                (other, _) => return Err(AgentError::Unexpected(format!("{other:?}"))),
+            }
+        }
+    }
+
+    fn expect_ack(&mut self) -> Result<(), AgentError> {
+        match self.receive(Some(Duration::from_secs(120)))? {
+            (Reply::Ack, _) => Ok(()),
+            (Reply::Error { message }, _) => Err(AgentError::Agent(message)),
+            (other, _) => Err(AgentError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Writes `contents` to `path` in the guest with permission bits `mode`.
+    pub fn write_file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<(), AgentError> {
+        let mut chunks = contents.chunks(MAX_DATA as usize).peekable();
+        if chunks.peek().is_none() {
+            self.send(&Request::WriteFile { path: path.into(), mode, more: false }, &[])?;
+        }
+        while let Some(chunk) = chunks.next() {
+            let more = chunks.peek().is_some();
+            self.send(&Request::WriteFile { path: path.into(), mode, more }, chunk)?;
+        }
+        self.expect_ack()
+    }
+
+    /// Creates directory `path` (and its parents) in the guest.
+    pub fn make_dir(&mut self, path: &str, mode: u32) -> Result<(), AgentError> {
+        self.send(&Request::MakeDir { path: path.into(), mode }, &[])?;
+        self.expect_ack()
+    }
+
+    /// Receives guest file or tree `path`, handing each entry to `on_entry`.
+    pub fn read_path(&mut self, path: &str, mut on_entry: impl FnMut(PathEntry<'_>) -> io::Result<()>) -> Result<(), ReadPathError> {
+        self.send(&Request::ReadPath { path: path.into() }, &[])?;
+        let mut failure = None;
+        loop {
+            match self.receive(Some(Duration::from_secs(120)))? {
+                (Reply::Entry { path, kind, mode, more }, data) => {
+                    // Keep reading after a local failure, so that the
+                    // connection stays in step with the agent.
+                    if failure.is_none() {
+                        failure = on_entry(PathEntry { path: &path, kind, mode, data: &data, more }).err();
+                    }
+                }
+                (Reply::Done, _) => return failure.map_or(Ok(()), |e| Err(ReadPathError::Local(e))),
+                (Reply::Error { message }, _) => return Err(AgentError::Agent(message).into()),
+                (other, _) => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+            }
+        }
+    }
+
+    /// Asks the guest to power off (`reboot: false`) or to reboot.
+    pub fn power(&mut self, reboot: bool) -> Result<(), AgentError> {
+        self.send(if reboot { &Request::Reboot } else { &Request::PowerOff }, &[])?;
+        self.expect_ack()
+    }
+}
+
+/// Why receiving a guest path failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadPathError {
+    /// The agent or the connection failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// Storing what arrived failed (or was refused) on the host.
+    #[error(transparent)]
+    Local(io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake agent on a socket pair, answering requests with `respond`.
+    fn fake_agent(respond: impl Fn(Request, Vec<u8>, &mut UnixStream) + Send + 'static) -> AgentClient {
+        let (client, mut server) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || {
+            while let Ok((request, data)) = read_frame::<Request>(&mut server) {
+                respond(request, data, &mut server);
+            }
+        });
+        AgentClient { stream: client }
+    }
+
+    #[test]
+    fn exec_collects_streams_apart() {
+        let mut agent = fake_agent(|request, stdin, out| {
+            assert!(matches!(request, Request::Exec(_)));
+            write_frame(out, &Reply::Output { stream: Stream::Stdout }, b"out:").unwrap();
+            write_frame(out, &Reply::Output { stream: Stream::Stderr }, b"err").unwrap();
+            write_frame(out, &Reply::Output { stream: Stream::Stdout }, &stdin).unwrap();
+            write_frame(out, &Reply::Exited { status: Some(4), signal: None, timed_out: false }, &[]).unwrap();
+        });
+        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None };
+        let mut seen = 0;
+        let outcome = agent.exec(command, b"in", |_, _| seen += 1).unwrap();
+        assert_eq!(seen, 3);
+        assert_eq!((outcome.stdout.as_slice(), outcome.stderr.as_slice()), (b"out:in".as_slice(), b"err".as_slice()));
+        assert_eq!(outcome.status_code(), 4);
+        assert!(!outcome.succeeded());
+    }
+
+    #[test]
+    fn hello_skips_stale_replies_from_an_earlier_boot() {
+        let mut agent = fake_agent(|_, _, out| {
+            write_frame(out, &Reply::Exited { status: Some(0), signal: None, timed_out: false }, &[]).unwrap();
+            write_frame(out, &Reply::Hello { boot_id: "b2".into(), version: "0".into() }, &[]).unwrap();
+        });
+        assert_eq!(agent.hello(Duration::from_secs(5)).unwrap(), "b2");
+    }
+
+    #[test]
+    fn a_silent_agent_times_out_and_a_wrong_reply_is_an_error() {
+        let mut silent = fake_agent(|_, _, _| {});
+        assert!(matches!(silent.hello(Duration::from_millis(100)), Err(AgentError::Timeout(_))));
+        let mut confused = fake_agent(|_, _, out| write_frame(out, &Reply::Done, &[]).unwrap());
+        assert!(matches!(confused.make_dir("/x", 0o755), Err(AgentError::Unexpected(_))));
+    }
+
+    #[test]
+    fn large_files_travel_in_chunks() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut agent = fake_agent(move |request, data, out| {
+            if let Request::WriteFile { more, .. } = request {
+                tx.send(data.len()).unwrap();
+                if !more {
+                    write_frame(out, &Reply::Ack, &[]).unwrap();
+                }
+            }
+        });
+        agent.write_file("/big", 0o644, &vec![7; MAX_DATA as usize * 2 + 5]).unwrap();
+        let sizes: Vec<usize> = rx.try_iter().collect();
+        assert_eq!(sizes, [MAX_DATA as usize, MAX_DATA as usize, 5]);
+        agent.write_file("/empty", 0o644, &[]).unwrap();
+    }
+}

@@ -1,0 +1,491 @@
+//! One node as a QEMU process: boot, console, control, and the connection
+//! to its agent.
+//!
+//! A [`Machine`] owns its QEMU process: dropping it kills QEMU, and QEMU is
+//! started with a parent-death signal, so that no QEMU outlives vmrig even
+//! when vmrig itself is killed with SIGKILL. The guest boots directly from
+//! the image's kernel and initramfs on QEMU's `microvm` machine, with the
+//! image as a read-only disk and the node's writable layer as a second one.
+
+pub mod agent;
+pub mod qmp;
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry, ReadPathError};
+use vmrig_proto::{AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
+
+use crate::host::QEMU;
+use crate::runlog::RunLog;
+use qmp::{Qmp, QmpError};
+
+/// How long a guest may take from QEMU's start to its agent's first answer.
+/// Generous: under TCG on a busy two-core host a boot takes seconds.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a guest may take to power off once asked.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors of the vm layer.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// QEMU could not be started.
+    #[error("{node}: cannot start QEMU")]
+    Spawn {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// QEMU ended when it should be running.
+    #[error("{node}: QEMU exited ({status}){}", stderr_suffix(.stderr))]
+    Exited {
+        /// The node.
+        node: String,
+        /// How it ended.
+        status: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// The agent failed or went quiet.
+    #[error("{node}: {source}")]
+    Agent {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: AgentError,
+    },
+    /// The control socket failed.
+    #[error("{node}: QEMU's control socket failed")]
+    Qmp {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: QmpError,
+    },
+    /// A host-side file of the machine could not be prepared.
+    #[error("{node}: cannot prepare {}", .path.display())]
+    Io {
+        /// The node.
+        node: String,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The guest did not power off in time.
+    #[error("{node}: the guest did not power off within {} s", .timeout.as_secs())]
+    ShutdownTimeout {
+        /// The node.
+        node: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    let stderr = stderr.trim();
+    if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
+}
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// QEMU's software emulation.
+    Tcg,
+}
+
+/// Everything needed to boot one node.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// The node's name.
+    pub name: String,
+    /// Memory in MiB.
+    pub memory_mib: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The node's initramfs (the image's, with the node's layer appended).
+    pub initrd: PathBuf,
+    /// The read-only root image.
+    pub rootfs: PathBuf,
+    /// Its filesystem type.
+    pub rootfs_type: String,
+    /// The node's writable layer, an ext4 image.
+    pub state_disk: PathBuf,
+    /// Extra kernel parameters.
+    pub kernel_params: Vec<String>,
+    /// A short directory for the node's sockets (their paths are limited to
+    /// 108 bytes).
+    pub socket_dir: PathBuf,
+    /// Where the console is recorded.
+    pub console_log: PathBuf,
+}
+
+struct Running {
+    qemu: Child,
+    qmp: Option<Qmp>,
+    agent: Option<AgentClient>,
+    boot_id: Option<String>,
+    started: Instant,
+}
+
+/// A node: not started, booting, or up with its agent connected.
+pub struct Machine {
+    config: MachineConfig,
+    log: RunLog,
+    running: Option<Running>,
+}
+
+impl Machine {
+    /// A machine that is not started yet.
+    pub fn new(config: MachineConfig, log: RunLog) -> Self {
+        Self { config, log, running: None }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.config.socket_dir.join(format!("{}.agent", self.config.name))
+    }
+
+    fn qmp_socket(&self) -> PathBuf {
+        self.config.socket_dir.join(format!("{}.qmp", self.config.name))
+    }
+
+    fn io_error(&self, path: &Path) -> impl FnOnce(io::Error) -> VmError {
+        let node = self.config.name.clone();
+        let path = path.to_path_buf();
+        move |source| VmError::Io { node, path, source }
+    }
+
+    /// The QEMU command line for this node.
+    pub fn qemu_command(&self) -> Command {
+        let c = &self.config;
+        let mut command = Command::new(QEMU.program);
+        let (accel, cpu) = match c.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mut append = format!(
+            "console=ttyS0 reboot=t panic=-1 quiet {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
+            c.rootfs_type
+        );
+        for param in &c.kernel_params {
+            append.push(' ');
+            append.push_str(param);
+        }
+        command
+            .args(["-machine", "microvm,rtc=on", "-accel", accel, "-cpu", cpu])
+            .args(["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(&c.kernel)
+            .arg("-initrd")
+            .arg(&c.initrd)
+            .args(["-append", &append])
+            .arg("-drive")
+            .arg(format!("id=root,file={},format=raw,if=none,readonly=on", c.rootfs.display()))
+            .args(["-device", "virtio-blk-device,drive=root"])
+            .arg("-drive")
+            .arg(format!("id=state,file={},format=raw,if=none,discard=unmap", c.state_disk.display()))
+            .args(["-device", "virtio-blk-device,drive=state"])
+            .args(["-device", "virtio-serial-device"])
+            .arg("-chardev")
+            .arg(format!("socket,id=agent,path={},server=on,wait=off", self.agent_socket().display()))
+            .args(["-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT}")])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()));
+        command
+    }
+
+    /// Whether QEMU is running.
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.running {
+            Some(running) => matches!(running.qemu.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Starts QEMU unless it runs; returns without waiting for the guest.
+    pub fn start(&mut self) -> Result<(), VmError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.running = None;
+        self.log.line(format!("{}: starting vm", self.config.name));
+        for socket in [self.agent_socket(), self.qmp_socket()] {
+            let _ = std::fs::remove_file(socket);
+        }
+        let console = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.config.console_log)
+            .map_err(self.io_error(&self.config.console_log.clone()))?;
+        let mut command = self.qemu_command();
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        die_with_parent(&mut command);
+        let mut qemu = command.spawn().map_err(|source| VmError::Spawn { node: self.config.name.clone(), source })?;
+        self.log.line(format!("{}: QEMU running (pid {})", self.config.name, qemu.id()));
+        let stdout = qemu.stdout.take().expect("stdout is piped");
+        spawn_console_reader(self.config.name.clone(), stdout, console, self.log.clone());
+        self.running = Some(Running { qemu, qmp: None, agent: None, boot_id: None, started: Instant::now() });
+        Ok(())
+    }
+
+    /// The agent, starting the machine and waiting for its boot if needed.
+    pub fn agent(&mut self) -> Result<&mut AgentClient, VmError> {
+        self.start()?;
+        let connected = self.running.as_ref().is_some_and(|r| r.agent.is_some());
+        if !connected {
+            self.connect(None)?;
+        }
+        Ok(self.running.as_mut().and_then(|r| r.agent.as_mut()).expect("connected above"))
+    }
+
+    /// Connects to the agent of the current boot (one whose boot id is not
+    /// `previous_boot`).
+    fn connect(&mut self, previous_boot: Option<&str>) -> Result<(), VmError> {
+        let name = self.config.name.clone();
+        let _block = self.log.block(Some(&name), "waiting for the VM to finish booting");
+        let socket = self.agent_socket();
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
+            let alive = || Path::new(&format!("/proc/{pid}")).exists();
+            let mut client = AgentClient::connect(&socket, BOOT_TIMEOUT, alive)
+                .map_err(|_| self.exited_error())?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            let boot_id = match client.hello(left) {
+                Ok(id) => id,
+                Err(_) if !self.is_running() => return Err(self.exited_error()),
+                Err(source) => return Err(VmError::Agent { node: name, source }),
+            };
+            if previous_boot == Some(boot_id.as_str()) {
+                // Still the old boot shutting down: ask again shortly.
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            let running = self.running.as_mut().expect("started");
+            self.log.line(format!(
+                "{name}: connected to the agent ({:.2} s after QEMU started)",
+                running.started.elapsed().as_secs_f64()
+            ));
+            running.agent = Some(client);
+            running.boot_id = Some(boot_id);
+            return Ok(());
+        }
+    }
+
+    /// The error for a QEMU that is no longer running, with its stderr.
+    fn exited_error(&mut self) -> VmError {
+        let name = self.config.name.clone();
+        let Some(mut running) = self.running.take() else {
+            return VmError::Exited { node: name, status: "not started".into(), stderr: String::new() };
+        };
+        let status = match running.qemu.try_wait() {
+            Ok(Some(status)) => status.to_string(),
+            _ => {
+                let _ = running.qemu.kill();
+                running.qemu.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
+            }
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = running.qemu.stderr.take() {
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        VmError::Exited { node: name, status, stderr }
+    }
+
+    fn agent_error(&mut self, source: AgentError) -> VmError {
+        if self.is_running() {
+            VmError::Agent { node: self.config.name.clone(), source }
+        } else {
+            self.exited_error()
+        }
+    }
+
+    /// Runs `command` on the node, logging its output as console lines.
+    pub fn exec(&mut self, command: vmrig_proto::Command) -> Result<ExecOutcome, VmError> {
+        let name = self.config.name.clone();
+        let log = self.log.clone();
+        let result = self.agent()?.exec(command, &[], |_, data| {
+            for line in String::from_utf8_lossy(data).lines() {
+                log.line(format!("{name} # {line}"));
+            }
+        });
+        result.map_err(|e| self.agent_error(e))
+    }
+
+    /// Writes a file in the guest.
+    pub fn write_file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<(), VmError> {
+        let result = self.agent()?.write_file(path, mode, contents);
+        result.map_err(|e| self.agent_error(e))
+    }
+
+    /// Creates a directory in the guest.
+    pub fn make_dir(&mut self, path: &str, mode: u32) -> Result<(), VmError> {
+        let result = self.agent()?.make_dir(path, mode);
+        result.map_err(|e| self.agent_error(e))
+    }
+
+    /// Receives a guest file or tree.
+    pub fn read_path(&mut self, path: &str, on_entry: impl FnMut(PathEntry<'_>) -> io::Result<()>) -> Result<(), ReadPathErrorOf> {
+        let result = self.agent()?.read_path(path, on_entry);
+        match result {
+            Ok(()) => Ok(()),
+            Err(ReadPathError::Local(e)) => Err(ReadPathErrorOf::Local(e)),
+            Err(ReadPathError::Agent(e)) => Err(ReadPathErrorOf::Vm(self.agent_error(e))),
+        }
+    }
+
+    /// Powers the guest off cleanly and waits for QEMU to exit.
+    pub fn shutdown(&mut self) -> Result<(), VmError> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        let name = self.config.name.clone();
+        let _block = self.log.block(Some(&name), "shutting down");
+        let asked = self.agent()?.power(false);
+        asked.map_err(|e| self.agent_error(e))?;
+        self.wait_for_exit(SHUTDOWN_TIMEOUT)
+    }
+
+    /// Waits until QEMU has exited.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let started = Instant::now();
+        while self.is_running() {
+            if started.elapsed() > timeout {
+                return Err(VmError::ShutdownTimeout { node: self.config.name.clone(), timeout });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.running = None;
+        Ok(())
+    }
+
+    /// Cuts the power: QEMU quits at once, as after a power failure.
+    pub fn crash(&mut self) -> Result<(), VmError> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        self.log.line(format!("{}: simulating a power failure", self.config.name));
+        let quit = self.qmp().map(|qmp| qmp.execute("quit", None));
+        // QEMU may close the socket before it answers `quit`.
+        if !matches!(quit, Ok(Ok(_)) | Ok(Err(QmpError::Io(_)))) {
+            self.kill();
+        }
+        self.wait_for_exit(Duration::from_secs(10))
+    }
+
+    /// Reboots the guest and waits for the new boot's agent.
+    pub fn reboot(&mut self) -> Result<(), VmError> {
+        self.agent()?;
+        let boot = self.running.as_ref().and_then(|r| r.boot_id.clone());
+        let name = self.config.name.clone();
+        let _block = self.log.block(Some(&name), "rebooting");
+        let asked = self.agent()?.power(true);
+        asked.map_err(|e| self.agent_error(e))?;
+        if let Some(running) = self.running.as_mut() {
+            running.agent = None;
+        }
+        self.connect(boot.as_deref())
+    }
+
+    /// The QMP session, opened on first use.
+    fn qmp(&mut self) -> Result<&mut Qmp, VmError> {
+        let node = self.config.name.clone();
+        let socket = self.qmp_socket();
+        let running = self.running.as_mut().ok_or_else(|| VmError::Exited { node: node.clone(), status: "not started".into(), stderr: String::new() })?;
+        if running.qmp.is_none() {
+            let stream = UnixStream::connect(&socket).map_err(|e| VmError::Qmp { node: node.clone(), source: QmpError::Io(e) })?;
+            running.qmp = Some(Qmp::handshake(stream, Duration::from_secs(30)).map_err(|source| VmError::Qmp { node, source })?);
+        }
+        Ok(running.qmp.as_mut().expect("set above"))
+    }
+
+    /// Sends a human monitor command to QEMU and returns its output.
+    pub fn monitor_command(&mut self, command_line: &str) -> Result<String, VmError> {
+        let node = self.config.name.clone();
+        self.qmp()?.human_monitor_command(command_line).map_err(|source| VmError::Qmp { node, source })
+    }
+
+    /// Ends QEMU at once.
+    fn kill(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            let _ = running.qemu.kill();
+            let _ = running.qemu.wait();
+        }
+    }
+}
+
+/// Why receiving a guest path failed, at the machine level.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadPathErrorOf {
+    /// The machine or its agent failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Storing what arrived failed, or was refused, on the host.
+    #[error(transparent)]
+    Local(io::Error),
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            self.log.line(format!("{}: killing QEMU (pid {})", self.config.name, running.qemu.id()));
+        }
+        self.kill();
+    }
+}
+
+/// Makes the kernel kill the child when the thread that spawned it dies,
+/// which is what keeps QEMU from outliving a vmrig killed by SIGKILL.
+/// Machines are started from the driver's main thread, which lives as long
+/// as the run.
+fn die_with_parent(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from)?;
+            // The parent may have died before the line above took effect.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Copies the console to its log file and to the run log as `node # …`.
+fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, log: RunLog) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+            let _ = file.write_all(&line);
+            let text = String::from_utf8_lossy(&line);
+            log.line(format!("{name} # {}", text.trim_end_matches(['\n', '\r'])));
+            line.clear();
+        }
+    });
+}
