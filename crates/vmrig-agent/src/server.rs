@@ -24,6 +24,8 @@ use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Progr
 /// How long output is still collected after a command exits, for a
 /// background child that keeps its pipes open.
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
+/// How long a power request waits for systemd to be able to take it.
+const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
 /// Size of the chunks file contents and output travel in.
 const CHUNK: usize = 256 * 1024;
 /// The environment every command starts from.
@@ -107,14 +109,29 @@ fn serve_port() -> Result<(), FrameError> {
             }
             Request::PowerOff | Request::Reboot => {
                 let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
-                let started = std::process::Command::new("systemctl").args([verb, "--no-block"]).status();
-                let reply = match started {
-                    Ok(status) if status.success() => Reply::Ack,
-                    Ok(status) => Reply::Error { message: format!("systemctl {verb} failed: {status}") },
-                    Err(error) => Reply::Error { message: format!("cannot run systemctl {verb}: {error}") },
-                };
-                write_frame(&mut output, &reply, &[])?;
+                write_frame(&mut output, &power(verb), &[])?;
             }
+        }
+    }
+}
+
+/// Asks systemd to power off or reboot. The agent answers before systemd
+/// is up, so until systemd can take the request it is asked again.
+fn power(verb: &str) -> Reply {
+    let started = Instant::now();
+    loop {
+        let asked = std::process::Command::new("systemctl")
+            .args([verb, "--no-block"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        match asked {
+            Ok(status) if status.success() => return Reply::Ack,
+            Err(error) => return Reply::Error { message: format!("cannot run systemctl {verb}: {error}") },
+            Ok(status) if started.elapsed() > SYSTEMD_WAIT => {
+                return Reply::Error { message: format!("systemctl {verb} kept failing for {} s: {status}", SYSTEMD_WAIT.as_secs()) }
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
 }

@@ -8,15 +8,19 @@
 use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::driver::{self, AccelChoice, DriverError, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
 use crate::image::{self, Builder, ImageError};
 use crate::spec::{Diagnostics, SpecError, TestSpec};
 use crate::store::{Provenance, Store, StoreError};
 use crate::ui::Ui;
 
+/// Exit status when the test failed.
+pub const EXIT_TEST_FAILED: u8 = 1;
 /// Exit status when the definition or the command line is wrong.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit status when the infrastructure failed.
@@ -35,6 +39,20 @@ enum Commands {
     Check {
         /// The test directory (holding vmrig.toml).
         test: PathBuf,
+    },
+    /// Build what is missing, boot the nodes, and run the test script.
+    Run {
+        /// The test directory (holding vmrig.toml).
+        test: PathBuf,
+        /// Accelerator: KVM if a probe shows it works (auto), or one of them.
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: AccelChoice,
+        /// Keep each node's writable layer after the run and reuse it next time.
+        #[arg(long)]
+        keep_state: bool,
+        /// The whole run's time limit in seconds (default: the test's `timeout`).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
     },
     /// Build (or find in the store) every node's image.
     Build {
@@ -61,14 +79,16 @@ enum Failure {
     Host(#[from] host::HostError),
     #[error(transparent)]
     Script(#[from] crate::script::ScriptError),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
 }
 
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
             Self::Spec(_) | Self::Invalid(_) => EXIT_USAGE,
-            Self::Image(ImageError::UnknownPackages { .. }) => EXIT_USAGE,
-            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) => EXIT_INFRA,
+            Self::Image(ImageError::UnknownPackages { .. }) | Self::Driver(DriverError::Image(ImageError::UnknownPackages { .. })) => EXIT_USAGE,
+            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Driver(_) => EXIT_INFRA,
         }
     }
 }
@@ -79,6 +99,10 @@ pub fn main() -> ExitCode {
     let ui = Ui::detect();
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
+        Commands::Run { test, accel, keep_state, timeout } => {
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs) };
+            run(&test, ui, &options)
+        }
         Commands::Build { test } => build(&test, ui),
         Commands::Doctor => Ok(doctor(ui)),
     };
@@ -129,6 +153,21 @@ fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
         if spec.nodes.len() == 1 { "" } else { "s" }
     ));
     Ok(ExitCode::SUCCESS)
+}
+
+fn run(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
+    let spec = load(test)?;
+    let store = Store::open(Store::default_location()?)?;
+    match driver::run(&spec, &store, ui, options)? {
+        Outcome::Passed => {
+            ui.say(format!("{}: passed", spec.name));
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Failed => {
+            ui.say(format!("{}: FAILED", spec.name));
+            Ok(ExitCode::from(EXIT_TEST_FAILED))
+        }
+    }
 }
 
 fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {

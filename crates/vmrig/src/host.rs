@@ -63,6 +63,13 @@ pub const PYTHON: Tool = Tool {
     version_arg: "--version",
 };
 
+/// The formatter of nodes' writable layers.
+pub const MKFS_EXT4: Tool = Tool {
+    program: "mkfs.ext4",
+    package: "e2fsprogs",
+    version_arg: "-V",
+};
+
 /// How a root filesystem image is packed, read-only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packer {

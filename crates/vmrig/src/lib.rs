@@ -4,10 +4,13 @@
 //! A run flows through the modules in this order: [`spec`] reads the test's
 //! `vmrig.toml`; [`image`] turns each distinct package set into boot files,
 //! cached in the [`store`]; [`host`] finds the programs and the accelerator
-//! the run needs; [`script`] checks the test script. [`cli`] is the command
-//! line over all of it and [`ui`] is how progress looks.
+//! the run needs; [`driver`] gives each node its [`nodeconfig`] layer, boots
+//! it as a [`vm`] and runs the test script against it, logging to the
+//! [`runlog`]; [`script`] checks the script beforehand. [`cli`] is the
+//! command line over all of it and [`ui`] is how build progress looks.
 
 pub mod cli;
+pub mod driver;
 pub mod host;
 pub mod image;
 pub mod nodeconfig;

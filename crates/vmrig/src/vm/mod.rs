@@ -54,7 +54,7 @@ pub enum VmError {
         stderr: String,
     },
     /// The agent failed or went quiet.
-    #[error("{node}: {source}")]
+    #[error("{node}: the request to the guest agent failed")]
     Agent {
         /// The node.
         node: String,
@@ -185,7 +185,7 @@ impl Machine {
             Accel::Tcg => ("tcg", "max"),
         };
         let mut append = format!(
-            "console=ttyS0 reboot=t panic=-1 quiet {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
+            "console=ttyS0 reboot=t panic=-1 pci=off quiet {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
             c.rootfs_type
         );
         for param in &c.kernel_params {

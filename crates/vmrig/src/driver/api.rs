@@ -1,0 +1,400 @@
+//! The test script's API, done in Rust: each request from the Python client
+//! (`{"id", "method", "node", "args"}`) is answered with `{"id", "ok"}` or
+//! `{"id", "error": {"kind": "test" | "infra", "message"}}`. A `test` error
+//! is the test failing (a command failed, a unit failed); an `infra` error
+//! is vmrig or QEMU failing. The semantics follow the NixOS test driver.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use vmrig_proto::{Command, EntryKind, Program};
+
+use super::Run;
+use crate::vm::{ExecOutcome, Machine, PathEntry, ReadPathErrorOf, VmError};
+
+/// Pause between attempts of `wait_until_succeeds` and friends.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Pause between looks at a unit's state.
+const UNIT_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Deserialize)]
+struct Request {
+    id: Value,
+    method: String,
+    node: Option<String>,
+    #[serde(default)]
+    args: Value,
+}
+
+/// Why a request failed.
+enum Failure {
+    /// The test failed.
+    Test(String),
+    /// vmrig, QEMU or the request itself is at fault.
+    Infra(String),
+}
+
+impl From<VmError> for Failure {
+    fn from(error: VmError) -> Self {
+        Self::Infra(chain(&error))
+    }
+}
+
+/// An error and its causes on one line each.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        text.push_str(&format!("\n  caused by: {error}"));
+        cause = error.source();
+    }
+    text
+}
+
+/// Answers one request line.
+pub(super) fn handle(run: &mut Run<'_>, line: &str, deadline: Instant) -> String {
+    let request: Request = match serde_json::from_str(line) {
+        Ok(request) => request,
+        Err(error) => {
+            return json!({"id": null, "error": {"kind": "infra", "message": format!("malformed request: {error}")}}).to_string()
+        }
+    };
+    let reply = match dispatch(run, &request, deadline) {
+        Ok(value) => json!({"id": request.id, "ok": value}),
+        Err(Failure::Test(message)) => json!({"id": request.id, "error": {"kind": "test", "message": message}}),
+        Err(Failure::Infra(message)) => json!({"id": request.id, "error": {"kind": "infra", "message": message}}),
+    };
+    reply.to_string()
+}
+
+fn string_arg(args: &Value, name: &str) -> Result<String, Failure> {
+    args[name]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| Failure::Infra(format!("argument `{name}` must be a string")))
+}
+
+fn seconds_arg(args: &Value, name: &str) -> Option<Duration> {
+    args[name].as_f64().filter(|s| *s >= 0.0).map(Duration::from_secs_f64)
+}
+
+fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<Value, Failure> {
+    let args = &request.args;
+    match request.method.as_str() {
+        "nodes" => {
+            return Ok(run
+                .spec
+                .nodes
+                .values()
+                .map(|n| json!({"name": n.name, "python_name": n.python_name()}))
+                .collect())
+        }
+        "log" => {
+            run.log.line(string_arg(args, "message")?);
+            return Ok(Value::Null);
+        }
+        "start_all" => {
+            let _block = run.log.block(None, "starting all VMs");
+            for machine in run.machines.values_mut() {
+                machine.start()?;
+            }
+            return Ok(Value::Null);
+        }
+        _ => {}
+    }
+    let name = request
+        .node
+        .as_deref()
+        .ok_or_else(|| Failure::Infra(format!("`{}` needs a node", request.method)))?;
+    let machine = run
+        .machines
+        .get_mut(name)
+        .ok_or_else(|| Failure::Infra(format!("there is no node `{name}`")))?;
+    let log = run.log.clone();
+    let node = name.to_string();
+    match request.method.as_str() {
+        "start" => machine.start()?,
+        "shutdown" => machine.shutdown()?,
+        "crash" => machine.crash()?,
+        "reboot" => machine.reboot()?,
+        "execute" => {
+            let command = string_arg(args, "command")?;
+            let _block = log.block(Some(&node), format!("executing: {command}"));
+            let outcome = shell(machine, &command, seconds_arg(args, "timeout"))?;
+            return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
+        }
+        "succeed" | "fail" => {
+            let want_success = request.method == "succeed";
+            let commands = args["commands"].as_array().cloned().unwrap_or_default();
+            let mut stdout = String::new();
+            for command in commands {
+                let command = command.as_str().ok_or_else(|| Failure::Infra("commands must be strings".into()))?;
+                let verb = if want_success { "must succeed" } else { "must fail" };
+                let _block = log.block(Some(&node), format!("{verb}: {command}"));
+                let outcome = shell(machine, command, seconds_arg(args, "timeout"))?;
+                if outcome.succeeded() != want_success {
+                    return Err(Failure::Test(command_failure(&node, command, &outcome, want_success)));
+                }
+                stdout.push_str(&text(&outcome.stdout));
+            }
+            return Ok(Value::String(stdout));
+        }
+        "wait_until_succeeds" | "wait_until_fails" => {
+            let want_success = request.method == "wait_until_succeeds";
+            let command = string_arg(args, "command")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let verb = if want_success { "waiting for success" } else { "waiting for failure" };
+            let _block = log.block(Some(&node), format!("{verb}: {command}"));
+            let give_up = Instant::now() + limit;
+            loop {
+                let left = give_up.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                let outcome = shell(machine, &command, Some(left))?;
+                if outcome.succeeded() == want_success {
+                    return Ok(Value::String(text(&outcome.stdout)));
+                }
+                if Instant::now() + RETRY_PAUSE > give_up.min(deadline) {
+                    let wanted = if want_success { "succeed" } else { "fail" };
+                    return Err(Failure::Test(format!(
+                        "{node}: command `{command}` did not {wanted} within {} s\n{}",
+                        limit.as_secs(),
+                        output_report(&outcome)
+                    )));
+                }
+                std::thread::sleep(RETRY_PAUSE);
+            }
+        }
+        "wait_for_unit" => {
+            let unit = string_arg(args, "unit")?;
+            let user = args["user"].as_str();
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for unit {unit}"));
+            wait_for_unit(machine, &node, &unit, user, Instant::now() + limit, limit)?;
+        }
+        "get_unit_info" => {
+            let unit = string_arg(args, "unit")?;
+            let info = unit_info(machine, &unit, args["user"].as_str())?
+                .ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))?;
+            return Ok(json!(info));
+        }
+        "systemctl" => {
+            let query = string_arg(args, "query")?;
+            let outcome = shell(machine, &systemctl_command(&query, args["user"].as_str()), None)?;
+            return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
+        }
+        "copy_from_host" => {
+            let source = run.spec.dir.join(string_arg(args, "source")?);
+            let target = string_arg(args, "target")?;
+            let _block = log.block(Some(&node), format!("copying {} to {target}", source.display()));
+            copy_from_host(machine, &source, &target)?;
+        }
+        "copy_from_vm" => {
+            let source = string_arg(args, "source")?;
+            let target_dir = string_arg(args, "target_dir")?;
+            let _block = log.block(Some(&node), format!("copying {source} out of the VM"));
+            copy_from_vm(machine, &run.result_dir, &source, &target_dir, &log)?;
+        }
+        "send_monitor_command" => {
+            let command = string_arg(args, "command")?;
+            return Ok(Value::String(machine.monitor_command(&command)?));
+        }
+        other => return Err(Failure::Infra(format!("unknown method `{other}`"))),
+    }
+    Ok(Value::Null)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn shell(machine: &mut Machine, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, Failure> {
+    let command = Command {
+        program: Program::Shell(command.to_string()),
+        env: Vec::new(),
+        cwd: None,
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+    };
+    Ok(machine.exec(command)?)
+}
+
+fn output_report(outcome: &ExecOutcome) -> String {
+    let stdout = text(&outcome.stdout);
+    let stderr = text(&outcome.stderr);
+    format!("stdout: {}\nstderr: {}", stdout.trim_end(), stderr.trim_end())
+}
+
+fn command_failure(node: &str, command: &str, outcome: &ExecOutcome, wanted_success: bool) -> String {
+    let how = if outcome.timed_out {
+        "timed out".to_string()
+    } else if wanted_success {
+        format!("failed (exit status {})", outcome.status_code())
+    } else {
+        "succeeded, but was expected to fail".to_string()
+    };
+    format!("{node}: command `{command}` {how}\n{}", output_report(outcome))
+}
+
+fn systemctl_command(query: &str, user: Option<&str>) -> String {
+    match user {
+        None => format!("systemctl {query}"),
+        Some(user) => format!(
+            "su -l {user} --shell /bin/sh -c 'XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user {}'",
+            query.replace('\'', r"'\''")
+        ),
+    }
+}
+
+/// The unit's properties, or `None` while systemd cannot answer yet (the
+/// agent starts before systemd does).
+fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    let outcome = shell(machine, &systemctl_command(&format!("--no-pager show '{unit}'"), user), Some(Duration::from_secs(60)))?;
+    if !outcome.succeeded() {
+        return Ok(None);
+    }
+    Ok(Some(
+        text(&outcome.stdout)
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    ))
+}
+
+fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&str>, give_up: Instant, limit: Duration) -> Result<(), Failure> {
+    loop {
+        if let Some(info) = unit_info(machine, unit, user)? {
+            let state = info.get("ActiveState").map(String::as_str).unwrap_or_default();
+            match state {
+                "active" => return Ok(()),
+                "failed" => return Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\""))),
+                "inactive" => {
+                    let jobs = shell(machine, &systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
+                    if text(&jobs.stdout).contains("No jobs") {
+                        // It may have become active meanwhile.
+                        let again = unit_info(machine, unit, user)?.unwrap_or_default();
+                        if again.get("ActiveState").map(String::as_str) == Some("active") {
+                            return Ok(());
+                        }
+                        return Err(Failure::Test(format!("{node}: unit {unit} is inactive and there are no pending jobs")));
+                    }
+                }
+                _ => {}
+            }
+        }
+        if Instant::now() > give_up {
+            return Err(Failure::Test(format!("{node}: unit {unit} did not become active within {} s", limit.as_secs())));
+        }
+        std::thread::sleep(UNIT_POLL);
+    }
+}
+
+fn copy_from_host(machine: &mut Machine, source: &Path, target: &str) -> Result<(), Failure> {
+    let unreadable = |path: &Path, e: io::Error| Failure::Test(format!("cannot read {}: {e}", path.display()));
+    let metadata = fs::metadata(source).map_err(|e| unreadable(source, e))?;
+    let mode = metadata.permissions().mode() & 0o7777;
+    if metadata.is_dir() {
+        machine.make_dir(target, mode)?;
+        let mut children: Vec<_> = fs::read_dir(source)
+            .and_then(|d| d.collect::<io::Result<Vec<_>>>())
+            .map_err(|e| unreadable(source, e))?;
+        children.sort_by_key(|d| d.file_name());
+        for child in children {
+            let name = child.file_name().to_string_lossy().into_owned();
+            copy_from_host(machine, &child.path(), &format!("{}/{name}", target.trim_end_matches('/')))?;
+        }
+        Ok(())
+    } else {
+        let contents = fs::read(source).map_err(|e| unreadable(source, e))?;
+        Ok(machine.write_file(target, mode, &contents)?)
+    }
+}
+
+/// `relative` as a path that stays below its base: only plain components.
+fn contained(relative: &str) -> Option<PathBuf> {
+    let path = Path::new(relative);
+    path.components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        .then(|| path.components().filter(|c| matches!(c, Component::Normal(_))).collect())
+}
+
+/// Receives guest `source` into `result/<target_dir>/<name of source>`.
+/// Every path the guest names is checked to stay below that folder, files
+/// are opened without following links, and links from the guest are not
+/// recreated, so nothing the guest sends is written outside the report.
+fn copy_from_vm(machine: &mut Machine, result_dir: &Path, source: &str, target_dir: &str, log: &crate::runlog::RunLog) -> Result<(), Failure> {
+    let base = contained(target_dir)
+        .map(|dir| result_dir.join(dir))
+        .ok_or_else(|| Failure::Test(format!("target_dir `{target_dir}` must be a relative path inside the result folder")))?;
+    let name = Path::new(source)
+        .file_name()
+        .ok_or_else(|| Failure::Test(format!("`{source}` names no file")))?;
+    let root = base.join(name);
+    let mut open: Option<(String, File)> = None;
+    let received = machine.read_path(source, |entry: PathEntry<'_>| {
+        let relative = contained(entry.path)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("the guest sent a path that leaves the result folder: `{}`", entry.path)))?;
+        let path = root.join(relative);
+        match entry.kind {
+            EntryKind::Dir => fs::create_dir_all(&path),
+            EntryKind::Symlink => {
+                log.line(format!("not copying symbolic link {} (to {})", entry.path, String::from_utf8_lossy(entry.data)));
+                Ok(())
+            }
+            EntryKind::File => {
+                if open.as_ref().is_none_or(|(p, _)| p != entry.path) {
+                    if let Some(parent) = path.parent() {
+                        fs::create_dir_all(parent)?;
+                    }
+                    let file = File::options()
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .mode(entry.mode & 0o777)
+                        .custom_flags(nix::libc::O_NOFOLLOW)
+                        .open(&path)?;
+                    open = Some((entry.path.to_string(), file));
+                }
+                let (_, file) = open.as_mut().expect("opened above");
+                file.write_all(entry.data)?;
+                if !entry.more {
+                    open = None;
+                }
+                Ok(())
+            }
+        }
+    });
+    match received {
+        Ok(()) => Ok(()),
+        Err(ReadPathErrorOf::Local(error)) => Err(Failure::Infra(format!("cannot store what {source} held: {error}"))),
+        Err(ReadPathErrorOf::Vm(VmError::Agent { source: crate::vm::AgentError::Agent(message), .. })) => Err(Failure::Test(message)),
+        Err(ReadPathErrorOf::Vm(error)) => Err(error.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_relative_paths_are_contained() {
+        assert_eq!(contained("a/./b"), Some(PathBuf::from("a/b")));
+        assert_eq!(contained(""), Some(PathBuf::new()));
+        assert_eq!(contained("../x"), None);
+        assert_eq!(contained("a/../../x"), None);
+        assert_eq!(contained("/etc/passwd"), None);
+    }
+
+    #[test]
+    fn failures_name_node_command_status_and_output() {
+        let outcome = ExecOutcome { status: Some(2), signal: None, timed_out: false, stdout: b"o\n".to_vec(), stderr: b"no such file\n".to_vec() };
+        assert_eq!(
+            command_failure("server", "ls /nope", &outcome, true),
+            "server: command `ls /nope` failed (exit status 2)\nstdout: o\nstderr: no such file"
+        );
+    }
+}

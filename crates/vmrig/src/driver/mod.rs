@@ -1,0 +1,382 @@
+//! One run of a test: boot files for every node, the machines, the script
+//! in a child `python3`, the report folder, and cleanup.
+//!
+//! The script talks to the driver over a Unix socket, one JSON line per
+//! request and per reply ([`api`]). Machines are started on their first use
+//! (or by `start_all()`), always from this thread, which outlives them: their
+//! parent-death signal is tied to it. Whatever way the run ends, dropping
+//! the [`Run`] kills every QEMU it started.
+
+mod api;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::host::{self, Agent, Kvm, PYTHON};
+use crate::image::{self, BootFiles, Builder, ImageError};
+use crate::nodeconfig::{self, NodeConfigError};
+use crate::runlog::RunLog;
+use crate::spec::{TestSpec, RESULT_DIR};
+use crate::store::{key_of, Store};
+use crate::ui::Ui;
+use crate::vm::{Accel, Machine, MachineConfig};
+
+/// The embedded Python client (see `python/vmrig`).
+const PYTHON_CLIENT: &str = include_str!("../../../../python/vmrig/__init__.py");
+
+/// Size of a node's writable layer. The file is sparse: only what the guest
+/// writes takes room.
+const STATE_DISK_BYTES: u64 = 8 << 30;
+
+/// Which accelerator the user asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AccelChoice {
+    /// KVM where a probe shows it runs guests, else TCG.
+    Auto,
+    /// KVM, and fail if it does not work.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Accelerator.
+    pub accel: AccelChoice,
+    /// Keep each node's writable layer after the run, and reuse it next time.
+    pub keep_state: bool,
+    /// Override of the test's global timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// How the test ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The script ran to its end.
+    Passed,
+    /// The script failed (or ran out of time).
+    Failed,
+}
+
+/// Errors of the driver layer: vmrig or the host failed, not the test.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// Building the images failed.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// A host requirement is missing.
+    #[error(transparent)]
+    Host(#[from] host::HostError),
+    /// A node's files could not be gathered.
+    #[error(transparent)]
+    NodeConfig(#[from] NodeConfigError),
+    /// KVM was demanded but does not work.
+    #[error("--accel kvm was given, but KVM is not usable here: {0}")]
+    NoKvm(String),
+    /// A file of the run could not be written.
+    #[error("cannot {action} {}", .path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The script's interpreter failed in a way that is not the test's.
+    #[error("the test script's python3 failed: {0}")]
+    Script(String),
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DriverError + 'a {
+    move |source| DriverError::Io { action, path: path.to_path_buf(), source }
+}
+
+/// Runs `spec` and reports whether it passed.
+pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
+    let boot_files = build(spec, store, ui)?;
+
+    let result_dir = spec.dir.join(RESULT_DIR);
+    if result_dir.exists() {
+        fs::remove_dir_all(&result_dir).map_err(io_error("clear", &result_dir))?;
+    }
+    for node in spec.nodes.keys() {
+        let dir = result_dir.join("nodes").join(node);
+        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+    }
+    let log_path = result_dir.join("log.txt");
+    let log = RunLog::create(&log_path).map_err(io_error("create", &log_path))?;
+
+    let any_boot = boot_files.values().next().expect("a test has nodes");
+    let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
+
+    // Sockets need short paths, so the run's private files live in /tmp.
+    let private = tempfile::Builder::new()
+        .prefix("vmrig-")
+        .tempdir()
+        .map_err(io_error("create a directory in", &std::env::temp_dir()))?;
+    let state_dir = if options.keep_state {
+        let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
+        store.root().join("state").join(key_of([canonical.as_os_str().as_encoded_bytes()]))
+    } else {
+        private.path().join("state")
+    };
+    fs::create_dir_all(&state_dir).map_err(io_error("create", &state_dir))?;
+
+    let mut machines = BTreeMap::new();
+    for node in spec.nodes.values() {
+        let boot = &boot_files[&node.name];
+        let initrd = private.path().join(format!("{}.initrd", node.name));
+        write_node_initrd(&initrd, boot, spec, node)?;
+        let state_disk = state_dir.join(format!("{}.ext4", node.name));
+        if !(options.keep_state && state_disk.exists()) {
+            make_state_disk(&state_disk)?;
+        }
+        let config = MachineConfig {
+            name: node.name.clone(),
+            memory_mib: node.memory_mib,
+            cpus: node.cpus,
+            accel,
+            kernel: boot.kernel(),
+            initrd,
+            rootfs: boot.rootfs(),
+            rootfs_type: boot.rootfs_type().to_string(),
+            state_disk,
+            kernel_params: node.kernel_params.clone(),
+            socket_dir: private.path().to_path_buf(),
+            console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+        };
+        machines.insert(node.name.clone(), Machine::new(config, log.clone()));
+    }
+
+    let mut run = Run {
+        spec,
+        machines,
+        log: log.clone(),
+        result_dir,
+    };
+    let timeout = options.timeout.unwrap_or(spec.timeout);
+    let outcome = run.run_script(private.path(), timeout);
+    let cleanup = log.block(None, "cleanup");
+    drop(run);
+    drop(cleanup);
+    outcome
+}
+
+/// Builds (or finds) every node's boot files, by node name.
+fn build(spec: &TestSpec, store: &Store, ui: Ui) -> Result<BTreeMap<String, BootFiles>, DriverError> {
+    let agent = Agent::locate()?;
+    let sources = image::sources_for(spec).map_err(ImageError::from)?;
+    let builder = Builder::new(store, ui);
+    let mut by_node = BTreeMap::new();
+    for request in image::plan(spec, &sources) {
+        let boot = builder.boot_files(&request, &agent)?;
+        for node in &request.nodes {
+            by_node.insert(node.clone(), boot.clone());
+        }
+    }
+    Ok(by_node)
+}
+
+/// The node's initramfs: the image's, then the node's own layer.
+fn write_node_initrd(path: &Path, boot: &BootFiles, spec: &TestSpec, node: &crate::spec::Node) -> Result<(), DriverError> {
+    let base = boot.initrd();
+    fs::copy(&base, path).map_err(io_error("copy", &base))?;
+    let file = File::options().append(true).open(path).map_err(io_error("open", path))?;
+    let mut out = io::BufWriter::new(file);
+    nodeconfig::write_layer(&mut out, spec, node)?;
+    out.flush().map_err(io_error("write", path))
+}
+
+/// A fresh, sparse ext4 image for a node's writable layer.
+fn make_state_disk(path: &Path) -> Result<(), DriverError> {
+    let file = File::create(path).map_err(io_error("create", path))?;
+    file.set_len(STATE_DISK_BYTES).map_err(io_error("size", path))?;
+    drop(file);
+    let mkfs = host::MKFS_EXT4.require()?;
+    let output = Command::new(mkfs)
+        .args(["-q", "-F", "-L", "vmrig-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(path)
+        .output()
+        .map_err(io_error("format", path))?;
+    if !output.status.success() {
+        return Err(DriverError::Io {
+            action: "format",
+            path: path.to_path_buf(),
+            source: io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()),
+        });
+    }
+    Ok(())
+}
+
+/// The accelerator to use. The `auto` probe boots a kernel under KVM, which
+/// costs its timeout where KVM hangs, so its answer is kept in the store
+/// for the rest of the host's boot.
+fn resolve_accel(choice: AccelChoice, store: &Store, kernel: &Path, log: &RunLog) -> Result<Accel, DriverError> {
+    if choice == AccelChoice::Tcg {
+        return Ok(Accel::Tcg);
+    }
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let cache = store.root().join("kvm-probe");
+    let cached = fs::read_to_string(&cache).ok().and_then(|text| {
+        let (id, verdict) = text.split_once('\n')?;
+        (id == boot_id.trim()).then(|| verdict.to_string())
+    });
+    let verdict = match cached {
+        Some(verdict) => verdict,
+        None => {
+            let verdict = match host::probe_kvm(kernel) {
+                Kvm::Usable => "usable".to_string(),
+                Kvm::Unusable(reason) => reason,
+            };
+            // Only a cache: a run without it probes again.
+            let _ = fs::write(&cache, format!("{}\n{verdict}", boot_id.trim()));
+            verdict
+        }
+    };
+    match (verdict == "usable", choice) {
+        (true, _) => Ok(Accel::Kvm),
+        (false, AccelChoice::Kvm) => Err(DriverError::NoKvm(verdict)),
+        (false, _) => {
+            log.line(format!("KVM is not usable ({verdict}); using TCG"));
+            Ok(Accel::Tcg)
+        }
+    }
+}
+
+/// A run in progress: the machines and where the report goes.
+pub(crate) struct Run<'a> {
+    spec: &'a TestSpec,
+    machines: BTreeMap<String, Machine>,
+    log: RunLog,
+    result_dir: PathBuf,
+}
+
+impl Run<'_> {
+    /// Runs the script in a child python3, serving its requests until it
+    /// ends or the time runs out.
+    fn run_script(&mut self, private: &Path, timeout: Duration) -> Result<Outcome, DriverError> {
+        let python_dir = private.join("python").join("vmrig");
+        fs::create_dir_all(&python_dir).map_err(io_error("create", &python_dir))?;
+        let client = python_dir.join("__init__.py");
+        fs::write(&client, PYTHON_CLIENT).map_err(io_error("write", &client))?;
+        let script_copy = private.join("script.py");
+        fs::write(&script_copy, &self.spec.script.text).map_err(io_error("write", &script_copy))?;
+        let socket = private.join("driver.sock");
+        let listener = UnixListener::bind(&socket).map_err(io_error("listen on", &socket))?;
+
+        let mut command = Command::new(PYTHON.require()?);
+        command
+            .args(["-u", "-c", "import vmrig; vmrig._main()"])
+            .env("PYTHONPATH", private.join("python"))
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .env("VMRIG_DRIVER", &socket)
+            .env("VMRIG_SCRIPT", &script_copy)
+            .env("VMRIG_SCRIPT_PATH", &self.spec.script.path)
+            .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
+            .current_dir(&self.spec.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from));
+        }
+        let started = Instant::now();
+        let script_block = self.log.block(None, "running the test script");
+        let mut python = command.spawn().map_err(|e| DriverError::Script(format!("cannot start python3: {e}")))?;
+        let output_threads = [
+            forward_lines(python.stdout.take().expect("piped"), self.log.clone()),
+            forward_lines(python.stderr.take().expect("piped"), self.log.clone()),
+        ];
+
+        listener.set_nonblocking(true).map_err(io_error("listen on", &socket))?;
+        let connection = loop {
+            match listener.accept() {
+                Ok((stream, _)) => break Some(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if python.try_wait().ok().flatten().is_some() || started.elapsed() > timeout {
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(DriverError::Script(format!("cannot accept the script's connection: {e}"))),
+            }
+        };
+        let mut timed_out = false;
+        if let Some(stream) = connection {
+            stream.set_nonblocking(false).map_err(io_error("use", &socket))?;
+            let deadline = started + timeout;
+            timed_out = self.serve(stream, deadline);
+        }
+        if timed_out {
+            let _ = python.kill();
+        }
+        let status = python.wait().map_err(|e| DriverError::Script(e.to_string()))?;
+        for thread in output_threads {
+            let _ = thread.join();
+        }
+        drop(script_block);
+        if timed_out {
+            self.log.line(format!("the test ran out of time ({} s)", timeout.as_secs()));
+            return Ok(Outcome::Failed);
+        }
+        self.log.line(format!("test script finished in {:.2} s", started.elapsed().as_secs_f64()));
+        script_outcome(status)
+    }
+
+    /// Answers the script's requests until it disconnects; returns whether
+    /// the deadline passed first.
+    fn serve(&mut self, stream: std::os::unix::net::UnixStream, deadline: Instant) -> bool {
+        let mut writer = match stream.try_clone() {
+            Ok(writer) => writer,
+            Err(_) => return false,
+        };
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            let _ = reader.get_ref().set_read_timeout(Some(left));
+            match reader.read_line(&mut line) {
+                Ok(0) => return false,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return true,
+                Err(_) => return false,
+            }
+            let reply = api::handle(self, &line, deadline);
+            if writeln!(writer, "{reply}").is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+fn script_outcome(status: ExitStatus) -> Result<Outcome, DriverError> {
+    match status.code() {
+        Some(0) => Ok(Outcome::Passed),
+        Some(1) => Ok(Outcome::Failed),
+        Some(3) => Err(DriverError::Script("the run's infrastructure failed (see the log above)".into())),
+        _ => Err(DriverError::Script(format!("python3 ended unexpectedly ({status})"))),
+    }
+}
+
+/// Copies each line of `input` into the run log.
+fn forward_lines(input: impl Read + Send + 'static, log: RunLog) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(input).lines().map_while(Result::ok) {
+            log.line(line);
+        }
+    })
+}
