@@ -80,9 +80,10 @@ fn serve_port() -> Result<(), FrameError> {
             Err(error) => return Err(error),
         };
         match request {
-            Request::Hello => {
+            Request::Hello { nonce } => {
                 let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
                 let reply = Reply::Hello {
+                    nonce,
                     boot_id: boot_id.trim().to_string(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                 };

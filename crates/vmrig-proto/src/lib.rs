@@ -7,8 +7,9 @@
 //! 1. The guest's `/init` forks the agent just before it execs systemd; the
 //!    agent opens the port named [`AGENT_PORT`] and waits.
 //! 2. The driver connects to QEMU's end of the port and sends
-//!    [`Request::Hello`]; the agent answers [`Reply::Hello`] with the boot's
-//!    id, so that after a reboot the driver knows it talks to the new boot.
+//!    [`Request::Hello`] (again every second until answered); the agent
+//!    answers [`Reply::Hello`] with the request's nonce and the boot's id,
+//!    so that after a reboot the driver knows it talks to the new boot.
 //! 3. The driver sends one request at a time and reads replies until the
 //!    request's last one: [`Reply::Exited`] for `Exec` (after any number of
 //!    [`Reply::Output`]), [`Reply::Done`] for `ReadPath` (after its
@@ -100,8 +101,13 @@ pub enum Program {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
-    /// Are you there, and which boot are you?
-    Hello,
+    /// Are you there, and which boot are you? The driver may ask again
+    /// before an answer comes (a request can be lost while a guest
+    /// reboots); `nonce` tells the answers apart.
+    Hello {
+        /// Echoed in the reply.
+        nonce: u64,
+    },
     /// Run a command; the frame's data is its standard input.
     Exec(Command),
     /// Write a chunk of a file (the frame's data), creating parents. The
@@ -160,6 +166,8 @@ pub enum EntryKind {
 pub enum Reply {
     /// The agent is up.
     Hello {
+        /// The request's nonce.
+        nonce: u64,
         /// The kernel's boot id, new at every boot.
         boot_id: String,
         /// The agent's version.
@@ -280,13 +288,13 @@ mod tests {
             timeout_ms: Some(5),
         });
         write_frame(&mut wire, &request, &[0, 255, 10, 13]).unwrap();
-        write_frame(&mut wire, &Request::Hello, &[]).unwrap();
+        write_frame(&mut wire, &Request::Hello { nonce: 7 }, &[]).unwrap();
         let mut reader = wire.as_slice();
         let (first, data): (Request, _) = read_frame(&mut reader).unwrap();
         assert_eq!(first, request);
         assert_eq!(data, [0, 255, 10, 13]);
         let (second, data): (Request, _) = read_frame(&mut reader).unwrap();
-        assert_eq!((second, data.len()), (Request::Hello, 0));
+        assert_eq!((second, data.len()), (Request::Hello { nonce: 7 }, 0));
         assert!(reader.is_empty());
     }
 

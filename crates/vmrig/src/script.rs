@@ -146,3 +146,20 @@ pub fn lint(spec: &TestSpec) -> Result<Vec<Diagnostic>, ScriptError> {
         })
         .collect())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lint_knows_exactly_the_globals_the_python_client_defines() {
+        let python_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../python");
+        let output = Command::new("python3")
+            .args(["-c", "import sys; sys.path.insert(0, sys.argv[1]); import vmrig; print(' '.join(vmrig.DRIVER_GLOBALS))", python_dir])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let client: Vec<String> = String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_string).collect();
+        assert_eq!(client, DRIVER_GLOBALS);
+    }
+}

@@ -338,7 +338,8 @@ fn copy_from_vm(machine: &mut Machine, result_dir: &Path, source: &str, target_d
     let received = machine.read_path(source, |entry: PathEntry<'_>| {
         let relative = contained(entry.path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("the guest sent a path that leaves the result folder: `{}`", entry.path)))?;
-        let path = root.join(relative);
+        // Joining an empty path would add a trailing slash.
+        let path = if relative.as_os_str().is_empty() { root.clone() } else { root.join(relative) };
         match entry.kind {
             EntryKind::Dir => fs::create_dir_all(&path),
             EntryKind::Symlink => {

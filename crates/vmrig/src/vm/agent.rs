@@ -78,6 +78,7 @@ pub struct PathEntry<'a> {
 /// A connection to a node's agent.
 pub struct AgentClient {
     stream: UnixStream,
+    nonce: u64,
 }
 
 fn with_deadline(result: Result<(Reply, Vec<u8>), FrameError>, wait: Duration) -> Result<(Reply, Vec<u8>), AgentError> {
@@ -96,7 +97,12 @@ impl AgentClient {
         let started = Instant::now();
         loop {
             match UnixStream::connect(path) {
-                Ok(stream) => return Ok(Self { stream }),
+                Ok(stream) => {
+                    // A guest that stops reading must not block the driver
+                    // forever once the socket's buffer is full.
+                    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+                    return Ok(Self { stream, nonce: 0 });
+                }
                 Err(error) if started.elapsed() > wait || !alive() => return Err(error),
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
@@ -112,15 +118,29 @@ impl AgentClient {
         with_deadline(read_frame(&mut self.stream), wait.unwrap_or_default())
     }
 
-    /// Greets the agent and returns its boot id. Replies left over from an
-    /// earlier boot are skipped.
+    /// Greets the agent and returns its boot id. The greeting is repeated
+    /// every second, since one sent while the guest reboots can be lost;
+    /// replies to earlier greetings and leftovers of an earlier boot are
+    /// skipped.
     pub fn hello(&mut self, wait: Duration) -> Result<String, AgentError> {
-        self.send(&Request::Hello, &[])?;
         let deadline = Instant::now() + wait;
+        // Greetings queue up unread until the guest opens its port, so they
+        // are spaced out further and further.
+        let mut pause = Duration::from_secs(1);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-            if let (Reply::Hello { boot_id, .. }, _) = self.receive(Some(left))? {
-                return Ok(boot_id);
+            self.nonce += 1;
+            self.send(&Request::Hello { nonce: self.nonce }, &[])?;
+            let resend = (Instant::now() + pause).min(deadline);
+            pause = (pause * 2).min(Duration::from_secs(10));
+            loop {
+                let left = resend.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                match self.receive(Some(left)) {
+                    Ok((Reply::Hello { nonce, boot_id, .. }, _)) if nonce == self.nonce => return Ok(boot_id),
+                    Ok(_) => continue,
+                    Err(AgentError::Timeout(_)) if Instant::now() < deadline => break,
+                    Err(AgentError::Timeout(_)) => return Err(AgentError::Timeout(wait)),
+                    Err(error) => return Err(error),
+                }
             }
         }
     }
@@ -231,7 +251,7 @@ mod tests {
                 respond(request, data, &mut server);
             }
         });
-        AgentClient { stream: client }
+        AgentClient { stream: client, nonce: 0 }
     }
 
     #[test]
@@ -256,7 +276,8 @@ mod tests {
     fn hello_skips_stale_replies_from_an_earlier_boot() {
         let mut agent = fake_agent(|_, _, out| {
             write_frame(out, &Reply::Exited { status: Some(0), signal: None, timed_out: false }, &[]).unwrap();
-            write_frame(out, &Reply::Hello { boot_id: "b2".into(), version: "0".into() }, &[]).unwrap();
+            write_frame(out, &Reply::Hello { nonce: 0, boot_id: "stale".into(), version: "0".into() }, &[]).unwrap();
+            write_frame(out, &Reply::Hello { nonce: 1, boot_id: "b2".into(), version: "0".into() }, &[]).unwrap();
         });
         assert_eq!(agent.hello(Duration::from_secs(5)).unwrap(), "b2");
     }
@@ -265,6 +286,16 @@ mod tests {
     fn a_silent_agent_times_out_and_a_wrong_reply_is_an_error() {
         let mut silent = fake_agent(|_, _, _| {});
         assert!(matches!(silent.hello(Duration::from_millis(100)), Err(AgentError::Timeout(_))));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut slow = fake_agent(move |request, _, out| {
+            tx.send(()).unwrap();
+            // Only the second greeting is answered, as after a lost request.
+            if request == (Request::Hello { nonce: 2 }) {
+                write_frame(out, &Reply::Hello { nonce: 2, boot_id: "b".into(), version: "0".into() }, &[]).unwrap();
+            }
+        });
+        assert_eq!(slow.hello(Duration::from_secs(5)).unwrap(), "b");
+        assert_eq!(rx.try_iter().count(), 2);
         let mut confused = fake_agent(|_, _, out| write_frame(out, &Reply::Done, &[]).unwrap());
         assert!(matches!(confused.make_dir("/x", 0o755), Err(AgentError::Unexpected(_))));
     }

@@ -185,7 +185,7 @@ impl Machine {
             Accel::Tcg => ("tcg", "max"),
         };
         let mut append = format!(
-            "console=ttyS0 reboot=t panic=-1 pci=off quiet {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
+            "console=ttyS0 reboot=t panic=-1 pci=off {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
             c.rootfs_type
         );
         for param in &c.kernel_params {
@@ -267,11 +267,13 @@ impl Machine {
         let _block = self.log.block(Some(&name), "waiting for the VM to finish booting");
         let socket = self.agent_socket();
         let deadline = Instant::now() + BOOT_TIMEOUT;
+        let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        let mut client = match AgentClient::connect(&socket, BOOT_TIMEOUT, alive) {
+            Ok(client) => client,
+            Err(_) => return Err(self.exited_error()),
+        };
         loop {
-            let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
-            let alive = || Path::new(&format!("/proc/{pid}")).exists();
-            let mut client = AgentClient::connect(&socket, BOOT_TIMEOUT, alive)
-                .map_err(|_| self.exited_error())?;
             let left = deadline.saturating_duration_since(Instant::now());
             let boot_id = match client.hello(left) {
                 Ok(id) => id,

@@ -1,0 +1,224 @@
+//! `vmrig run` on real VMs: QEMU booting Debian images with systemd, driven
+//! by test scripts. The tests share one store, so the base image is built
+//! once for all of them.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn store() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
+}
+
+fn vmrig_run(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vmrig"));
+    command.arg("run").arg(dir).env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
+    command
+}
+
+fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// A test directory holding `toml` as its definition.
+fn test_dir(toml: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("vmrig.toml"), toml).unwrap();
+    dir
+}
+
+fn run(dir: &Path) -> (Option<i32>, String) {
+    let output = vmrig_run(dir).output().unwrap();
+    (output.status.code(), text(&output))
+}
+
+#[test]
+fn a_file_written_before_a_reboot_is_there_after_it() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+machine.succeed("echo persisted > /root/marker")
+first_boot = machine.succeed("cat /proc/sys/kernel/random/boot_id")
+machine.reboot()
+assert machine.succeed("cat /proc/sys/kernel/random/boot_id") != first_boot, "the machine did not reboot"
+assert machine.succeed("cat /root/marker") == "persisted\n"
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("machine: rebooting"), "{output}");
+    let console = fs::read_to_string(test.path().join("result/nodes/machine/console.log")).unwrap();
+    assert_eq!(console.matches("vmrig-init: starting systemd").count(), 2, "{console}");
+}
+
+#[test]
+fn declared_services_and_files_reach_the_node_without_an_image_build() {
+    let definition = |message: &str| {
+        format!(
+            r#"
+[nodes.server]
+files."/etc/greeting" = {{ text = "{message}" }}
+
+[nodes.server.services.greeter]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/sh -c 'cp /etc/greeting /run/greeting; exec sleep infinity'"
+
+[test]
+script = '''
+server.wait_for_unit("default.target")
+server.wait_for_unit("greeter.service")
+assert server.get_unit_info("greeter.service")["ActiveState"] == "active"
+print("greeting:", server.succeed("cat /run/greeting"))
+server.fail("systemctl is-active no-such.service")
+'''
+"#
+        )
+    };
+    let test = test_dir(&definition("hello"));
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("greeting: hello"), "{output}");
+
+    fs::write(test.path().join("vmrig.toml"), definition("changed")).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("greeting: changed"), "{output}");
+    assert!(!output.contains("building image"), "editing a file rebuilt the image:\n{output}");
+}
+
+#[test]
+fn a_failing_command_fails_the_run_with_node_command_status_and_stderr() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+machine.succeed("true")
+machine.succeed("echo on-stdout; echo on-stderr >&2; exit 3")
+print("unreachable")
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(1), "{output}");
+    assert!(output.contains("machine: command `echo on-stdout; echo on-stderr >&2; exit 3` failed (exit status 3)"), "{output}");
+    assert!(output.contains("stdout: on-stdout\nstderr: on-stderr"), "{output}");
+    assert!(output.contains(&format!("File \"{}\", line 7, in <module>", test.path().join("vmrig.toml").display())), "{output}");
+    assert!(!output.contains("\nunreachable"), "{output}");
+    assert!(output.contains(": FAILED"), "{output}");
+}
+
+#[test]
+fn commands_return_though_a_background_child_holds_their_output() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+import time
+started = time.monotonic()
+machine.succeed("sleep 100 &")
+machine.succeed("(sleep 100; echo late) &")
+assert machine.succeed("echo now; sleep 100 >/dev/null 2>&1 &") == "now\n"
+assert time.monotonic() - started < 60
+status, _ = machine.execute("sleep 100", timeout=2)
+assert status != 0, "a command past its time limit must not succeed"
+machine.succeed("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done 2>/dev/null | grep '^sleep 100'")
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+}
+
+#[test]
+fn files_copy_both_ways_and_the_guest_cannot_write_outside_the_report() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+machine.copy_from_host("payload", "/tmp/payload")
+machine.succeed("test -x /tmp/payload/bin/tool")
+machine.succeed("cat /tmp/payload/data.bin | cmp - /tmp/payload/data.bin")
+machine.succeed("mkdir -p /tmp/out/sub && echo guest > /tmp/out/sub/file && ln -s /etc/passwd /tmp/out/link")
+machine.copy_from_vm("/tmp/out", "copied")
+machine.copy_from_vm("/tmp/payload/data.bin")
+try:
+    machine.copy_from_vm("/tmp/out", "../escape")
+except Exception as error:
+    print("refused:", error)
+else:
+    raise AssertionError("a target_dir outside the report was accepted")
+'''
+"#,
+    );
+    let payload = test.path().join("payload");
+    fs::create_dir_all(payload.join("bin")).unwrap();
+    fs::write(payload.join("bin/tool"), "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(payload.join("bin/tool"), fs::Permissions::from_mode(0o755)).unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(payload.join("data.bin"), &data).unwrap();
+
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    let result = test.path().join("result");
+    assert_eq!(fs::read_to_string(result.join("copied/out/sub/file")).unwrap(), "guest\n");
+    assert!(fs::symlink_metadata(result.join("copied/out/link")).is_err(), "a guest symlink was recreated");
+    assert_eq!(fs::read(result.join("data.bin")).unwrap(), data);
+    assert!(output.contains("refused: target_dir `../escape` must be a relative path inside the result folder"), "{output}");
+    assert!(!test.path().join("escape").exists());
+}
+
+#[test]
+fn killing_vmrig_with_sigkill_leaves_no_qemu() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+machine.succeed("true")
+print("vm is up", flush=True)
+import time
+time.sleep(3600)
+'''
+"#,
+    );
+    let mut child = vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut qemu_pid = None;
+    let started = Instant::now();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        if let Some(pid) = line.strip_prefix("machine: QEMU running (pid ").and_then(|r| r.strip_suffix(')')) {
+            qemu_pid = Some(pid.to_string());
+        }
+        if line == "vm is up" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the VM did not come up");
+    }
+    let qemu_pid = qemu_pid.expect("vmrig logged QEMU's pid");
+    assert!(Path::new(&format!("/proc/{qemu_pid}")).exists());
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{qemu_pid}")).exists() {
+        let state = fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default();
+        if state.split_whitespace().nth(2) == Some("Z") {
+            break; // dead, waiting for init to reap it
+        }
+        assert!(Instant::now() < deadline, "QEMU {qemu_pid} outlived vmrig");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
