@@ -40,8 +40,8 @@ fn a_broken_copy_gets_every_error_located() {
     let (code, output) = vmrig_check(dir.path());
     assert_eq!(code, 2, "{output}");
     let expected = format!(
-        "error: `source` `./app` does not exist (looked for {}/./app)\n --> {toml}:6:31\n  |\n6 | files.\"/srv/api\" = {{ source = \"./app\", exclude = [\"vmrig.toml\"] }}\n  |                               ^^^^^^^\n\n\
-         error: unknown key `pakages` in node `client`\n  --> {toml}:15:1\n   |\n15 | pakages = [\"curl\"]\n   | ^^^^^^^\n   = help: did you mean `packages`?\n\n\
+        "error: `source` `./app` does not exist (looked for {}/./app)\n --> {toml}:7:31\n  |\n7 | files.\"/srv/api\" = {{ source = \"./app\", exclude = [\"vmrig.toml\"] }}\n  |                               ^^^^^^^\n\n\
+         error: unknown key `pakages` in node `client`\n  --> {toml}:16:1\n   |\n16 | pakages = [\"curl\"]\n   | ^^^^^^^\n   = help: did you mean `packages`?\n\n\
          2 errors in the test definition\n",
         dir.path().display(),
         toml = toml.display(),
@@ -61,7 +61,7 @@ fn an_unknown_node_in_the_script_names_the_nearest() {
     let (code, output) = vmrig_check(dir.path());
     assert_eq!(code, 2, "{output}");
     let expected = format!(
-        "error: unknown node `clinet` in the test script\n  --> {}:21:1\n   |\n21 | clinet.wait_for_unit(\"default.target\")\n   | ^^^^^^\n   = help: did you mean `client`?\n\n1 error in the test definition\n",
+        "error: unknown node `clinet` in the test script\n  --> {}:22:1\n   |\n22 | clinet.wait_for_unit(\"default.target\")\n   | ^^^^^^\n   = help: did you mean `client`?\n\n1 error in the test definition\n",
         dir.path().join("vmrig.toml").display()
     );
     assert_eq!(output, expected);

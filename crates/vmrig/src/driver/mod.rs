@@ -280,7 +280,8 @@ impl Run<'_> {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("VMRIG_DRIVER", &socket)
             .env("VMRIG_SCRIPT", &script_copy)
-            .env("VMRIG_SCRIPT_PATH", &self.spec.script.path)
+            // Absolute, so that tracebacks can quote the script's lines.
+            .env("VMRIG_SCRIPT_PATH", self.spec.script.path.canonicalize().unwrap_or_else(|_| self.spec.script.path.clone()))
             .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
             .current_dir(&self.spec.dir)
             .stdin(Stdio::null())

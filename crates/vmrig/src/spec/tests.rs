@@ -45,7 +45,7 @@ fn reads_the_reference_example() {
     assert_eq!(spec.timeout, Duration::from_secs(3600));
     assert_eq!(spec.nodes.keys().collect::<Vec<_>>(), ["client", "server"]);
     let server = &spec.nodes["server"];
-    assert_eq!(server.packages, ["python3-fastapi", "python3-uvicorn"]);
+    assert_eq!(server.packages, ["python3-fastapi", "python3-uvicorn", "uvicorn"]);
     assert_eq!(server.firewall.allowed_tcp_ports, [4000]);
     assert!(server.firewall.enable);
     assert_eq!(server.vlans, [1]);

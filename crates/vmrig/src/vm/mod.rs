@@ -188,6 +188,10 @@ impl Machine {
             "console=ttyS0 reboot=t panic=-1 pci=off {CMDLINE_ROOT}=/dev/vda {CMDLINE_ROOT_FSTYPE}={} {CMDLINE_STATE}=/dev/vdb",
             c.rootfs_type
         );
+        if c.accel == Accel::Tcg {
+            append.push(' ');
+            append.push_str(&tcg_clock_params());
+        }
         for param in &c.kernel_params {
             append.push(' ');
             append.push_str(param);
@@ -324,15 +328,9 @@ impl Machine {
         }
     }
 
-    /// Runs `command` on the node, logging its output as console lines.
+    /// Runs `command` on the node.
     pub fn exec(&mut self, command: vmrig_proto::Command) -> Result<ExecOutcome, VmError> {
-        let name = self.config.name.clone();
-        let log = self.log.clone();
-        let result = self.agent()?.exec(command, &[], |_, data| {
-            for line in String::from_utf8_lossy(data).lines() {
-                log.line(format!("{name} # {line}"));
-            }
-        });
+        let result = self.agent()?.exec(command, &[], |_, _| {});
         result.map_err(|e| self.agent_error(e))
     }
 
@@ -456,6 +454,31 @@ impl Drop for Machine {
         }
         self.kill();
     }
+}
+
+/// Kernel parameters that give a TCG guest a clock it can trust.
+///
+/// Under TCG the guest reads the host's TSC, but microvm offers no HPET or
+/// ACPI PM timer to calibrate it against, only the PIT; on a busy host the
+/// PIT calibration fails now and then, and the kernel then hangs early in
+/// boot. Measuring the TSC here and passing its rate skips calibration.
+fn tcg_clock_params() -> String {
+    static PARAMS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PARAMS
+        .get_or_init(|| {
+            let measure = |pause: Duration| {
+                let started = Instant::now();
+                // SAFETY: RDTSC has no preconditions on x86_64.
+                let first = unsafe { std::arch::x86_64::_rdtsc() };
+                std::thread::sleep(pause);
+                // SAFETY: as above.
+                let last = unsafe { std::arch::x86_64::_rdtsc() };
+                (last.wrapping_sub(first)) as f64 / started.elapsed().as_secs_f64() / 1000.0
+            };
+            let khz = measure(Duration::from_millis(50)).round() as u64;
+            format!("tsc_early_khz={khz} tsc=reliable")
+        })
+        .clone()
 }
 
 /// Makes the kernel kill the child when the thread that spawned it dies,
