@@ -222,3 +222,60 @@ time.sleep(3600)
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn crash_shutdown_and_restart_keep_the_writable_layer() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+machine.succeed("echo kept > /root/marker && sync")
+machine.crash()
+assert machine.succeed("cat /root/marker") == "kept\n"
+machine.shutdown()
+assert machine.succeed("cat /root/marker") == "kept\n"
+machine.shutdown()
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("machine: simulating a power failure"), "{output}");
+    assert_eq!(output.matches("machine: starting vm").count(), 3, "{output}");
+}
+
+#[test]
+fn keep_state_carries_the_writable_layer_to_the_next_run() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+import os
+if os.environ.get("VMRIG_TEST_WRITE"):
+    machine.succeed("echo from-last-run > /root/marker && sync")
+    machine.shutdown()
+else:
+    print("marker:", machine.execute("cat /root/marker")[1].strip() or "absent")
+'''
+"#,
+    );
+    let with = |keep: bool, write: bool| {
+        let mut command = vmrig_run(test.path());
+        if keep {
+            command.arg("--keep-state");
+        }
+        if write {
+            command.env("VMRIG_TEST_WRITE", "1");
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+        text(&output)
+    };
+    with(true, true);
+    assert!(with(true, false).contains("marker: from-last-run"));
+    assert!(with(false, false).contains("marker: absent"));
+}
