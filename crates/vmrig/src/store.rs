@@ -20,6 +20,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
+use crate::file_error::{file_error, FileError};
+
 /// Name of the file in each entry that describes it.
 const MANIFEST: &str = "manifest.json";
 /// Bumped when the manifest format changes; older entries are rebuilt.
@@ -32,25 +34,10 @@ pub enum StoreError {
     #[error("cannot tell where the store is: set VMRIG_STORE (or XDG_CACHE_HOME or HOME)")]
     NoLocation,
     /// A filesystem operation in the store failed.
-    #[error("store: cannot {action} {}", .path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Why it failed.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// Where an entry came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +138,7 @@ impl Store {
         let root = root.into();
         for dir in ["tmp", "locks", "logs"] {
             let path = root.join(dir);
-            fs::create_dir_all(&path).map_err(io_error("create", &path))?;
+            fs::create_dir_all(&path).map_err(file_error("create", &path))?;
         }
         Ok(Self { root })
     }
@@ -203,11 +190,22 @@ impl Store {
         let final_dir = self.entry_dir(kind, key);
         self.discard_leftovers(kind, key, &final_dir)?;
 
-        let staging = tempfile::Builder::new()
-            .prefix(&format!("{kind}-{key}-"))
-            .tempdir_in(self.root.join("tmp"))
-            .map_err(io_error("create a temporary directory in", &self.root))?;
+        let staging = self.staging_dir(kind, key)?;
         let meta = build(staging.path())?;
+        Ok((self.publish(kind, key, staging, meta)?, Provenance::Built))
+    }
+
+    fn staging_dir(&self, kind: &str, key: &str) -> Result<tempfile::TempDir, StoreError> {
+        let tmp = self.root.join("tmp");
+        Ok(tempfile::Builder::new()
+            .prefix(&format!("{kind}-{key}-"))
+            .tempdir_in(&tmp)
+            .map_err(file_error("create a temporary directory in", &tmp))?)
+    }
+
+    /// Records the manifest of a filled staging directory and renames it
+    /// into place: the moment the entry exists, it is complete.
+    fn publish(&self, kind: &str, key: &str, staging: tempfile::TempDir, meta: serde_json::Value) -> Result<Entry, StoreError> {
         let manifest = Manifest {
             version: MANIFEST_VERSION,
             key: key.to_string(),
@@ -219,19 +217,15 @@ impl Store {
         };
         let manifest_path = staging.path().join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
-        fs::write(&manifest_path, json).map_err(io_error("write", &manifest_path))?;
+        fs::write(&manifest_path, json).map_err(file_error("write", &manifest_path))?;
 
         let parent = self.root.join(kind);
-        fs::create_dir_all(&parent).map_err(io_error("create", &parent))?;
-        let staged = staging.keep();
-        fs::rename(&staged, &final_dir).map_err(io_error("move into place", &final_dir))?;
-        Ok((
-            Entry {
-                path: final_dir,
-                manifest,
-            },
-            Provenance::Built,
-        ))
+        fs::create_dir_all(&parent).map_err(file_error("create", &parent))?;
+        let final_dir = self.entry_dir(kind, key);
+        fs::rename(staging.path(), &final_dir).map_err(file_error("move into place", &final_dir))?;
+        // The directory is now the entry; nothing is left to clean up.
+        let _ = staging.keep();
+        Ok(Entry { path: final_dir, manifest })
     }
 
     /// Takes the exclusive lock for building `kind`/`key`, waiting if
@@ -243,12 +237,8 @@ impl Store {
             .truncate(false)
             .write(true)
             .open(&path)
-            .map_err(io_error("open the lock", &path))?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| StoreError::Io {
-            action: "lock",
-            path,
-            source: errno.into(),
-        })
+            .map_err(file_error("open the lock", &path))?;
+        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| FileError::new("lock", &path, errno.into()).into())
     }
 
     /// Removes a damaged entry and the staging directories of builds of this
@@ -260,7 +250,7 @@ impl Store {
         }
         let tmp = self.root.join("tmp");
         let prefix = format!("{kind}-{key}-");
-        for dirent in fs::read_dir(&tmp).map_err(io_error("list", &tmp))?.flatten() {
+        for dirent in fs::read_dir(&tmp).map_err(file_error("list", &tmp))?.flatten() {
             if dirent.file_name().to_string_lossy().starts_with(&prefix) {
                 remove_tree(&dirent.path())?;
             }
@@ -271,11 +261,7 @@ impl Store {
 
 fn remove_tree(path: &Path) -> Result<(), StoreError> {
     match fs::remove_dir_all(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::Io {
-            action: "remove",
-            path: path.to_path_buf(),
-            source: e,
-        }),
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(FileError::new("remove", path, e).into()),
         _ => Ok(()),
     }
 }
@@ -296,14 +282,14 @@ fn files_match(dir: &Path, manifest: &Manifest) -> bool {
 
 fn record_files(dir: &Path) -> Result<BTreeMap<String, FileRecord>, StoreError> {
     let mut files = BTreeMap::new();
-    for dirent in fs::read_dir(dir).map_err(io_error("list", dir))? {
-        let dirent = dirent.map_err(io_error("list", dir))?;
+    for dirent in fs::read_dir(dir).map_err(file_error("list", dir))? {
+        let dirent = dirent.map_err(file_error("list", dir))?;
         let path = dirent.path();
-        let metadata = dirent.metadata().map_err(io_error("inspect", &path))?;
+        let metadata = dirent.metadata().map_err(file_error("inspect", &path))?;
         if !metadata.is_file() {
             continue;
         }
-        let blake3 = hash_file(&path).map_err(io_error("hash", &path))?;
+        let blake3 = hash_file(&path).map_err(file_error("hash", &path))?;
         files.insert(
             dirent.file_name().to_string_lossy().into_owned(),
             FileRecord {

@@ -29,6 +29,11 @@ fn test_dir(toml: &str) -> tempfile::TempDir {
     dir
 }
 
+/// A test directory with one node, `machine`, running `script`.
+fn machine_test(script: &str) -> tempfile::TempDir {
+    test_dir(&format!("[nodes.machine]\n\n[test]\nscript = '''\n{script}'''\n"))
+}
+
 fn run(dir: &Path) -> (Option<i32>, String) {
     let output = vmrig_run(dir).output().unwrap();
     (output.status.code(), text(&output))
@@ -36,18 +41,13 @@ fn run(dir: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn a_file_written_before_a_reboot_is_there_after_it() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 machine.succeed("echo persisted > /root/marker")
 first_boot = machine.succeed("cat /proc/sys/kernel/random/boot_id")
 machine.reboot()
 assert machine.succeed("cat /proc/sys/kernel/random/boot_id") != first_boot, "the machine did not reboot"
 assert machine.succeed("cat /root/marker") == "persisted\n"
-'''
 "#,
     );
     let (code, output) = run(test.path());
@@ -94,16 +94,11 @@ server.fail("systemctl is-active no-such.service")
 
 #[test]
 fn a_failing_command_fails_the_run_with_node_command_status_and_stderr() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 machine.succeed("true")
 machine.succeed("echo on-stdout; echo on-stderr >&2; exit 3")
 print("unreachable")
-'''
 "#,
     );
     let (code, output) = run(test.path());
@@ -117,12 +112,8 @@ print("unreachable")
 
 #[test]
 fn commands_return_though_a_background_child_holds_their_output() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 import time
 started = time.monotonic()
 machine.succeed("sleep 100 &")
@@ -132,7 +123,6 @@ assert time.monotonic() - started < 60
 status, _ = machine.execute("sleep 100", timeout=2)
 assert status != 0, "a command past its time limit must not succeed"
 machine.succeed("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done 2>/dev/null | grep '^sleep 100'")
-'''
 "#,
     );
     let (code, output) = run(test.path());
@@ -141,12 +131,8 @@ machine.succeed("for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done
 
 #[test]
 fn files_copy_both_ways_and_the_guest_cannot_write_outside_the_report() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 machine.copy_from_host("payload", "/tmp/payload")
 machine.succeed("test -x /tmp/payload/bin/tool")
 machine.succeed("cat /tmp/payload/data.bin | cmp - /tmp/payload/data.bin")
@@ -159,7 +145,6 @@ except Exception as error:
     print("refused:", error)
 else:
     raise AssertionError("a target_dir outside the report was accepted")
-'''
 "#,
     );
     let payload = test.path().join("payload");
@@ -182,17 +167,12 @@ else:
 
 #[test]
 fn killing_vmrig_with_sigkill_leaves_no_qemu() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 machine.succeed("true")
 print("vm is up", flush=True)
 import time
 time.sleep(3600)
-'''
 "#,
     );
     let mut child = vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
@@ -225,19 +205,14 @@ time.sleep(3600)
 
 #[test]
 fn crash_shutdown_and_restart_keep_the_writable_layer() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 machine.succeed("echo kept > /root/marker && sync")
 machine.crash()
 assert machine.succeed("cat /root/marker") == "kept\n"
 machine.shutdown()
 assert machine.succeed("cat /root/marker") == "kept\n"
 machine.shutdown()
-'''
 "#,
     );
     let (code, output) = run(test.path());
@@ -248,19 +223,14 @@ machine.shutdown()
 
 #[test]
 fn keep_state_carries_the_writable_layer_to_the_next_run() {
-    let test = test_dir(
+    let test = machine_test(
         r#"
-[nodes.machine]
-
-[test]
-script = '''
 import os
 if os.environ.get("VMRIG_TEST_WRITE"):
     machine.succeed("echo from-last-run > /root/marker && sync")
     machine.shutdown()
 else:
     print("marker:", machine.execute("cat /root/marker")[1].strip() or "absent")
-'''
 "#,
     );
     let with = |keep: bool, write: bool| {

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::file_error::{file_error, FileError};
 use crate::host::{self, Agent, Kvm, PYTHON};
 use crate::image::{self, BootFiles, Builder, ImageError};
 use crate::nodeconfig::{self, NodeConfigError};
@@ -81,24 +82,13 @@ pub enum DriverError {
     #[error("--accel kvm was given, but KVM is not usable here: {0}")]
     NoKvm(String),
     /// A file of the run could not be written.
-    #[error("cannot {action} {}", .path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// The script's interpreter failed in a way that is not the test's.
     #[error("the test script's python3 failed: {0}")]
     Script(String),
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DriverError + 'a {
-    move |source| DriverError::Io { action, path: path.to_path_buf(), source }
-}
 
 /// Runs `spec` and reports whether it passed.
 pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
@@ -106,14 +96,14 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
 
     let result_dir = spec.dir.join(RESULT_DIR);
     if result_dir.exists() {
-        fs::remove_dir_all(&result_dir).map_err(io_error("clear", &result_dir))?;
+        fs::remove_dir_all(&result_dir).map_err(file_error("clear", &result_dir))?;
     }
     for node in spec.nodes.keys() {
         let dir = result_dir.join("nodes").join(node);
-        fs::create_dir_all(&dir).map_err(io_error("create", &dir))?;
+        fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
     }
     let log_path = result_dir.join("log.txt");
-    let log = RunLog::create(&log_path).map_err(io_error("create", &log_path))?;
+    let log = RunLog::create(&log_path).map_err(file_error("create", &log_path))?;
 
     let any_boot = boot_files.values().next().expect("a test has nodes");
     let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
@@ -122,14 +112,14 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     let private = tempfile::Builder::new()
         .prefix("vmrig-")
         .tempdir()
-        .map_err(io_error("create a directory in", &std::env::temp_dir()))?;
+        .map_err(file_error("create a directory in", &std::env::temp_dir()))?;
     let state_dir = if options.keep_state {
         let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
         store.root().join("state").join(key_of([canonical.as_os_str().as_encoded_bytes()]))
     } else {
         private.path().join("state")
     };
-    fs::create_dir_all(&state_dir).map_err(io_error("create", &state_dir))?;
+    fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
     let mut machines = BTreeMap::new();
     for node in spec.nodes.values() {
@@ -189,30 +179,27 @@ fn build(spec: &TestSpec, store: &Store, ui: Ui) -> Result<BTreeMap<String, Boot
 /// The node's initramfs: the image's, then the node's own layer.
 fn write_node_initrd(path: &Path, boot: &BootFiles, spec: &TestSpec, node: &crate::spec::Node) -> Result<(), DriverError> {
     let base = boot.initrd();
-    fs::copy(&base, path).map_err(io_error("copy", &base))?;
-    let file = File::options().append(true).open(path).map_err(io_error("open", path))?;
+    fs::copy(&base, path).map_err(file_error("copy", &base))?;
+    let file = File::options().append(true).open(path).map_err(file_error("open", path))?;
     let mut out = io::BufWriter::new(file);
     nodeconfig::write_layer(&mut out, spec, node)?;
-    out.flush().map_err(io_error("write", path))
+    Ok(out.flush().map_err(file_error("write", path))?)
 }
 
 /// A fresh, sparse ext4 image for a node's writable layer.
 fn make_state_disk(path: &Path) -> Result<(), DriverError> {
-    let file = File::create(path).map_err(io_error("create", path))?;
-    file.set_len(STATE_DISK_BYTES).map_err(io_error("size", path))?;
+    let file = File::create(path).map_err(file_error("create", path))?;
+    file.set_len(STATE_DISK_BYTES).map_err(file_error("size", path))?;
     drop(file);
     let mkfs = host::MKFS_EXT4.require()?;
     let output = Command::new(mkfs)
         .args(["-q", "-F", "-L", "vmrig-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .arg(path)
         .output()
-        .map_err(io_error("format", path))?;
+        .map_err(file_error("format", path))?;
     if !output.status.success() {
-        return Err(DriverError::Io {
-            action: "format",
-            path: path.to_path_buf(),
-            source: io::Error::other(String::from_utf8_lossy(&output.stderr).trim().to_string()),
-        });
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        return Err(FileError::new("format", path, io::Error::other(stderr)).into());
     }
     Ok(())
 }
@@ -265,13 +252,13 @@ impl Run<'_> {
     /// ends or the time runs out.
     fn run_script(&mut self, private: &Path, timeout: Duration) -> Result<Outcome, DriverError> {
         let python_dir = private.join("python").join("vmrig");
-        fs::create_dir_all(&python_dir).map_err(io_error("create", &python_dir))?;
+        fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
-        fs::write(&client, PYTHON_CLIENT).map_err(io_error("write", &client))?;
+        fs::write(&client, PYTHON_CLIENT).map_err(file_error("write", &client))?;
         let script_copy = private.join("script.py");
-        fs::write(&script_copy, &self.spec.script.text).map_err(io_error("write", &script_copy))?;
+        fs::write(&script_copy, &self.spec.script.text).map_err(file_error("write", &script_copy))?;
         let socket = private.join("driver.sock");
-        let listener = UnixListener::bind(&socket).map_err(io_error("listen on", &socket))?;
+        let listener = UnixListener::bind(&socket).map_err(file_error("listen on", &socket))?;
 
         let mut command = Command::new(PYTHON.require()?);
         command
@@ -299,7 +286,7 @@ impl Run<'_> {
             forward_lines(python.stderr.take().expect("piped"), self.log.clone()),
         ];
 
-        listener.set_nonblocking(true).map_err(io_error("listen on", &socket))?;
+        listener.set_nonblocking(true).map_err(file_error("listen on", &socket))?;
         let connection = loop {
             match listener.accept() {
                 Ok((stream, _)) => break Some(stream),
@@ -314,7 +301,7 @@ impl Run<'_> {
         };
         let mut timed_out = false;
         if let Some(stream) = connection {
-            stream.set_nonblocking(false).map_err(io_error("use", &socket))?;
+            stream.set_nonblocking(false).map_err(file_error("use", &socket))?;
             let deadline = started + timeout;
             timed_out = self.serve(stream, deadline);
         }

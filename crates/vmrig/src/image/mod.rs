@@ -24,6 +24,7 @@ use std::process::{Command, Stdio};
 pub use initramfs::{load_order, CpioWriter, ModulesError, BOOT_MODULES};
 pub use sources::{AptEntry, SourcesError};
 
+use crate::file_error::{file_error, FileError};
 use crate::host::{self, Agent, HostError, Packer};
 use crate::spec::TestSpec;
 use crate::store::{key_of, Entry, Provenance, Store, StoreError};
@@ -95,16 +96,8 @@ pub enum ImageError {
     #[error("cannot gather the kernel modules for the initramfs")]
     Modules(#[from] ModulesError),
     /// A file operation failed.
-    #[error("cannot {action} {}", .path.display())]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
 }
 
 fn node_list(nodes: &[String]) -> String {
@@ -120,13 +113,6 @@ fn unknown_packages_message(distro: &str, packages: &[(String, Vec<String>)]) ->
     lines.join("\n")
 }
 
-fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// One image to build: a distinct package set and the nodes sharing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,11 +258,11 @@ impl<'a> Builder<'a> {
         let (initramfs, _) = self.store.get_or_build(INITRAMFS_KIND, &initramfs_key, |dir| {
             let modules = image.file(MODULES_FILE);
             let target = dir.join(INITRD_FILE);
-            let mut out = io::BufWriter::new(File::create(&target).map_err(io_error("create", &target))?);
-            let mut archive = File::open(&modules).map_err(io_error("read", &modules))?;
-            io::copy(&mut archive, &mut out).map_err(io_error("write", &target))?;
-            initramfs::write_init(&mut out, &agent.bytes).map_err(io_error("write", &target))?;
-            out.flush().map_err(io_error("write", &target))?;
+            let mut out = io::BufWriter::new(File::create(&target).map_err(file_error("create", &target))?);
+            let mut archive = File::open(&modules).map_err(file_error("read", &modules))?;
+            io::copy(&mut archive, &mut out).map_err(file_error("write", &target))?;
+            initramfs::write_init(&mut out, &agent.bytes).map_err(file_error("write", &target))?;
+            out.flush().map_err(file_error("write", &target))?;
             Ok::<_, ImageError>(serde_json::json!({ "image": key, "agent": agent.path }))
         })?;
         Ok(BootFiles {
@@ -296,7 +282,7 @@ impl<'a> Builder<'a> {
         let mmdebstrap = host::MMDEBSTRAP.require()?;
         let packer = Packer::find()?;
         let log_path = self.store.log_path("image", key);
-        let mut log = File::create(&log_path).map_err(io_error("create", &log_path))?;
+        let mut log = File::create(&log_path).map_err(file_error("create", &log_path))?;
 
         let mut command = Command::new(mmdebstrap);
         command
@@ -322,14 +308,14 @@ impl<'a> Builder<'a> {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        writeln!(log, "$ {command:?}").map_err(io_error("write", &log_path))?;
+        writeln!(log, "$ {command:?}").map_err(file_error("write", &log_path))?;
 
         let status = run_logged(&mut command, &mut log, |line| {
             if let Some(info) = line.strip_prefix("I: ") {
                 step.detail(info);
             }
         })
-        .map_err(io_error("run mmdebstrap for", &log_path))?;
+        .map_err(file_error("run mmdebstrap for", &log_path))?;
         drop(log);
 
         if !status.success() {
@@ -355,7 +341,7 @@ impl<'a> Builder<'a> {
             reason,
         };
         let versions: Vec<PathBuf> = fs::read_dir(&exported)
-            .map_err(io_error("read", &exported))?
+            .map_err(file_error("read", &exported))?
             .flatten()
             .map(|d| d.path())
             .filter(|p| p.join("modules.dep").is_file())
@@ -369,9 +355,9 @@ impl<'a> Builder<'a> {
             .unwrap_or_default();
         let order = load_order(module_dir, BOOT_MODULES)?;
         let target = dir.join(MODULES_FILE);
-        let out = io::BufWriter::new(File::create(&target).map_err(io_error("create", &target))?);
-        initramfs::write_modules(out, module_dir, &order).map_err(io_error("write", &target))?;
-        fs::remove_dir_all(&exported).map_err(io_error("remove", &exported))?;
+        let out = io::BufWriter::new(File::create(&target).map_err(file_error("create", &target))?);
+        initramfs::write_modules(out, module_dir, &order).map_err(file_error("write", &target))?;
+        fs::remove_dir_all(&exported).map_err(file_error("remove", &exported))?;
         Ok(version)
     }
 }
