@@ -5,9 +5,11 @@
 //! 3. mount the read-only root image named by `vmrig.root=` and put a
 //!    writable overlay on it, kept on the ext4 disk named by `vmrig.state=`
 //!    (so that it survives a reboot) or else on a tmpfs;
-//! 4. copy the node's own files and units over it and create its users;
+//! 4. copy the node's own files and units over it;
 //! 5. move the kernel filesystems into the new root and make it `/`;
-//! 6. fork the agent, and `exec` systemd, which stays PID 1.
+//! 6. create the node's users, give each NIC its addresses, load the
+//!    firewall;
+//! 7. fork the agent, and `exec` systemd, which stays PID 1.
 //!
 //! Any failure is printed on the console and the machine powers off: as
 //! PID 1 we must not exit, and a powered-off node is what the driver reports.
@@ -25,7 +27,7 @@ use nix::unistd::{chdir, chroot, execv};
 use nix::unistd::{fork, setsid, ForkResult};
 use vmrig_proto::{
     CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE, HANDOVER_BANNER, INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER,
-    INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS,
+    FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS,
 };
 
 /// How long to wait for the root disk to appear after its driver loads.
@@ -98,6 +100,7 @@ fn boot() -> Result<Infallible, String> {
     copy_tree(Path::new("/").join(INITRAMFS_OVERLAY_DIR).as_path(), Path::new("/newroot"))?;
     // Read now: the initramfs is out of reach once the new root is `/`.
     let users = fs::read_to_string(Path::new("/").join(INITRAMFS_USERS).as_path()).unwrap_or_default();
+    let network = fs::read_to_string(Path::new("/").join(INITRAMFS_NETWORK).as_path()).unwrap_or_default();
 
     for dir in ["/dev", "/proc", "/sys"] {
         let target = format!("/newroot{dir}");
@@ -109,6 +112,10 @@ fn boot() -> Result<Infallible, String> {
     chroot(".").map_err(fail("cannot chroot into the new root"))?;
     chdir("/").map_err(fail("cannot enter /"))?;
     create_users(&users)?;
+    configure_network(&network)?;
+    if Path::new(FIREWALL_RULES).exists() {
+        run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
+    }
 
     // SAFETY: we are single-threaded here (PID 1 has started no thread), so
     // the child may run any code.
@@ -180,13 +187,44 @@ fn create_users(list: &str) -> Result<(), String> {
         if passwd.lines().any(|entry| entry.split(':').next() == Some(name)) {
             continue;
         }
-        let status = std::process::Command::new("/usr/sbin/useradd")
-            .args(&args)
-            .status()
-            .map_err(|e| format!("cannot run useradd: {e}"))?;
-        if !status.success() {
-            return Err(format!("useradd {line} failed: {status}"));
-        }
+        run_program("/usr/sbin/useradd", &args)?;
+    }
+    Ok(())
+}
+
+/// Runs a program of the new root, failing if it fails.
+fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{program} {} failed: {status}", args.join(" ")))
+    }
+}
+
+/// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by
+/// its MAC address, with its addresses; before systemd starts, so that
+/// every unit sees the network as it will stay.
+fn configure_network(list: &str) -> Result<(), String> {
+    run_program("/usr/sbin/ip", &["link", "set", "dev", "lo", "up"])?;
+    for line in list.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [mac, ipv4, ipv6] = fields.as_slice() else { continue };
+        let device = fs::read_dir("/sys/class/net")
+            .map_err(|e| format!("cannot list network devices: {e}"))?
+            .flatten()
+            .find(|d| fs::read_to_string(d.path().join("address")).is_ok_and(|a| a.trim() == *mac))
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .ok_or_else(|| format!("no network device has MAC {mac}"))?;
+        // Duplicate address detection only delays a link that is ours alone.
+        let dad = format!("/proc/sys/net/ipv6/conf/{device}/accept_dad");
+        fs::write(&dad, "0").map_err(|e| format!("cannot write {dad}: {e}"))?;
+        run_program("/usr/sbin/ip", &["address", "replace", ipv4, "dev", &device])?;
+        run_program("/usr/sbin/ip", &["address", "replace", ipv6, "dev", &device])?;
+        run_program("/usr/sbin/ip", &["link", "set", "dev", &device, "up"])?;
     }
     Ok(())
 }

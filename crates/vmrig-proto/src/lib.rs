@@ -56,6 +56,14 @@ pub const INITRAMFS_OVERLAY_DIR: &str = "vmrig/root";
 /// `useradd` argument list a line, tab-separated.
 pub const INITRAMFS_USERS: &str = "vmrig/users";
 
+/// The file, inside the initramfs, describing the node's NICs: one line
+/// each, `MAC IPV4/PREFIX IPV6/PREFIX`.
+pub const INITRAMFS_NETWORK: &str = "vmrig/network";
+
+/// The node's firewall ruleset, in the root filesystem; `/init` loads it
+/// with `nft -f` before systemd starts.
+pub const FIREWALL_RULES: &str = "/etc/vmrig/firewall.nft";
+
 /// The line `/init` prints on the console just before it hands the machine
 /// to systemd; the driver and the tests use it to tell a working initramfs
 /// from a kernel that never reached userspace.

@@ -14,6 +14,7 @@ pub mod driver;
 pub mod file_error;
 pub mod host;
 pub mod image;
+pub mod net;
 pub mod nodeconfig;
 pub mod runlog;
 pub mod script;

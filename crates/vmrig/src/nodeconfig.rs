@@ -11,9 +11,10 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use vmrig_proto::{INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
 use crate::image::CpioWriter;
+use crate::net;
 use crate::spec::{FileContent, Node, Service, ServiceFields, TestSpec, DEFINITION_FILE, RESULT_DIR};
 
 /// A node's configuration could not be gathered.
@@ -92,7 +93,8 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
     let spec_path = spec.dir.join(DEFINITION_FILE);
     (|| -> io::Result<()> {
         layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
-        layer.file("/etc/hosts", 0o644, hosts_file(node).as_bytes())?;
+        layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
+        layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
         for (name, service) in &node.services {
             let unit_path = format!("/etc/systemd/system/{name}.service");
             let (text, wanted_by) = match service {
@@ -133,7 +135,13 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         args.push(name.clone());
         writeln!(users, "{}", args.join("\t")).expect("writing to a String");
     }
+    let mut network = String::new();
+    for nic in net::nics(spec, &node.name) {
+        writeln!(network, "{} {}/24 {}/64", nic.mac(), nic.ipv4(), nic.ipv6()).expect("writing to a String");
+    }
     (|| -> io::Result<()> {
+        layer.parents(INITRAMFS_NETWORK)?;
+        layer.cpio.file(INITRAMFS_NETWORK, 0o644, network.as_bytes())?;
         if !users.is_empty() {
             layer.parents(INITRAMFS_USERS)?;
             layer.cpio.file(INITRAMFS_USERS, 0o644, users.as_bytes())?;
@@ -143,12 +151,40 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
     .map_err(error(&spec_path))
 }
 
-fn hosts_file(node: &Node) -> String {
+/// `/etc/hosts`: loopback names, every node by its first addresses, and
+/// the node's `extra_hosts`.
+fn hosts_file(spec: &TestSpec, node: &Node) -> String {
     let mut hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", node.name);
+    for name in spec.nodes.keys() {
+        if let Some(nic) = net::nics(spec, name).first() {
+            writeln!(hosts, "{}\t{name}\n{}\t{name}", nic.ipv4(), nic.ipv6()).expect("writing to a String");
+        }
+    }
     for (address, names) in &node.extra_hosts {
         writeln!(hosts, "{address}\t{}", names.join(" ")).expect("writing to a String");
     }
     hosts
+}
+
+/// The nftables ruleset for `firewall`: inbound traffic is dropped but for
+/// loopback, replies, ping, IPv6 neighbour discovery and the allowed ports.
+/// Disabled, the ruleset is empty (and replaces an earlier boot's).
+pub fn firewall_rules(firewall: &crate::spec::Firewall) -> String {
+    if !firewall.enable {
+        return "flush ruleset\n".into();
+    }
+    let ports = |list: &[u16]| list.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+    let mut rules = String::from(
+        "flush ruleset\ntable inet vmrig {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    iif lo accept\n    ct state established,related accept\n    icmp type echo-request accept\n    icmpv6 type { echo-request, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept\n",
+    );
+    if !firewall.allowed_tcp_ports.is_empty() {
+        writeln!(rules, "    tcp dport {{ {} }} accept", ports(&firewall.allowed_tcp_ports)).expect("writing to a String");
+    }
+    if !firewall.allowed_udp_ports.is_empty() {
+        writeln!(rules, "    udp dport {{ {} }} accept", ports(&firewall.allowed_udp_ports)).expect("writing to a String");
+    }
+    rules.push_str("  }\n}\n");
+    rules
 }
 
 /// The unit file for a service declared by its fields.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::file_error::{file_error, FileError};
 use crate::host::{self, Agent, Kvm, PYTHON};
 use crate::image::{self, BootFiles, Builder, ImageError};
+use crate::net::{self, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
 use crate::runlog::RunLog;
 use crate::spec::{TestSpec, RESULT_DIR};
@@ -141,15 +142,29 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
             rootfs_type: boot.rootfs_type().to_string(),
             state_disk,
             kernel_params: node.kernel_params.clone(),
+            nics: net::nics(spec, &node.name),
             socket_dir: private.path().to_path_buf(),
             console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
         };
         machines.insert(node.name.clone(), Machine::new(config, log.clone()));
     }
 
+    let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
+    for name in spec.nodes.keys() {
+        for nic in net::nics(spec, name) {
+            vlans.entry(nic.vlan).or_default().push(nic);
+        }
+    }
+    let mut switches = Vec::new();
+    for (vlan, ports) in vlans {
+        let socket = net::switch_socket(private.path(), vlan);
+        switches.push(Switch::start(private.path(), vlan, ports).map_err(file_error("listen on", &socket))?);
+    }
+
     let mut run = Run {
         spec,
         machines,
+        _switches: switches,
         log: log.clone(),
         result_dir,
     };
@@ -243,6 +258,9 @@ fn resolve_accel(choice: AccelChoice, store: &Store, kernel: &Path, log: &RunLog
 pub(crate) struct Run<'a> {
     spec: &'a TestSpec,
     machines: BTreeMap<String, Machine>,
+    /// Dropped after the machines (field order), so no frame is lost
+    /// while a guest still runs.
+    _switches: Vec<Switch>,
     log: RunLog,
     result_dir: PathBuf,
 }

@@ -129,6 +129,8 @@ pub struct MachineConfig {
     pub state_disk: PathBuf,
     /// Extra kernel parameters.
     pub kernel_params: Vec<String>,
+    /// The node's NICs, one per VLAN.
+    pub nics: Vec<crate::net::Nic>,
     /// A short directory for the node's sockets (their paths are limited to
     /// 108 bytes).
     pub socket_dir: PathBuf,
@@ -217,6 +219,18 @@ impl Machine {
             .args(["-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT}")])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()));
+        for nic in &c.nics {
+            command
+                .arg("-netdev")
+                .arg(format!(
+                    "dgram,id=vlan{},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    nic.vlan,
+                    nic.node_socket(&c.socket_dir).display(),
+                    crate::net::switch_socket(&c.socket_dir, nic.vlan).display()
+                ))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=vlan{},mac={}", nic.vlan, nic.mac()));
+        }
         command
     }
 
@@ -235,7 +249,8 @@ impl Machine {
         }
         self.running = None;
         self.log.line(format!("{}: starting vm", self.config.name));
-        for socket in [self.agent_socket(), self.qmp_socket()] {
+        let nic_sockets = self.config.nics.iter().map(|nic| nic.node_socket(&self.config.socket_dir));
+        for socket in [self.agent_socket(), self.qmp_socket()].into_iter().chain(nic_sockets) {
             let _ = std::fs::remove_file(socket);
         }
         let console = File::options()
