@@ -40,9 +40,17 @@ const BASE_ENV: &[(&str, &str)] = &[
 /// error so that a confused driver never leaves the guest unreachable.
 pub fn serve() -> ! {
     loop {
-        if let Err(error) = serve_port() {
-            eprintln!("vmrig-agent: {error}");
-            std::thread::sleep(Duration::from_millis(200));
+        match serve_port() {
+            // Reading a port whose host side is not connected yields end of
+            // file: the driver has not connected yet, or has let go.
+            Err(FrameError::Io(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => {
+                eprintln!("vmrig-agent: {error}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Ok(()) => {}
         }
     }
 }

@@ -1,0 +1,109 @@
+//! Networks on real VMs: nodes reach each other by name through the
+//! driver's switch, the firewall admits only the allowed ports, and nothing
+//! leads out of the test to the host.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn store() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
+}
+
+fn run(dir: &Path) -> (Option<i32>, String) {
+    let output: Output = Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("run")
+        .arg(dir)
+        .env("VMRIG_STORE", store())
+        .env_remove("VMRIG_MIRROR")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code(), text)
+}
+
+#[test]
+fn the_reference_example_passes_end_to_end() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nix-is-cool");
+    let test = tempfile::tempdir().unwrap();
+    for file in ["vmrig.toml", "main.py"] {
+        fs::copy(example.join(file), test.path().join(file)).unwrap();
+    }
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("client: must succeed: curl http://server:4000/"), "{output}");
+    assert!(output.contains("\nTest was successful\n"), "{output}");
+    let server_console = fs::read_to_string(test.path().join("result/nodes/server/console.log")).unwrap();
+    assert!(server_console.contains("vmrig-init: starting systemd"));
+}
+
+const TWO_NODES: &str = r#"
+[defaults]
+packages = ["busybox", "curl"]
+
+[nodes.server]
+firewall.allowed_tcp_ports = [8000]
+files."/srv/www/index.html" = { text = "served" }
+
+[nodes.server.services.open]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/busybox httpd -f -p 8000 -h /srv/www"
+
+[nodes.server.services.closed]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/busybox httpd -f -p 8001 -h /srv/www"
+
+[nodes.client]
+"#;
+
+#[test]
+fn the_firewall_admits_the_allowed_port_and_ping_only() {
+    let test = tempfile::tempdir().unwrap();
+    let script = r#"
+[test]
+script = '''
+start_all()
+server.wait_for_unit("open.service")
+server.wait_for_unit("closed.service")
+client.wait_for_unit("default.target")
+assert client.succeed("curl -sf --max-time 5 http://server:8000/index.html") == "served"
+client.fail("curl -sf --max-time 5 http://server:8001/index.html")
+server.succeed("curl -sf --max-time 5 http://localhost:8001/index.html")
+client.succeed("busybox ping -c 1 -W 5 server")
+client.succeed("busybox ping -c 1 -W 5 2001:db8:1::2")
+assert "192.168.1.2/24" in server.succeed("ip -4 -o address show")
+'''
+"#;
+    fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+}
+
+#[test]
+fn a_guest_cannot_reach_the_host() {
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let addresses = Command::new("ip").args(["-4", "-o", "address", "show"]).output().unwrap();
+    let host_ips: Vec<String> = String::from_utf8_lossy(&addresses.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .filter(|ip| !ip.starts_with("127."))
+        .map(str::to_string)
+        .collect();
+    assert!(!host_ips.is_empty(), "the host has no address to try");
+    let attempts: String = host_ips
+        .iter()
+        .map(|ip| format!("client.fail(\"curl -sf --max-time 3 http://{ip}:{port}/\")\n"))
+        .collect();
+    let test = tempfile::tempdir().unwrap();
+    let script = format!(
+        "[test]\nscript = '''\nassert client.succeed(\"ip route show default\") == \"\"\n{attempts}client.succeed(\"curl -sf --max-time 5 http://server:8000/index.html\")\n'''\n"
+    );
+    fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(listener.accept().is_err(), "a guest connected to the host");
+}
