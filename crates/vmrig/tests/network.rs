@@ -100,7 +100,7 @@ fn a_guest_cannot_reach_the_host() {
         .collect();
     let test = tempfile::tempdir().unwrap();
     let script = format!(
-        "[test]\nscript = '''\nassert client.succeed(\"ip route show default\") == \"\"\n{attempts}client.succeed(\"curl -sf --max-time 5 http://server:8000/index.html\")\n'''\n"
+        "[test]\nscript = '''\nserver.wait_for_unit(\"open.service\")\nassert client.succeed(\"ip route show default\") == \"\"\n{attempts}client.succeed(\"curl -sf --max-time 5 http://server:8000/index.html\")\n'''\n"
     );
     fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
     let (code, output) = run(test.path());
