@@ -17,6 +17,7 @@
 use std::convert::Infallible;
 use std::ffi::CString;
 use std::fs::{self, File};
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -123,7 +124,9 @@ fn boot() -> Result<Infallible, String> {
         let _ = setsid();
         crate::server::serve();
     }
-    println!("{HANDOVER_BANNER}");
+    let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
+    let uptime = uptime.split_whitespace().next().unwrap_or("?");
+    println!("{HANDOVER_BANNER} (kernel uptime {uptime} s)");
     let program = CString::new(SYSTEMD).expect("no NUL in a constant");
     execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
 }
@@ -207,9 +210,10 @@ fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by
 /// its MAC address, with its addresses; before systemd starts, so that
-/// every unit sees the network as it will stay.
+/// every unit sees the network as it will stay. One `ip -batch` does it
+/// all: each process started costs tens of milliseconds under TCG.
 fn configure_network(list: &str) -> Result<(), String> {
-    run_program("/usr/sbin/ip", &["link", "set", "dev", "lo", "up"])?;
+    let mut batch = String::from("link set dev lo up\n");
     for line in list.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [mac, ipv4, ipv6] = fields.as_slice() else { continue };
@@ -222,11 +226,21 @@ fn configure_network(list: &str) -> Result<(), String> {
         // Duplicate address detection only delays a link that is ours alone.
         let dad = format!("/proc/sys/net/ipv6/conf/{device}/accept_dad");
         fs::write(&dad, "0").map_err(|e| format!("cannot write {dad}: {e}"))?;
-        run_program("/usr/sbin/ip", &["address", "replace", ipv4, "dev", &device])?;
-        run_program("/usr/sbin/ip", &["address", "replace", ipv6, "dev", &device])?;
-        run_program("/usr/sbin/ip", &["link", "set", "dev", &device, "up"])?;
+        batch.push_str(&format!(
+            "address replace {ipv4} dev {device}\naddress replace {ipv6} dev {device}\nlink set dev {device} up\n"
+        ));
     }
-    Ok(())
+    let mut ip = std::process::Command::new("/usr/sbin/ip")
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    let fed = ip.stdin.take().expect("stdin is piped").write_all(batch.as_bytes());
+    let status = ip.wait().map_err(|e| format!("cannot run ip: {e}"))?;
+    match fed {
+        Ok(()) if status.success() => Ok(()),
+        _ => Err(format!("configuring the network failed ({status}):\n{batch}")),
+    }
 }
 
 fn wait_for(device: &str) -> Result<(), String> {

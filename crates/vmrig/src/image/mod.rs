@@ -37,7 +37,7 @@ pub const BASE_PACKAGES: &[&str] = &["systemd", "linux-image-cloud-amd64", "ipro
 
 /// Changes whenever what an image contains for the same inputs changes, so
 /// that old entries are not reused.
-const IMAGE_FORMAT: &str = "image-v1";
+const IMAGE_FORMAT: &str = "image-v2";
 const INITRAMFS_FORMAT: &str = "initramfs-v1";
 
 /// Store entry kinds.
