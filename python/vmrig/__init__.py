@@ -20,7 +20,7 @@ Timeout = Union[None, int, float, datetime.timedelta]
 
 #: The globals every script gets besides its nodes (and `machine` when
 #: there is a single node).
-DRIVER_GLOBALS = ["start_all", "subtest", "retry", "t", "log"]
+DRIVER_GLOBALS = ["start_all", "subtest", "retry", "t", "log", "partition", "heal"]
 
 
 class TestFailure(AssertionError):
@@ -146,6 +146,14 @@ class Machine:
         """Sends a command to QEMU's monitor; returns its output."""
         return self._call("send_monitor_command", command=command)
 
+    def block(self) -> None:
+        """Cuts all of the machine's network links."""
+        self._call("block")
+
+    def unblock(self) -> None:
+        """Restores the machine's network links."""
+        self._call("unblock")
+
     def sleep(self, secs: float) -> None:
         """Waits, letting the machine run."""
         time.sleep(secs)
@@ -185,10 +193,21 @@ def _run(script: str, path: str, first_line: int) -> int:
                 raise TestFailure("action timed out")
             time.sleep(1)
 
+    def partition(*groups: List[Machine]) -> None:
+        """Splits the network: machines in different groups cannot reach each
+        other; machines in no group form one more group."""
+        driver.call("partition", groups=[[m.name for m in group] for group in groups])
+
+    def heal() -> None:
+        """Ends a partition."""
+        driver.call("heal")
+
     namespace: Dict[str, Any] = dict(machines)
     if len(machines) == 1:
         namespace["machine"] = next(iter(machines.values()))
-    namespace.update(start_all=start_all, subtest=subtest, retry=retry, t=unittest.TestCase(), log=log)
+    namespace.update(
+        start_all=start_all, subtest=subtest, retry=retry, t=unittest.TestCase(), log=log, partition=partition, heal=heal
+    )
     namespace["__name__"] = "__vmrig_test__"
     assert set(DRIVER_GLOBALS) <= set(namespace)
 

@@ -7,18 +7,23 @@
 //! other port. Nothing but the nodes is attached: no route leads to the
 //! host or beyond.
 //!
+//! Faults are the switch's: a blocked node's frames go nowhere and none
+//! reach it; a partition lets frames pass only within a group. Every frame
+//! that enters a switch is written to its VLAN's pcap capture.
+//!
 //! Addresses are deterministic: nodes are numbered from 1 in name order;
 //! node `n` on VLAN `v` has MAC `52:54:00:12:v:n`, IPv4 `192.168.v.n/24`
 //! and IPv6 `2001:db8:v::n/64`.
 
-use std::collections::HashMap;
-use std::io;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::spec::TestSpec;
 
@@ -56,10 +61,16 @@ impl Nic {
     }
 }
 
-/// The NICs of node `name` of `spec`, one per VLAN it joins.
+/// The number of node `name` of `spec`: its place in name order, from 1.
+pub fn node_number(spec: &TestSpec, name: &str) -> Option<u8> {
+    let index = spec.nodes.keys().position(|n| n == name)?;
+    Some(u8::try_from(index + 1).expect("a test has at most 254 nodes"))
+}
+
+/// The NICs of node `name` of `spec`, one per VLAN it joins (none for a
+/// node that is not in `spec`).
 pub fn nics(spec: &TestSpec, name: &str) -> Vec<Nic> {
-    let number = spec.nodes.keys().position(|n| n == name).map_or(0, |i| i + 1);
-    let number = u8::try_from(number).expect("a test has at most 254 nodes");
+    let Some(number) = node_number(spec, name) else { return Vec::new() };
     spec.nodes[name].vlans.iter().map(|&vlan| Nic { vlan, number }).collect()
 }
 
@@ -67,6 +78,27 @@ pub fn nics(spec: &TestSpec, name: &str) -> Vec<Nic> {
 pub fn switch_socket(dir: &Path, vlan: u8) -> PathBuf {
     dir.join(format!("v{vlan}-switch.sock"))
 }
+
+/// Which frames a switch lets through, by node number.
+#[derive(Debug, Default, Clone)]
+pub struct Rules {
+    /// Nodes cut off from every VLAN.
+    pub blocked: HashSet<u8>,
+    /// When partitioned, each node's group; nodes in different groups
+    /// cannot reach each other.
+    pub groups: Option<HashMap<u8, usize>>,
+}
+
+impl Rules {
+    fn passes(&self, from: u8, to: u8) -> bool {
+        !self.blocked.contains(&from)
+            && !self.blocked.contains(&to)
+            && self.groups.as_ref().is_none_or(|groups| groups.get(&from) == groups.get(&to))
+    }
+}
+
+/// The rules every switch of a run obeys, shared with them.
+pub type SharedRules = Arc<Mutex<Rules>>;
 
 /// A running switch; dropping it stops it.
 pub struct Switch {
@@ -76,20 +108,26 @@ pub struct Switch {
 
 impl Switch {
     /// Starts the switch of `vlan` for the NICs `ports`, with its socket
-    /// and theirs in `dir`.
-    pub fn start(dir: &Path, vlan: u8, ports: Vec<Nic>) -> io::Result<Self> {
+    /// and theirs in `dir`, obeying `rules` and capturing to `capture`.
+    pub fn start(dir: &Path, vlan: u8, ports: Vec<Nic>, rules: SharedRules, capture: &Path) -> io::Result<Self> {
         let path = switch_socket(dir, vlan);
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)?;
         // Wakes the loop now and then to notice `stop`.
         socket.set_read_timeout(Some(Duration::from_millis(200)))?;
-        let ports: Vec<PathBuf> = ports.iter().map(|nic| nic.node_socket(dir)).collect();
+        let mut pcap = BufWriter::new(File::create(capture)?);
+        // The pcap global header: magic, version 2.4, no time zone offset or
+        // accuracy, snapshot length, link type Ethernet.
+        for field in [0xa1b2_c3d4u32.to_le_bytes().as_slice(), &2u16.to_le_bytes(), &4u16.to_le_bytes(), &[0; 8], &(MAX_FRAME as u32).to_le_bytes(), &1u32.to_le_bytes()] {
+            pcap.write_all(field)?;
+        }
+        let port_paths: Vec<PathBuf> = ports.iter().map(|nic| nic.node_socket(dir)).collect();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("switch-v{vlan}"))
-                .spawn(move || forward(&socket, &ports, &stop))?
+                .spawn(move || forward(&socket, &ports, &port_paths, &rules, &mut pcap, &stop))?
         };
         Ok(Self { stop, thread: Some(thread) })
     }
@@ -104,14 +142,28 @@ impl Drop for Switch {
     }
 }
 
-/// The switch's loop: learn, then forward or flood.
-fn forward(socket: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool) {
+fn record(pcap: &mut impl Write, frame: &[u8]) -> io::Result<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let len = frame.len() as u32;
+    pcap.write_all(&(now.as_secs() as u32).to_le_bytes())?;
+    pcap.write_all(&now.subsec_micros().to_le_bytes())?;
+    pcap.write_all(&len.to_le_bytes())?;
+    pcap.write_all(&len.to_le_bytes())?;
+    pcap.write_all(frame)
+}
+
+/// The switch's loop: capture, learn, then forward or flood within the rules.
+fn forward(socket: &UnixDatagram, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, pcap: &mut impl Write, stop: &AtomicBool) {
     let mut learned: HashMap<[u8; 6], usize> = HashMap::new();
     let mut frame = vec![0u8; MAX_FRAME];
     while !stop.load(Ordering::Relaxed) {
         let (len, from) = match socket.recv_from(&mut frame) {
             Ok(received) => received,
-            Err(_) => continue,
+            Err(_) => {
+                // Idle: make the capture readable as it stands.
+                let _ = pcap.flush();
+                continue;
+            }
         };
         // Frames from anything but a known port are dropped.
         let Some(source) = from.as_pathname().and_then(|p| ports.iter().position(|port| port == p)) else {
@@ -120,6 +172,8 @@ fn forward(socket: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool) {
         if len < 14 {
             continue;
         }
+        // The capture is a copy of the traffic; losing it must not stop the network.
+        let _ = record(pcap, &frame[..len]);
         let destination: [u8; 6] = frame[0..6].try_into().expect("six bytes");
         let sender: [u8; 6] = frame[6..12].try_into().expect("six bytes");
         if sender[0] & 1 == 0 {
@@ -127,16 +181,18 @@ fn forward(socket: &UnixDatagram, ports: &[PathBuf], stop: &AtomicBool) {
         }
         let targets: Vec<usize> = match learned.get(&destination) {
             Some(&port) if destination[0] & 1 == 0 => vec![port],
-            _ => (0..ports.len()).filter(|&port| port != source).collect(),
+            _ => (0..ports.len()).collect(),
         };
+        let rules = rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         for port in targets {
-            if port != source {
+            if port != source && rules.passes(nics[source].number, nics[port].number) {
                 // A node that is not running has no socket: its frames are lost,
                 // as on a cable with nothing at the other end.
                 let _ = socket.send_to(&frame[..len], &ports[port]);
             }
         }
     }
+    let _ = pcap.flush();
 }
 
 #[cfg(test)]
@@ -174,7 +230,8 @@ mod tests {
                 s
             })
             .collect();
-        let _switch = Switch::start(dir.path(), 1, nics.clone()).unwrap();
+        let rules = SharedRules::default();
+        let _switch = Switch::start(dir.path(), 1, nics.clone(), rules.clone(), &dir.path().join("v1.pcap")).unwrap();
         let switch = switch_socket(dir.path(), 1);
         let (a, b) = ([0x52, 0x54, 0, 0x12, 1, 1], [0x52, 0x54, 0, 0x12, 1, 2]);
 
@@ -189,9 +246,28 @@ mod tests {
         assert_eq!(&receive(&sockets[0]).unwrap()[14..], b"reply");
         assert!(receive(&sockets[2]).is_none());
 
+        // Blocked, b hears nothing; partitioned away from a, likewise.
+        rules.lock().unwrap().blocked.insert(2);
+        sockets[0].send_to(&frame(b, a, b"blocked"), &switch).unwrap();
+        assert!(receive(&sockets[1]).is_none());
+        rules.lock().unwrap().blocked.clear();
+        rules.lock().unwrap().groups = Some(HashMap::from([(1, 0), (2, 1), (3, 1)]));
+        sockets[0].send_to(&frame(b, a, b"apart"), &switch).unwrap();
+        assert!(receive(&sockets[1]).is_none());
+        sockets[2].send_to(&frame(b, [0x52, 0x54, 0, 0x12, 1, 3], b"together"), &switch).unwrap();
+        assert_eq!(&receive(&sockets[1]).unwrap()[14..], b"together");
+        rules.lock().unwrap().groups = None;
+
         // A stranger's frames go nowhere.
         let stranger = UnixDatagram::bind(dir.path().join("stranger")).unwrap();
         stranger.send_to(&frame([0xff; 6], [2, 0, 0, 0, 0, 9], b"x"), &switch).unwrap();
         assert!(receive(&sockets[0]).is_none());
+
+        // Every frame that entered from a port is in the capture.
+        drop(_switch);
+        let pcap = std::fs::read(dir.path().join("v1.pcap")).unwrap();
+        assert_eq!(&pcap[..4], &0xa1b2_c3d4u32.to_le_bytes());
+        assert_eq!(pcap.windows(5).filter(|w| *w == b"hello").count(), 1);
+        assert_eq!(pcap.windows(8).filter(|w| *w == b"together").count(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! Networks on real VMs: nodes reach each other by name through the
-//! driver's switch, the firewall admits only the allowed ports, and nothing
+//! driver's switch, the firewall admits only the allowed ports, blocks and
+//! partitions cut links until lifted, every VLAN is captured, and nothing
 //! leads out of the test to the host.
 
 use std::fs;
@@ -36,6 +37,14 @@ fn the_reference_example_passes_end_to_end() {
     assert!(output.contains("\nTest was successful\n"), "{output}");
     let server_console = fs::read_to_string(test.path().join("result/nodes/server/console.log")).unwrap();
     assert!(server_console.contains("vmrig-init: starting systemd"));
+
+    let capture = test.path().join("result/vlan1.pcap");
+    let bytes = fs::read(&capture).unwrap();
+    assert!(bytes.windows(14).any(|w| w == b"GET / HTTP/1.1"), "the capture lacks the request");
+    let dump = Command::new("tcpdump").arg("-nr").arg(&capture).arg("tcp port 4000").output().unwrap();
+    let dump_text = String::from_utf8_lossy(&dump.stdout);
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(dump_text.contains("192.168.1.1.") && dump_text.contains("192.168.1.2.4000"), "{dump_text}");
 }
 
 const TWO_NODES: &str = r#"
@@ -78,6 +87,32 @@ assert "192.168.1.2/24" in server.succeed("ip -4 -o address show")
     fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
     let (code, output) = run(test.path());
     assert_eq!(code, Some(0), "{output}");
+}
+
+#[test]
+fn blocks_and_partitions_cut_links_until_lifted() {
+    let test = tempfile::tempdir().unwrap();
+    let script = r#"
+[test]
+script = '''
+start_all()
+ping = "busybox ping -c 1 -W 3 server"
+client.succeed(ping)
+server.block()
+client.fail(ping)
+server.unblock()
+client.succeed(ping)
+partition([client], [server])
+client.fail(ping)
+heal()
+client.succeed(ping)
+'''
+"#;
+    fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("server: cutting every link"), "{output}");
+    assert!(output.contains("partitioning the network"), "{output}");
 }
 
 #[test]

@@ -99,6 +99,33 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             run.log.line(string_arg(args, "message")?);
             return Ok(Value::Null);
         }
+        "partition" | "heal" => {
+            let groups = match args["groups"].as_array() {
+                Some(groups) if request.method == "partition" => {
+                    let mut by_node = std::collections::HashMap::new();
+                    for (index, group) in groups.iter().enumerate() {
+                        for name in group.as_array().into_iter().flatten() {
+                            let name = name.as_str().unwrap_or_default();
+                            let number = node_number(run, name)?;
+                            by_node.insert(number, index);
+                        }
+                    }
+                    // Nodes named in no group form one more group.
+                    for name in run.spec.nodes.keys() {
+                        let number = node_number(run, name)?;
+                        by_node.entry(number).or_insert(groups.len());
+                    }
+                    run.log.line(format!("partitioning the network: {}", serde_json::to_string(groups).unwrap_or_default()));
+                    Some(by_node)
+                }
+                _ => {
+                    run.log.line("healing the network");
+                    None
+                }
+            };
+            run.rules.lock().unwrap_or_else(|p| p.into_inner()).groups = groups;
+            return Ok(Value::Null);
+        }
         "start_all" => {
             let _block = run.log.block(None, "starting all VMs");
             for machine in run.machines.values_mut() {
@@ -119,6 +146,17 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
     let log = run.log.clone();
     let node = name.to_string();
     match request.method.as_str() {
+        "block" | "unblock" => {
+            let number = node_number(run, &node)?;
+            let mut rules = run.rules.lock().unwrap_or_else(|p| p.into_inner());
+            if request.method == "block" {
+                log.line(format!("{node}: cutting every link"));
+                rules.blocked.insert(number);
+            } else {
+                log.line(format!("{node}: restoring every link"));
+                rules.blocked.remove(&number);
+            }
+        }
         "start" => machine.start()?,
         "shutdown" => machine.shutdown()?,
         "crash" => machine.crash()?,
@@ -206,6 +244,11 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
         other => return Err(Failure::Infra(format!("unknown method `{other}`"))),
     }
     Ok(Value::Null)
+}
+
+/// The number of node `name`, as the switches know it.
+fn node_number(run: &Run<'_>, name: &str) -> Result<u8, Failure> {
+    crate::net::node_number(run.spec, name).ok_or_else(|| Failure::Test(format!("there is no node `{name}`")))
 }
 
 fn text(bytes: &[u8]) -> String {

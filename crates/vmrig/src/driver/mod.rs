@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::file_error::{file_error, FileError};
 use crate::host::{self, Agent, Kvm, PYTHON};
 use crate::image::{self, BootFiles, Builder, ImageError};
-use crate::net::{self, Switch};
+use crate::net::{self, SharedRules, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
 use crate::runlog::RunLog;
 use crate::spec::{TestSpec, RESULT_DIR};
@@ -155,15 +155,19 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
             vlans.entry(nic.vlan).or_default().push(nic);
         }
     }
+    let rules = SharedRules::default();
     let mut switches = Vec::new();
     for (vlan, ports) in vlans {
         let socket = net::switch_socket(private.path(), vlan);
-        switches.push(Switch::start(private.path(), vlan, ports).map_err(file_error("listen on", &socket))?);
+        let capture = result_dir.join(format!("vlan{vlan}.pcap"));
+        let switch = Switch::start(private.path(), vlan, ports, rules.clone(), &capture).map_err(file_error("start the switch at", &socket))?;
+        switches.push(switch);
     }
 
     let mut run = Run {
         spec,
         machines,
+        rules,
         _switches: switches,
         log: log.clone(),
         result_dir,
@@ -258,6 +262,8 @@ fn resolve_accel(choice: AccelChoice, store: &Store, kernel: &Path, log: &RunLog
 pub(crate) struct Run<'a> {
     spec: &'a TestSpec,
     machines: BTreeMap<String, Machine>,
+    /// What the switches let through: `block()`, `partition()` and friends.
+    rules: SharedRules,
     /// Dropped after the machines (field order), so no frame is lost
     /// while a guest still runs.
     _switches: Vec<Switch>,
