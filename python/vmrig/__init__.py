@@ -20,7 +20,7 @@ Timeout = Union[None, int, float, datetime.timedelta]
 
 #: The globals every script gets besides its nodes (and `machine` when
 #: there is a single node).
-DRIVER_GLOBALS = ["start_all", "subtest", "retry", "t", "log", "partition", "heal"]
+DRIVER_GLOBALS = ["start_all", "subtest", "retry", "t", "log", "partition", "heal", "vlan", "vlans"]
 
 
 class TestFailure(AssertionError):
@@ -66,9 +66,12 @@ def _seconds(timeout: Timeout) -> Optional[float]:
 class Machine:
     """One node of the test."""
 
-    def __init__(self, driver: _Driver, name: str) -> None:
+    def __init__(self, driver: _Driver, node: Dict[str, Any]) -> None:
         self._driver = driver
-        self.name = name
+        self.name: str = node["name"]
+        #: The machine's first IPv4 and IPv6 addresses (None without a VLAN).
+        self.ip: Optional[str] = node["ip"]
+        self.ipv6: Optional[str] = node["ipv6"]
 
     def __repr__(self) -> str:
         return f"<Machine {self.name}>"
@@ -159,6 +162,28 @@ class Machine:
         time.sleep(secs)
 
 
+class Vlan:
+    """One virtual Ethernet segment."""
+
+    def __init__(self, driver: _Driver, number: int) -> None:
+        self._driver = driver
+        self.number = number
+
+    def impair(
+        self,
+        delay: Timeout = None,
+        jitter: Timeout = None,
+        loss: float = 0.0,
+        rate: Optional[int] = None,
+    ) -> None:
+        """Degrades every link of the VLAN: `delay` and `jitter` per frame,
+        `loss` as a share of frames (0 to 1), `rate` in bits per second.
+        Called without arguments, restores a clean link."""
+        self._driver.call(
+            "impair", vlan=self.number, delay=_seconds(delay), jitter=_seconds(jitter), loss=loss, rate=rate
+        )
+
+
 class _Log:
     """`log`: lines in the run's log."""
 
@@ -174,7 +199,7 @@ class _Log:
 def _run(script: str, path: str, first_line: int) -> int:
     driver = _Driver(os.environ["VMRIG_DRIVER"])
     nodes = driver.call("nodes")
-    machines = {node["python_name"]: Machine(driver, node["name"]) for node in nodes}
+    machines = {node["python_name"]: Machine(driver, node) for node in nodes}
     log = _Log(driver)
 
     def start_all() -> None:
@@ -205,8 +230,19 @@ def _run(script: str, path: str, first_line: int) -> int:
     namespace: Dict[str, Any] = dict(machines)
     if len(machines) == 1:
         namespace["machine"] = next(iter(machines.values()))
+    def vlan(number: int) -> Vlan:
+        return Vlan(driver, number)
+
     namespace.update(
-        start_all=start_all, subtest=subtest, retry=retry, t=unittest.TestCase(), log=log, partition=partition, heal=heal
+        start_all=start_all,
+        subtest=subtest,
+        retry=retry,
+        t=unittest.TestCase(),
+        log=log,
+        partition=partition,
+        heal=heal,
+        vlan=vlan,
+        vlans=sorted({v for node in nodes for v in node["vlans"]}),
     )
     namespace["__name__"] = "__vmrig_test__"
     assert set(DRIVER_GLOBALS) <= set(namespace)

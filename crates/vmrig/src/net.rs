@@ -15,7 +15,8 @@
 //! node `n` on VLAN `v` has MAC `52:54:00:12:v:n`, IPv4 `192.168.v.n/24`
 //! and IPv6 `2001:db8:v::n/64`.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::net::UnixDatagram;
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::spec::TestSpec;
 
@@ -79,7 +80,8 @@ pub fn switch_socket(dir: &Path, vlan: u8) -> PathBuf {
     dir.join(format!("v{vlan}-switch.sock"))
 }
 
-/// Which frames a switch lets through, by node number.
+/// Which frames a switch lets through, by node number, and how it delays
+/// them, by VLAN.
 #[derive(Debug, Default, Clone)]
 pub struct Rules {
     /// Nodes cut off from every VLAN.
@@ -87,6 +89,21 @@ pub struct Rules {
     /// When partitioned, each node's group; nodes in different groups
     /// cannot reach each other.
     pub groups: Option<HashMap<u8, usize>>,
+    /// Impairments of VLANs' links.
+    pub impairments: HashMap<u8, Impairment>,
+}
+
+/// How a VLAN degrades the frames it carries, as a bad link would.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Impairment {
+    /// Added to every frame's trip.
+    pub delay: Duration,
+    /// A random amount up to this is added to or taken from the delay.
+    pub jitter: Duration,
+    /// The share of frames lost, from 0 to 1.
+    pub loss: f64,
+    /// The link's capacity in bits per second; frames queue behind it.
+    pub rate_bps: Option<u64>,
 }
 
 impl Rules {
@@ -113,8 +130,6 @@ impl Switch {
         let path = switch_socket(dir, vlan);
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)?;
-        // Wakes the loop now and then to notice `stop`.
-        socket.set_read_timeout(Some(Duration::from_millis(200)))?;
         let mut pcap = BufWriter::new(File::create(capture)?);
         // The pcap global header: magic, version 2.4, no time zone offset or
         // accuracy, snapshot length, link type Ethernet.
@@ -127,7 +142,7 @@ impl Switch {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("switch-v{vlan}"))
-                .spawn(move || forward(&socket, &ports, &port_paths, &rules, &mut pcap, &stop))?
+                .spawn(move || forward(&socket, vlan, &ports, &port_paths, &rules, &mut pcap, &stop))?
         };
         Ok(Self { stop, thread: Some(thread) })
     }
@@ -152,11 +167,48 @@ fn record(pcap: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     pcap.write_all(frame)
 }
 
-/// The switch's loop: capture, learn, then forward or flood within the rules.
-fn forward(socket: &UnixDatagram, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, pcap: &mut impl Write, stop: &AtomicBool) {
+/// A frame held back by an impairment until it is due.
+type Held = Reverse<(Instant, u64, usize, Vec<u8>)>;
+
+/// A small xorshift generator: loss and jitter need randomness, not
+/// cryptography.
+struct Random(u64);
+
+impl Random {
+    fn seeded() -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+        Self((nanos as u64) | 1)
+    }
+
+    /// A number in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// The switch's loop: capture, learn, then forward or flood within the
+/// rules, holding frames back as the VLAN's impairment says.
+fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, pcap: &mut impl Write, stop: &AtomicBool) {
     let mut learned: HashMap<[u8; 6], usize> = HashMap::new();
     let mut frame = vec![0u8; MAX_FRAME];
+    let mut held: BinaryHeap<Held> = BinaryHeap::new();
+    let mut sequence = 0u64;
+    let mut random = Random::seeded();
+    let mut link_free = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        while held.peek().is_some_and(|Reverse((due, ..))| *due <= Instant::now()) {
+            let Reverse((_, _, port, data)) = held.pop().expect("peeked");
+            let _ = socket.send_to(&data, &ports[port]);
+        }
+        // Wake for the next held frame, and now and then to notice `stop`.
+        let wait = held
+            .peek()
+            .map_or(Duration::from_millis(200), |Reverse((due, ..))| due.saturating_duration_since(Instant::now()))
+            .clamp(Duration::from_millis(1), Duration::from_millis(200));
+        let _ = socket.set_read_timeout(Some(wait));
         let (len, from) = match socket.recv_from(&mut frame) {
             Ok(received) => received,
             Err(_) => {
@@ -183,12 +235,34 @@ fn forward(socket: &UnixDatagram, nics: &[Nic], ports: &[PathBuf], rules: &Mutex
             Some(&port) if destination[0] & 1 == 0 => vec![port],
             _ => (0..ports.len()).collect(),
         };
-        let rules = rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let (targets, impairment) = {
+            let rules = rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let allowed: Vec<usize> = targets
+                .into_iter()
+                .filter(|&port| port != source && rules.passes(nics[source].number, nics[port].number))
+                .collect();
+            (allowed, rules.impairments.get(&vlan).copied().unwrap_or_default())
+        };
+        if impairment.loss > 0.0 && random.next() < impairment.loss {
+            continue;
+        }
+        let mut due = Instant::now() + impairment.delay;
+        if !impairment.jitter.is_zero() {
+            let swing = impairment.jitter.as_secs_f64() * (2.0 * random.next() - 1.0);
+            due = if swing >= 0.0 { due + Duration::from_secs_f64(swing) } else { due - Duration::from_secs_f64(-swing) };
+        }
+        if let Some(rate) = impairment.rate_bps.filter(|r| *r > 0) {
+            link_free = link_free.max(Instant::now()) + Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
+            due = due.max(link_free);
+        }
         for port in targets {
-            if port != source && rules.passes(nics[source].number, nics[port].number) {
-                // A node that is not running has no socket: its frames are lost,
-                // as on a cable with nothing at the other end.
+            if due <= Instant::now() {
+                // A node that is not running has no socket: its frames are
+                // lost, as on a cable with nothing at the other end.
                 let _ = socket.send_to(&frame[..len], &ports[port]);
+            } else {
+                sequence += 1;
+                held.push(Reverse((due, sequence, port, frame[..len].to_vec())));
             }
         }
     }
@@ -257,6 +331,17 @@ mod tests {
         sockets[2].send_to(&frame(b, [0x52, 0x54, 0, 0x12, 1, 3], b"together"), &switch).unwrap();
         assert_eq!(&receive(&sockets[1]).unwrap()[14..], b"together");
         rules.lock().unwrap().groups = None;
+
+        // A lossy VLAN drops; a slow one holds frames back for the delay.
+        rules.lock().unwrap().impairments.insert(1, Impairment { loss: 1.0, ..Impairment::default() });
+        sockets[1].send_to(&frame(a, b, b"lost"), &switch).unwrap();
+        assert!(receive(&sockets[0]).is_none());
+        rules.lock().unwrap().impairments.insert(1, Impairment { delay: Duration::from_millis(250), ..Impairment::default() });
+        let sent = std::time::Instant::now();
+        sockets[1].send_to(&frame(a, b, b"late"), &switch).unwrap();
+        assert_eq!(&receive(&sockets[0]).unwrap()[14..], b"late");
+        assert!(sent.elapsed() >= Duration::from_millis(250));
+        rules.lock().unwrap().impairments.clear();
 
         // A stranger's frames go nowhere.
         let stranger = UnixDatagram::bind(dir.path().join("stranger")).unwrap();

@@ -13,7 +13,7 @@ use crate::spec::{nearest, Diagnostic, SourceFile, TestSpec};
 
 /// The names the driver gives every script besides its nodes; the Python
 /// client's `DRIVER_GLOBALS` (a test keeps the two the same).
-pub const DRIVER_GLOBALS: &[&str] = &["start_all", "subtest", "retry", "t", "log", "partition", "heal"];
+pub const DRIVER_GLOBALS: &[&str] = &["start_all", "subtest", "retry", "t", "log", "partition", "heal", "vlan", "vlans"];
 
 /// Reads a script on stdin and prints, as JSON, its syntax error or the
 /// global names it reads without defining them.

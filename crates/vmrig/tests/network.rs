@@ -90,7 +90,7 @@ assert "192.168.1.2/24" in server.succeed("ip -4 -o address show")
 }
 
 #[test]
-fn blocks_and_partitions_cut_links_until_lifted() {
+fn blocks_partitions_and_impairments_act_until_lifted() {
     let test = tempfile::tempdir().unwrap();
     let script = r#"
 [test]
@@ -105,6 +105,14 @@ client.succeed(ping)
 partition([client], [server])
 client.fail(ping)
 heal()
+client.succeed(ping)
+assert server.ip == "192.168.1.2" and server.ipv6 == "2001:db8:1::2" and vlans == [1]
+vlan(1).impair(loss=1.0)
+client.fail(ping)
+vlan(1).impair(delay=0.4)
+rtt = float(client.succeed(ping).split("round-trip min/avg/max = ")[1].split("/")[0])
+assert rtt >= 800, f"a round trip took {rtt} ms through 0.4 s of delay each way"
+vlan(1).impair()
 client.succeed(ping)
 '''
 "#;

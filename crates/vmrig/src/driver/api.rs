@@ -92,11 +92,37 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 .spec
                 .nodes
                 .values()
-                .map(|n| json!({"name": n.name, "python_name": n.python_name()}))
+                .map(|n| {
+                    let nics = crate::net::nics(run.spec, &n.name);
+                    json!({
+                        "name": n.name,
+                        "python_name": n.python_name(),
+                        "vlans": n.vlans,
+                        "ip": nics.first().map(|nic| nic.ipv4()),
+                        "ipv6": nics.first().map(|nic| nic.ipv6()),
+                    })
+                })
                 .collect())
         }
         "log" => {
             run.log.line(string_arg(args, "message")?);
+            return Ok(Value::Null);
+        }
+        "impair" => {
+            let vlan = args["vlan"].as_u64().and_then(|v| u8::try_from(v).ok()).ok_or_else(|| Failure::Infra("`vlan` must be a VLAN number".into()))?;
+            let impairment = crate::net::Impairment {
+                delay: seconds_arg(args, "delay").unwrap_or_default(),
+                jitter: seconds_arg(args, "jitter").unwrap_or_default(),
+                loss: args["loss"].as_f64().unwrap_or(0.0).clamp(0.0, 1.0),
+                rate_bps: args["rate"].as_u64(),
+            };
+            run.log.line(format!("vlan {vlan}: impairing links: {impairment:?}"));
+            let mut rules = run.rules.lock().unwrap_or_else(|p| p.into_inner());
+            if impairment == crate::net::Impairment::default() {
+                rules.impairments.remove(&vlan);
+            } else {
+                rules.impairments.insert(vlan, impairment);
+            }
             return Ok(Value::Null);
         }
         "partition" | "heal" => {

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Network benchmark: throughput (a 32 MiB HTTP download with curl) and
+# round-trip latency (20 pings) between two nodes through vmrig's switch,
+# against the same measurements over the server's own loopback, in the same
+# run and the same guest, so the ratio shows what the switch path costs.
+#
+# usage: bench/network.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-host-deps
+cargo build --release --workspace -q
+vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
+
+output=$("$vmrig" run bench/network 2>&1) || { echo "$output" | tail -40; exit 1; }
+rm -rf bench/network/result
+value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
+switch_mbit=$(value throughput-switch-mbit)
+loop_mbit=$(value throughput-loopback-mbit)
+switch_rtt=$(value rtt-switch-ms)
+loop_rtt=$(value rtt-loopback-ms)
+echo "throughput: switch $switch_mbit Mbit/s, loopback $loop_mbit Mbit/s, ratio $(awk -v a="$switch_mbit" -v b="$loop_mbit" 'BEGIN {printf "%.2f", a / b}')"
+echo "round trip: switch $switch_rtt ms, loopback $loop_rtt ms, ratio $(awk -v a="$switch_rtt" -v b="$loop_rtt" 'BEGIN {printf "%.2f", a / b}')"
