@@ -204,7 +204,7 @@ fn doctor(ui: Ui) -> ExitCode {
             }
         }
     };
-    for tool in [host::QEMU, host::MMDEBSTRAP, host::PYTHON] {
+    for tool in [host::QEMU, host::MMDEBSTRAP, host::MKFS_EXT4, host::PYTHON] {
         line(tool.program, describe(tool));
     }
     line(
