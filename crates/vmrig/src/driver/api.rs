@@ -238,7 +238,7 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             let user = args["user"].as_str();
             let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
             let _block = log.block(Some(&node), format!("waiting for unit {unit}"));
-            wait_for_unit(machine, &node, &unit, user, Instant::now() + limit, limit)?;
+            wait_for_unit(machine, &node, &unit, user, (Instant::now() + limit).min(deadline), limit)?;
         }
         "get_unit_info" => {
             let unit = string_arg(args, "unit")?;
