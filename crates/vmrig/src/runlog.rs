@@ -24,13 +24,6 @@ impl RunLog {
         })
     }
 
-    /// A log written to stderr only.
-    pub fn stderr_only() -> Self {
-        Self {
-            file: Arc::new(Mutex::new(None)),
-        }
-    }
-
     /// Writes one line.
     pub fn line(&self, text: impl AsRef<str>) {
         let text = text.as_ref();

@@ -73,11 +73,6 @@ impl Step {
         }
     }
 
-    /// How long the step has run.
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
-    }
-
     /// Ends the step with `outcome` (e.g. "done").
     pub fn finish(mut self, outcome: &str) {
         if let Some(bar) = self.bar.take() {

@@ -159,11 +159,6 @@ impl Machine {
         Self { config, log, running: None }
     }
 
-    /// The node's name.
-    pub fn name(&self) -> &str {
-        &self.config.name
-    }
-
     fn agent_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.agent", self.config.name))
     }
