@@ -3,26 +3,14 @@
 //! partitions cut links until lifted, every VLAN is captured, and nothing
 //! leads out of the test to the host.
 
+mod common;
+
 use std::fs;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-fn store() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
-}
-
-fn run(dir: &Path) -> (Option<i32>, String) {
-    let output: Output = Command::new(env!("CARGO_BIN_EXE_vmrig"))
-        .arg("run")
-        .arg(dir)
-        .env("VMRIG_STORE", store())
-        .env_remove("VMRIG_MIRROR")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
-    (output.status.code(), text)
-}
+use common::run;
 
 #[test]
 fn the_reference_example_passes_end_to_end() {

@@ -2,25 +2,15 @@
 //! by test scripts. The tests share one store, so the base image is built
 //! once for all of them.
 
+mod common;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn store() -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
-}
-
-fn vmrig_run(dir: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_vmrig"));
-    command.arg("run").arg(dir).env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
-    command
-}
-
-fn text(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
-}
+use common::{run, text, vmrig_run};
 
 /// A test directory holding `toml` as its definition.
 fn test_dir(toml: &str) -> tempfile::TempDir {
@@ -32,11 +22,6 @@ fn test_dir(toml: &str) -> tempfile::TempDir {
 /// A test directory with one node, `machine`, running `script`.
 fn machine_test(script: &str) -> tempfile::TempDir {
     test_dir(&format!("[nodes.machine]\n\n[test]\nscript = '''\n{script}'''\n"))
-}
-
-fn run(dir: &Path) -> (Option<i32>, String) {
-    let output = vmrig_run(dir).output().unwrap();
-    (output.status.code(), text(&output))
 }
 
 #[test]

@@ -1,0 +1,28 @@
+//! What the end-to-end tests that boot VMs share: one store for all of them
+//! (so each image is built once), and running `vmrig run` as a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The store every VM test uses.
+pub fn store() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
+}
+
+/// `vmrig run DIR` with the shared store and the host's own archive.
+pub fn vmrig_run(dir: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vmrig"));
+    command.arg("run").arg(dir).env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
+    command
+}
+
+/// Everything a command printed, stdout then stderr.
+pub fn text(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
+}
+
+/// Runs the test in `dir`: its exit status and all it printed.
+pub fn run(dir: &Path) -> (Option<i32>, String) {
+    let output = vmrig_run(dir).output().unwrap();
+    (output.status.code(), text(&output))
+}
