@@ -175,6 +175,7 @@ time.sleep(3600)
     let qemu_pid = qemu_pid.expect("vmrig logged QEMU's pid");
     assert!(Path::new(&format!("/proc/{qemu_pid}")).exists());
 
+    let killed = child.id();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -186,6 +187,19 @@ time.sleep(3600)
         assert!(Instant::now() < deadline, "QEMU {qemu_pid} outlived vmrig");
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // The next run sweeps away the private files the killed one left.
+    let leftovers = |pid: u32| {
+        fs::read_dir(std::env::temp_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| fs::read_to_string(e.path().join("owner")).is_ok_and(|o| o == pid.to_string()))
+            .count()
+    };
+    assert_eq!(leftovers(killed), 1);
+    let (code, output) = run(machine_test("print('nothing to do')\n").path());
+    assert_eq!(code, Some(0), "{output}");
+    assert_eq!(leftovers(killed), 0);
 }
 
 #[test]

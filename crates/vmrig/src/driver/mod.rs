@@ -110,10 +110,13 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
 
     // Sockets need short paths, so the run's private files live in /tmp.
+    sweep_dead_runs();
     let private = tempfile::Builder::new()
-        .prefix("vmrig-")
+        .prefix(PRIVATE_PREFIX)
         .tempdir()
         .map_err(file_error("create a directory in", &std::env::temp_dir()))?;
+    let owner = private.path().join(OWNER_FILE);
+    fs::write(&owner, std::process::id().to_string()).map_err(file_error("write", &owner))?;
     let state_dir = if options.keep_state {
         let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
         store.root().join("state").join(key_of([canonical.as_os_str().as_encoded_bytes()]))
@@ -178,6 +181,27 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     drop(run);
     drop(cleanup);
     outcome
+}
+
+/// The name prefix of runs' private directories in the temporary directory.
+const PRIVATE_PREFIX: &str = "vmrig-";
+/// The file in a private directory naming the process that owns it.
+const OWNER_FILE: &str = "owner";
+
+/// Removes the private directories of runs whose vmrig died without
+/// cleaning up (SIGKILL): their owner process no longer exists.
+fn sweep_dead_runs() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else { return };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(PRIVATE_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = fs::read_to_string(entry.path().join(OWNER_FILE)) else { continue };
+        if !Path::new("/proc").join(owner.trim()).exists() {
+            // Best effort: another vmrig may be sweeping the same directory.
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Builds (or finds) every node's boot files, by node name.
