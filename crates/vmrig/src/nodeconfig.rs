@@ -30,6 +30,22 @@ pub struct NodeConfigError {
     pub source: io::Error,
 }
 
+/// Units of a stock Debian boot that a test node never needs: login
+/// prompts, and kernel facilities loaded or mounted "just in case". Under
+/// TCG they cost seconds of every boot. Masking them is part of the node's
+/// layer, not of the image, so a test can still start them by hand after
+/// `systemctl unmask`.
+pub const MASKED_UNITS: &[&str] = &[
+    "getty-static.service",
+    "getty@.service",
+    "serial-getty@.service",
+    "modprobe@.service",
+    "kmod-static-nodes.service",
+    "dev-hugepages.mount",
+    "sys-kernel-debug.mount",
+    "sys-kernel-tracing.mount",
+];
+
 /// The layer's writer: an overlay tree rooted at [`INITRAMFS_OVERLAY_DIR`]
 /// whose parent directories are written once, before their children.
 struct Layer<W: Write> {
@@ -95,6 +111,9 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
         layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
+        for unit in MASKED_UNITS {
+            layer.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+        }
         for (name, service) in &node.services {
             let unit_path = format!("/etc/systemd/system/{name}.service");
             let (text, wanted_by) = match service {
@@ -312,6 +331,8 @@ mod tests {
         assert_eq!(fs::read_link(wants).unwrap(), Path::new("/etc/systemd/system/app.service"));
         assert!(root.join("srv/api/main.py").is_file());
         assert!(!root.join("srv/api/vmrig.toml").exists(), "the definition is excluded");
+        let masked = root.join("etc/systemd/system/getty@.service");
+        assert_eq!(fs::read_link(masked).unwrap(), Path::new("/dev/null"));
     }
 
     #[test]
