@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 use crate::driver::{self, AccelChoice, DriverError, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
-use crate::image::{self, Builder, ImageError};
+use crate::image::{self, ImageError};
 use crate::spec::{Diagnostics, SpecError, TestSpec};
 use crate::store::{Provenance, Store, StoreError};
 use crate::ui::Ui;
@@ -173,22 +173,16 @@ fn run(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
 fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
     let store = Store::open(Store::default_location()?)?;
-    let agent = Agent::locate()?;
-    let sources = image::sources_for(&spec).map_err(ImageError::from)?;
-    let builder = Builder::new(&store, ui);
-    for request in image::plan(&spec, &sources) {
-        let boot = builder.boot_files(&request, &agent)?;
+    for (node, boot) in image::boot_files_for(&spec, &store, ui)? {
         let how = match boot.image_provenance {
             Provenance::Built => "built",
             Provenance::Cached => "cached",
         };
-        for node in &request.nodes {
-            ui.say(format!(
-                "{node}: image {} ({how}), kernel {}",
-                boot.image.path.display(),
-                boot.image.manifest.meta["kernel"].as_str().unwrap_or("?"),
-            ));
-        }
+        ui.say(format!(
+            "{node}: image {} ({how}), kernel {}",
+            boot.image.path.display(),
+            boot.image.manifest.meta["kernel"].as_str().unwrap_or("?"),
+        ));
     }
     Ok(ExitCode::SUCCESS)
 }

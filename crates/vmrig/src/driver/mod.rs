@@ -19,8 +19,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::file_error::{file_error, FileError};
-use crate::host::{self, Agent, Kvm, PYTHON};
-use crate::image::{self, BootFiles, Builder, ImageError};
+use crate::host::{self, Kvm, PYTHON};
+use crate::image::{self, BootFiles, ImageError};
 use crate::net::{self, SharedRules, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
 use crate::runlog::RunLog;
@@ -93,7 +93,7 @@ pub enum DriverError {
 
 /// Runs `spec` and reports whether it passed.
 pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
-    let boot_files = build(spec, store, ui)?;
+    let boot_files = image::boot_files_for(spec, store, ui)?;
 
     let result_dir = spec.dir.join(RESULT_DIR);
     if result_dir.exists() {
@@ -202,21 +202,6 @@ fn sweep_dead_runs() {
             let _ = fs::remove_dir_all(entry.path());
         }
     }
-}
-
-/// Builds (or finds) every node's boot files, by node name.
-fn build(spec: &TestSpec, store: &Store, ui: Ui) -> Result<BTreeMap<String, BootFiles>, DriverError> {
-    let agent = Agent::locate()?;
-    let sources = image::sources_for(spec).map_err(ImageError::from)?;
-    let builder = Builder::new(store, ui);
-    let mut by_node = BTreeMap::new();
-    for request in image::plan(spec, &sources) {
-        let boot = builder.boot_files(&request, &agent)?;
-        for node in &request.nodes {
-            by_node.insert(node.clone(), boot.clone());
-        }
-    }
-    Ok(by_node)
 }
 
 /// The node's initramfs: the image's, then the node's own layer.

@@ -15,7 +15,7 @@
 mod initramfs;
 pub mod sources;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -209,6 +209,23 @@ impl BootFiles {
     pub fn initrd(&self) -> PathBuf {
         self.initramfs.file(INITRD_FILE)
     }
+}
+
+/// The boot files of every node of `spec`, by node name: each distinct
+/// package set's image built once (or found in `store`), shared by the
+/// nodes that use it.
+pub fn boot_files_for(spec: &TestSpec, store: &Store, ui: Ui) -> Result<BTreeMap<String, BootFiles>, ImageError> {
+    let agent = Agent::locate()?;
+    let sources = sources_for(spec)?;
+    let builder = Builder::new(store, ui);
+    let mut by_node = BTreeMap::new();
+    for request in plan(spec, &sources) {
+        let boot = builder.boot_files(&request, &agent)?;
+        for node in &request.nodes {
+            by_node.insert(node.clone(), boot.clone());
+        }
+    }
+    Ok(by_node)
 }
 
 /// A kernel of some image already in `store`, for probing the host.
