@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use vmrig_proto::{Command, EntryKind, Program};
 
 use super::Run;
-use crate::vm::{ExecOutcome, Machine, PathEntry, ReadPathErrorOf, VmError};
+use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
 
 /// Pause between attempts of `wait_until_succeeds` and friends.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -404,7 +404,7 @@ fn copy_from_vm(machine: &mut Machine, result_dir: &Path, source: &str, target_d
         .ok_or_else(|| Failure::Test(format!("`{source}` names no file")))?;
     let root = base.join(name);
     let mut open: Option<(String, File)> = None;
-    let received = machine.read_path(source, |entry: PathEntry<'_>| {
+    let mut store_entry = |entry: PathEntry<'_>| -> io::Result<()> {
         let relative = contained(entry.path)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("the guest sent a path that leaves the result folder: `{}`", entry.path)))?;
         // Joining an empty path would add a trailing slash.
@@ -437,12 +437,18 @@ fn copy_from_vm(machine: &mut Machine, result_dir: &Path, source: &str, target_d
                 Ok(())
             }
         }
+    };
+    // After the first failure to store, the rest is received but not kept.
+    let mut stored = Ok(());
+    let received = machine.read_path(source, |entry| {
+        if stored.is_ok() {
+            stored = store_entry(entry);
+        }
     });
     match received {
-        Ok(()) => Ok(()),
-        Err(ReadPathErrorOf::Local(error)) => Err(Failure::Infra(format!("cannot store what {source} held: {error}"))),
-        Err(ReadPathErrorOf::Vm(VmError::Agent { source: crate::vm::AgentError::Agent(message), .. })) => Err(Failure::Test(message)),
-        Err(ReadPathErrorOf::Vm(error)) => Err(error.into()),
+        Err(VmError::Agent { source: crate::vm::AgentError::Agent(message), .. }) => Err(Failure::Test(message)),
+        Err(error) => Err(error.into()),
+        Ok(()) => stored.map_err(|error| Failure::Infra(format!("cannot store what {source} held: {error}"))),
     }
 }
 

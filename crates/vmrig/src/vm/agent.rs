@@ -202,21 +202,16 @@ impl AgentClient {
     }
 
     /// Receives guest file or tree `path`, handing each entry to `on_entry`.
-    pub fn read_path(&mut self, path: &str, mut on_entry: impl FnMut(PathEntry<'_>) -> io::Result<()>) -> Result<(), ReadPathError> {
+    /// Every entry is read to the end, whatever `on_entry` makes of it, so
+    /// that the connection stays in step with the agent.
+    pub fn read_path(&mut self, path: &str, mut on_entry: impl FnMut(PathEntry<'_>)) -> Result<(), AgentError> {
         self.send(&Request::ReadPath { path: path.into() }, &[])?;
-        let mut failure = None;
         loop {
             match self.receive(Some(Duration::from_secs(120)))? {
-                (Reply::Entry { path, kind, mode, more }, data) => {
-                    // Keep reading after a local failure, so that the
-                    // connection stays in step with the agent.
-                    if failure.is_none() {
-                        failure = on_entry(PathEntry { path: &path, kind, mode, data: &data, more }).err();
-                    }
-                }
-                (Reply::Done, _) => return failure.map_or(Ok(()), |e| Err(ReadPathError::Local(e))),
-                (Reply::Error { message }, _) => return Err(AgentError::Agent(message).into()),
-                (other, _) => return Err(AgentError::Unexpected(format!("{other:?}")).into()),
+                (Reply::Entry { path, kind, mode, more }, data) => on_entry(PathEntry { path: &path, kind, mode, data: &data, more }),
+                (Reply::Done, _) => return Ok(()),
+                (Reply::Error { message }, _) => return Err(AgentError::Agent(message)),
+                (other, _) => return Err(AgentError::Unexpected(format!("{other:?}"))),
             }
         }
     }
@@ -226,17 +221,6 @@ impl AgentClient {
         self.send(if reboot { &Request::Reboot } else { &Request::PowerOff }, &[])?;
         self.expect_ack()
     }
-}
-
-/// Why receiving a guest path failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadPathError {
-    /// The agent or the connection failed.
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-    /// Storing what arrived failed (or was refused) on the host.
-    #[error(transparent)]
-    Local(io::Error),
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry, ReadPathError};
+pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry};
 use vmrig_proto::{AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
 use crate::host::QEMU;
@@ -357,13 +357,9 @@ impl Machine {
     }
 
     /// Receives a guest file or tree.
-    pub fn read_path(&mut self, path: &str, on_entry: impl FnMut(PathEntry<'_>) -> io::Result<()>) -> Result<(), ReadPathErrorOf> {
+    pub fn read_path(&mut self, path: &str, on_entry: impl FnMut(PathEntry<'_>)) -> Result<(), VmError> {
         let result = self.agent()?.read_path(path, on_entry);
-        match result {
-            Ok(()) => Ok(()),
-            Err(ReadPathError::Local(e)) => Err(ReadPathErrorOf::Local(e)),
-            Err(ReadPathError::Agent(e)) => Err(ReadPathErrorOf::Vm(self.agent_error(e))),
-        }
+        result.map_err(|e| self.agent_error(e))
     }
 
     /// Powers the guest off cleanly and waits for QEMU to exit.
@@ -444,17 +440,6 @@ impl Machine {
             let _ = running.qemu.wait();
         }
     }
-}
-
-/// Why receiving a guest path failed, at the machine level.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadPathErrorOf {
-    /// The machine or its agent failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// Storing what arrived failed, or was refused, on the host.
-    #[error(transparent)]
-    Local(io::Error),
 }
 
 impl Drop for Machine {
