@@ -5,7 +5,6 @@
 //! command line is wrong, 3 the infrastructure failed (host tools, build,
 //! boot, QEMU).
 
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -121,18 +120,7 @@ fn report(failure: &Failure) {
         Failure::Spec(SpecError::Invalid(diagnostics)) | Failure::Invalid(diagnostics) => {
             eprintln!("{diagnostics}");
         }
-        _ => {
-            eprintln!("error: {failure}");
-            let mut cause = failure.source();
-            // A transparent variant's source is the wrapped error itself.
-            if cause.is_some_and(|c| c.to_string() == failure.to_string()) {
-                cause = cause.and_then(|c| c.source());
-            }
-            while let Some(error) = cause {
-                eprintln!("  caused by: {error}");
-                cause = error.source();
-            }
-        }
+        _ => eprintln!("error: {}", crate::error::chain(failure)),
     }
 }
 

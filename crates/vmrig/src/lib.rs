@@ -11,7 +11,7 @@
 
 pub mod cli;
 pub mod driver;
-pub mod file_error;
+pub mod error;
 pub mod host;
 pub mod image;
 pub mod net;

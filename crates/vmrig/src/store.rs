@@ -20,7 +20,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::file_error::{file_error, FileError};
+use crate::error::{file_error, FileError};
 
 /// Name of the file in each entry that describes it.
 const MANIFEST: &str = "manifest.json";

@@ -42,19 +42,8 @@ enum Failure {
 
 impl From<VmError> for Failure {
     fn from(error: VmError) -> Self {
-        Self::Infra(chain(&error))
+        Self::Infra(crate::error::chain(&error))
     }
-}
-
-/// An error and its causes on one line each.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(error) = cause {
-        text.push_str(&format!("\n  caused by: {error}"));
-        cause = error.source();
-    }
-    text
 }
 
 /// Answers one request line.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::file_error::{file_error, FileError};
+use crate::error::{file_error, FileError};
 use crate::host::{self, Kvm, PYTHON};
 use crate::image::{self, BootFiles, ImageError};
 use crate::net::{self, SharedRules, Switch};

@@ -24,7 +24,7 @@ use std::process::{Command, Stdio};
 pub use initramfs::{load_order, CpioWriter, ModulesError, BOOT_MODULES};
 pub use sources::{AptEntry, SourcesError};
 
-use crate::file_error::{file_error, FileError};
+use crate::error::{file_error, FileError};
 use crate::host::{self, Agent, HostError, Packer};
 use crate::spec::TestSpec;
 use crate::store::{key_of, Entry, Provenance, Store, StoreError};
