@@ -149,6 +149,12 @@ class Machine:
         """Sends a command to QEMU's monitor; returns its output."""
         return self._call("send_monitor_command", command=command)
 
+    def forward_port(self, host_port: int = 8080, guest_port: int = 80) -> int:
+        """Forwards host_port on the host's loopback (127.0.0.1) to
+        guest_port on the node's loopback, for the rest of the run.
+        host_port 0 picks a free port. Returns the host port."""
+        return int(self._call("forward_port", host_port=host_port, guest_port=guest_port))
+
     def block(self) -> None:
         """Cuts all of the machine's network links."""
         self._call("block")

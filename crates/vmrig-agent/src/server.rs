@@ -6,19 +6,25 @@
 //! enforced here, in the guest, by killing its whole group. A command that
 //! exits while a background child still holds its output open returns
 //! anyway, after a short grace for output already written.
+//!
+//! Forwarded ports are served by a thread of their own on a second port
+//! (see `vmrig_proto::tunnel`), so a long command never holds them up.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use vmrig_proto::tunnel::{Tunnel, TUNNEL_PORT};
 use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
 
 /// How long output is still collected after a command exits, for a
@@ -39,8 +45,9 @@ const BASE_ENV: &[(&str, &str)] = &[
 /// Serves the driver until the machine stops; reopens the port after an
 /// error so that a confused driver never leaves the guest unreachable.
 pub fn serve() -> ! {
+    let tunnel = TunnelServer::default();
     loop {
-        match serve_port() {
+        match serve_port(&tunnel) {
             // Reading a port whose host side is not connected yields end of
             // file: the driver has not connected yet, or has let go.
             Err(FrameError::Io(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
@@ -55,25 +62,28 @@ pub fn serve() -> ! {
     }
 }
 
-/// The device of the agent's port, named through sysfs since no udev runs
-/// this early to make `/dev/virtio-ports/` links.
-fn find_port() -> io::Result<PathBuf> {
+/// The device of the virtio-serial port `name`, found through sysfs since
+/// no udev runs this early to make `/dev/virtio-ports/` links.
+fn find_port(name: &str) -> Option<PathBuf> {
+    fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten().find_map(|dirent| {
+        let port_name = fs::read_to_string(dirent.path().join("name")).unwrap_or_default();
+        let device = Path::new("/dev").join(dirent.file_name());
+        (port_name.trim() == name && device.exists()).then_some(device)
+    })
+}
+
+/// The agent's port, once the kernel has made it.
+fn agent_port() -> PathBuf {
     loop {
-        for dirent in fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten() {
-            let name = fs::read_to_string(dirent.path().join("name")).unwrap_or_default();
-            if name.trim() == AGENT_PORT {
-                let device = Path::new("/dev").join(dirent.file_name());
-                if device.exists() {
-                    return Ok(device);
-                }
-            }
+        if let Some(device) = find_port(AGENT_PORT) {
+            return device;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
-fn serve_port() -> Result<(), FrameError> {
-    let port = File::options().read(true).write(true).open(find_port()?)?;
+fn serve_port(tunnel: &TunnelServer) -> Result<(), FrameError> {
+    let port = File::options().read(true).write(true).open(agent_port())?;
     let mut input = port.try_clone()?;
     let mut output = port;
     let mut upload = Upload::default();
@@ -116,6 +126,7 @@ fn serve_port() -> Result<(), FrameError> {
                     }
                 }
             }
+            Request::ServeTunnel => write_frame(&mut output, &tunnel.serve(), &[])?,
             Request::PowerOff | Request::Reboot => {
                 let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
                 write_frame(&mut output, &power(verb), &[])?;
@@ -143,6 +154,46 @@ fn power(verb: &str) -> Reply {
             Ok(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
+}
+
+/// Forwarded connections, served on the port named [`TUNNEL_PORT`] from the
+/// driver's first request on, for as long as the guest runs.
+#[derive(Default)]
+struct TunnelServer {
+    serving: AtomicBool,
+}
+
+impl TunnelServer {
+    fn serve(&self) -> Reply {
+        if self.serving.load(Ordering::SeqCst) {
+            return Reply::Ack;
+        }
+        let Some(device) = find_port(TUNNEL_PORT) else {
+            return Reply::Error { message: format!("this machine has no port named {TUNNEL_PORT}") };
+        };
+        let port = match File::options().read(true).write(true).open(&device) {
+            Ok(port) => port,
+            Err(error) => return Reply::Error { message: format!("cannot open {}: {error}", device.display()) },
+        };
+        self.serving.store(true, Ordering::SeqCst);
+        std::thread::spawn(move || loop {
+            // Reading the port yields end of file while the host side is
+            // not connected, which the guest may hear of only after this
+            // request; the tunnel then ends, and a new one waits again.
+            if let (Ok(reader), Ok(writer)) = (port.try_clone(), port.try_clone()) {
+                Tunnel::guest(reader, writer, connect_loopback).wait();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        });
+        Reply::Ack
+    }
+}
+
+/// Connects to `port` on the guest's loopback, IPv4 first.
+fn connect_loopback(port: u16) -> io::Result<TcpStream> {
+    let timeout = Duration::from_secs(5);
+    TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), timeout)
+        .or_else(|_| TcpStream::connect_timeout(&(Ipv6Addr::LOCALHOST, port).into(), timeout))
 }
 
 fn outcome(result: io::Result<()>, path: &str) -> Reply {

@@ -15,6 +15,9 @@
 //!    [`Reply::Output`]), [`Reply::Done`] for `ReadPath` (after its
 //!    [`Reply::Entry`]s), [`Reply::Ack`] for the rest, or [`Reply::Error`].
 //!
+//! Forwarded TCP connections travel apart from these requests, on a port
+//! of their own: see [`tunnel`].
+//!
 //! # Frames
 //!
 //! Every message is one frame: a little-endian `u32` header length, a
@@ -23,6 +26,8 @@
 //! bounded ([`MAX_HEADER`], [`MAX_DATA`]), so a peer can never make the
 //! other allocate without limit; anything else malformed is an error for
 //! that connection, never a panic.
+
+pub mod tunnel;
 
 use std::io::{self, Read, Write};
 
@@ -144,6 +149,9 @@ pub enum Request {
     PowerOff,
     /// Reboot the machine.
     Reboot,
+    /// Serve forwarded connections on the port named
+    /// [`tunnel::TUNNEL_PORT`] (see [`tunnel`]), unless already serving.
+    ServeTunnel,
 }
 
 /// Which output stream a chunk came from.

@@ -1,7 +1,8 @@
 //! Networks on real VMs: nodes reach each other by name through the
 //! driver's switch, the firewall admits only the allowed ports, blocks and
-//! partitions cut links until lifted, every VLAN is captured, and nothing
-//! leads out of the test to the host.
+//! partitions cut links until lifted, every VLAN is captured, nothing
+//! leads out of the test to the host, and forwarded ports lead in from the
+//! host's loopback only.
 
 mod common;
 
@@ -111,11 +112,8 @@ client.succeed(ping)
     assert!(output.contains("partitioning the network"), "{output}");
 }
 
-#[test]
-fn a_guest_cannot_reach_the_host() {
-    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// The host's own IPv4 addresses, loopback excepted.
+fn host_addresses() -> Vec<String> {
     let addresses = Command::new("ip").args(["-4", "-o", "address", "show"]).output().unwrap();
     let host_ips: Vec<String> = String::from_utf8_lossy(&addresses.stdout)
         .lines()
@@ -125,6 +123,15 @@ fn a_guest_cannot_reach_the_host() {
         .map(str::to_string)
         .collect();
     assert!(!host_ips.is_empty(), "the host has no address to try");
+    host_ips
+}
+
+#[test]
+fn a_guest_cannot_reach_the_host() {
+    let listener = TcpListener::bind("0.0.0.0:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let host_ips = host_addresses();
     let attempts: String = host_ips
         .iter()
         .map(|ip| format!("client.fail(\"curl -sf --max-time 3 http://{ip}:{port}/\")\n"))
@@ -137,4 +144,56 @@ fn a_guest_cannot_reach_the_host() {
     let (code, output) = run(test.path());
     assert_eq!(code, Some(0), "{output}");
     assert!(listener.accept().is_err(), "a guest connected to the host");
+}
+
+#[test]
+fn forwarded_ports_reach_guest_ports_from_host_loopback_only() {
+    // A port free now, asked for by number as NixOS scripts do.
+    let fixed_port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let test = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"
+[test]
+script = '''
+import hashlib, socket, urllib.request
+
+def fetch(port, path):
+    return urllib.request.urlopen(f"http://127.0.0.1:{{port}}/{{path}}", timeout=60).read()
+
+# 8001 is closed by the firewall: a forward goes in through the guest's loopback.
+assert server.forward_port({fixed_port}, 8001) == {fixed_port}
+server.wait_for_unit("closed.service")
+assert fetch({fixed_port}, "index.html") == b"served"
+
+# Many times the tunnel's window, and checked byte for byte.
+any_port = server.forward_port(0, 8000)
+digest = server.succeed("head -c 3000000 /dev/urandom | tee /srv/www/big | sha256sum").split()[0]
+assert hashlib.sha256(fetch(any_port, "big")).hexdigest() == digest
+
+# Nothing listens on guest port 9: the connection is closed.
+nothing = server.forward_port(0, 9)
+with socket.create_connection(("127.0.0.1", nothing), timeout=30) as s:
+    assert s.recv(1) == b""
+
+# Loopback only.
+for ip in {host_ips:?}:
+    try:
+        socket.create_connection((ip, {fixed_port}), timeout=5).close()
+        raise AssertionError(f"the forward answered on {{ip}}")
+    except ConnectionRefusedError:
+        pass
+
+# Forwards outlive a reboot.
+server.reboot()
+server.wait_for_unit("closed.service")
+assert fetch({fixed_port}, "index.html") == b"served"
+'''
+"#,
+        host_ips = host_addresses()
+    );
+    fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains(&format!("server: forwarding 127.0.0.1:{fixed_port} to guest port 8001")), "{output}");
+    assert!(output.contains("server: a forwarded connection failed: cannot connect to port 9: "), "{output}");
 }

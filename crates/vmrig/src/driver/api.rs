@@ -252,6 +252,20 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             let _block = log.block(Some(&node), format!("copying {source} out of the VM"));
             copy_from_vm(machine, &run.result_dir, &source, &target_dir, &log)?;
         }
+        "forward_port" => {
+            let port = |name: &str| {
+                args[name].as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| Failure::Test(format!("`{name}` must be a port number (0 to 65535)")))
+            };
+            let (host_port, guest_port) = (port("host_port")?, port("guest_port")?);
+            if guest_port == 0 {
+                return Err(Failure::Test("`guest_port` must be a port number (1 to 65535)".into()));
+            }
+            return match machine.forward_port(host_port, guest_port) {
+                Ok(address) => Ok(json!(address.port())),
+                Err(error @ VmError::Listen { .. }) => Err(Failure::Test(crate::error::chain(&error))),
+                Err(error) => Err(error.into()),
+            };
+        }
         "send_monitor_command" => {
             let command = string_arg(args, "command")?;
             return Ok(Value::String(machine.monitor_command(&command)?));

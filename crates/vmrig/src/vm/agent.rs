@@ -216,6 +216,12 @@ impl AgentClient {
         }
     }
 
+    /// Asks the agent to serve forwarded connections on its tunnel port.
+    pub fn serve_tunnel(&mut self) -> Result<(), AgentError> {
+        self.send(&Request::ServeTunnel, &[])?;
+        self.expect_ack()
+    }
+
     /// Asks the guest to power off (`reboot: false`) or to reboot.
     pub fn power(&mut self, reboot: bool) -> Result<(), AgentError> {
         self.send(if reboot { &Request::Reboot } else { &Request::PowerOff }, &[])?;

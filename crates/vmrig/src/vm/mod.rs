@@ -8,10 +8,12 @@
 //! image as a read-only disk and the node's writable layer as a second one.
 
 pub mod agent;
+mod forward;
 pub mod qmp;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -19,10 +21,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry};
+use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::{AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
 use crate::host::QEMU;
 use crate::runlog::RunLog;
+use forward::{BootTunnel, Forwards};
 use qmp::{Qmp, QmpError};
 
 /// How long a guest may take from QEMU's start to its agent's first answer.
@@ -78,6 +82,17 @@ pub enum VmError {
         node: String,
         /// The file.
         path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A host port could not be forwarded.
+    #[error("{node}: cannot listen on 127.0.0.1:{port}")]
+    Listen {
+        /// The node.
+        node: String,
+        /// The host port asked for.
+        port: u16,
         /// Why.
         #[source]
         source: io::Error,
@@ -143,6 +158,8 @@ struct Running {
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
     boot_id: Option<String>,
+    /// Forwarded connections of this boot, once a port is forwarded.
+    tunnel: Option<BootTunnel>,
     started: Instant,
 }
 
@@ -151,16 +168,22 @@ pub struct Machine {
     config: MachineConfig,
     log: RunLog,
     running: Option<Running>,
+    forwards: Forwards,
 }
 
 impl Machine {
     /// A machine that is not started yet.
     pub fn new(config: MachineConfig, log: RunLog) -> Self {
-        Self { config, log, running: None }
+        let forwards = Forwards::new(config.name.clone(), log.clone());
+        Self { config, log, running: None, forwards }
     }
 
     fn agent_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.agent", self.config.name))
+    }
+
+    fn tunnel_socket(&self) -> PathBuf {
+        self.config.socket_dir.join(format!("{}.tunnel", self.config.name))
     }
 
     fn qmp_socket(&self) -> PathBuf {
@@ -212,6 +235,9 @@ impl Machine {
             .arg("-chardev")
             .arg(format!("socket,id=agent,path={},server=on,wait=off", self.agent_socket().display()))
             .args(["-device", &format!("virtserialport,chardev=agent,name={AGENT_PORT}")])
+            .arg("-chardev")
+            .arg(format!("socket,id=tunnel,path={},server=on,wait=off", self.tunnel_socket().display()))
+            .args(["-device", &format!("virtserialport,chardev=tunnel,name={TUNNEL_PORT}")])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()));
         for nic in &c.nics {
@@ -245,7 +271,7 @@ impl Machine {
         self.running = None;
         self.log.line(format!("{}: starting vm", self.config.name));
         let nic_sockets = self.config.nics.iter().map(|nic| nic.node_socket(&self.config.socket_dir));
-        for socket in [self.agent_socket(), self.qmp_socket()].into_iter().chain(nic_sockets) {
+        for socket in [self.agent_socket(), self.tunnel_socket(), self.qmp_socket()].into_iter().chain(nic_sockets) {
             let _ = std::fs::remove_file(socket);
         }
         let console = File::options()
@@ -260,7 +286,7 @@ impl Machine {
         self.log.line(format!("{}: QEMU running (pid {})", self.config.name, qemu.id()));
         let stdout = qemu.stdout.take().expect("stdout is piped");
         spawn_console_reader(self.config.name.clone(), stdout, console, self.log.clone());
-        self.running = Some(Running { qemu, qmp: None, agent: None, boot_id: None, started: Instant::now() });
+        self.running = Some(Running { qemu, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
         Ok(())
     }
 
@@ -306,8 +332,40 @@ impl Machine {
             ));
             running.agent = Some(client);
             running.boot_id = Some(boot_id);
+            if !self.forwards.is_empty() {
+                self.open_tunnel()?;
+            }
             return Ok(());
         }
+    }
+
+    /// Opens this boot's tunnel for forwarded ports, unless it is open.
+    fn open_tunnel(&mut self) -> Result<(), VmError> {
+        if self.running.as_ref().is_some_and(|r| r.tunnel.is_some()) {
+            return Ok(());
+        }
+        let socket = self.tunnel_socket();
+        let tunnel = UnixStream::connect(&socket)
+            .and_then(|port| self.forwards.attach(port))
+            .map_err(self.io_error(&socket))?;
+        let asked = self.agent()?.serve_tunnel();
+        asked.map_err(|e| self.agent_error(e))?;
+        if let Some(running) = self.running.as_mut() {
+            running.tunnel = Some(tunnel);
+        }
+        Ok(())
+    }
+
+    /// Forwards `host_port` on the host's loopback (0: any free port) to
+    /// `guest_port` on the guest's, for the rest of the run, starting the
+    /// machine if needed; returns the host address.
+    pub fn forward_port(&mut self, host_port: u16, guest_port: u16) -> Result<SocketAddr, VmError> {
+        self.agent()?;
+        self.open_tunnel()?;
+        let node = self.config.name.clone();
+        let address = self.forwards.listen(host_port, guest_port).map_err(|source| VmError::Listen { node: node.clone(), port: host_port, source })?;
+        self.log.line(format!("{node}: forwarding {address} to guest port {guest_port}"));
+        Ok(address)
     }
 
     /// The error for a QEMU that is no longer running, with its stderr.
@@ -411,6 +469,7 @@ impl Machine {
         asked.map_err(|e| self.agent_error(e))?;
         if let Some(running) = self.running.as_mut() {
             running.agent = None;
+            running.tunnel = None;
         }
         self.connect(boot.as_deref())
     }
