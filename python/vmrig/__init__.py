@@ -9,6 +9,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -20,7 +21,21 @@ Timeout = Union[None, int, float, datetime.timedelta]
 
 #: The globals every script gets besides its nodes (and `machine` when
 #: there is a single node).
-DRIVER_GLOBALS = ["start_all", "subtest", "retry", "t", "log", "partition", "heal", "vlan", "vlans"]
+DRIVER_GLOBALS = [
+    "start_all",
+    "join_all",
+    "subtest",
+    "retry",
+    "polling_condition",
+    "serial_stdout_on",
+    "serial_stdout_off",
+    "t",
+    "log",
+    "partition",
+    "heal",
+    "vlan",
+    "vlans",
+]
 
 
 class TestFailure(AssertionError):
@@ -37,6 +52,12 @@ class _Driver:
         self._socket.connect(path)
         self._stream = self._socket.makefile("rwb")
         self._next_id = 0
+        #: The conditions of the `polling_condition` blocks being run.
+        self.polling_conditions: List["PollingCondition"] = []
+
+    def check_polling_conditions(self) -> None:
+        for condition in list(self.polling_conditions):
+            condition.maybe_raise()
 
     def call(self, method: str, node: Optional[str] = None, **args: Any) -> Any:
         self._next_id += 1
@@ -72,11 +93,14 @@ class Machine:
         #: The machine's first IPv4 and IPv6 addresses (None without a VLAN).
         self.ip: Optional[str] = node["ip"]
         self.ipv6: Optional[str] = node["ipv6"]
+        # Console lines already looked at by wait_for_console_text.
+        self._console_seen = 0
 
     def __repr__(self) -> str:
         return f"<Machine {self.name}>"
 
     def _call(self, method: str, **args: Any) -> Any:
+        self._driver.check_polling_conditions()
         return self._driver.call(method, self.name, **args)
 
     def start(self) -> None:
@@ -94,6 +118,10 @@ class Machine:
     def reboot(self) -> None:
         """Reboots the machine and waits until it is up again."""
         self._call("reboot")
+
+    def wait_for_shutdown(self) -> None:
+        """Waits until the machine has powered off."""
+        self._call("wait_for_shutdown")
 
     def execute(
         self,
@@ -126,6 +154,60 @@ class Machine:
         """Waits until a systemd unit is active; fails if it fails or cannot start."""
         self._call("wait_for_unit", unit=unit, user=user, timeout=_seconds(timeout))
 
+    def require_unit_state(self, unit: str, require_state: str = "active") -> None:
+        """Fails the test unless the unit's ActiveState is require_state."""
+        self._call("require_unit_state", unit=unit, require_state=require_state)
+
+    def get_unit_property(self, unit: str, property: str, user: Optional[str] = None) -> str:
+        """One property systemd reports for a unit."""
+        return self._call("get_unit_property", unit=unit, property=property, user=user)
+
+    def start_job(self, jobname: str, user: Optional[str] = None) -> Tuple[int, str]:
+        """`systemctl start jobname`; returns its exit status and stdout."""
+        result = self._call("start_job", unit=jobname, user=user)
+        return result["status"], result["stdout"]
+
+    def stop_job(self, jobname: str, user: Optional[str] = None) -> Tuple[int, str]:
+        """`systemctl stop jobname`; returns its exit status and stdout."""
+        result = self._call("stop_job", unit=jobname, user=user)
+        return result["status"], result["stdout"]
+
+    def wait_for_file(self, filename: str, timeout: Timeout = 900) -> None:
+        """Waits until a path exists."""
+        self._call("wait_for_file", filename=filename, timeout=_seconds(timeout))
+
+    def wait_for_open_port(self, port: int, addr: str = "localhost", timeout: Timeout = 900) -> None:
+        """Waits until a TCP port of addr, seen from the machine, accepts."""
+        self._call("wait_for_open_port", port=port, addr=addr, timeout=_seconds(timeout))
+
+    def wait_for_closed_port(self, port: int, addr: str = "localhost", timeout: Timeout = 900) -> None:
+        """Waits until a TCP port of addr, seen from the machine, refuses."""
+        self._call("wait_for_closed_port", port=port, addr=addr, timeout=_seconds(timeout))
+
+    def wait_for_open_unix_socket(self, addr: str, is_datagram: bool = False, timeout: Timeout = 900) -> None:
+        """Waits until a Unix socket of the machine accepts."""
+        self._call("wait_for_open_unix_socket", addr=addr, is_datagram=is_datagram, timeout=_seconds(timeout))
+
+    def wait_for_console_text(self, regex: str, timeout: Timeout = None) -> None:
+        """Waits until the console prints text matching a Python regex. Each
+        call looks only at lines no earlier call has looked at."""
+        self._driver.call("log", message=f"{self.name}: waiting for {regex!r} on the console")
+        limit = _seconds(timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        text = ""
+        while True:
+            lines = self._call("console_lines", first=self._console_seen, wait=1.0)
+            self._console_seen += len(lines)
+            text += "".join(line + "\n" for line in lines)
+            if re.search(regex, text):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                raise TestFailure(f"{self.name}: {regex!r} did not appear on the console within {limit} s")
+
+    def get_console_log(self) -> str:
+        """Everything the machine's console printed in this run."""
+        return self._call("console_log")
+
     def get_unit_info(self, unit: str, user: Optional[str] = None) -> Dict[str, str]:
         """The properties systemd reports for a unit."""
         return self._call("get_unit_info", unit=unit, user=user)
@@ -154,6 +236,18 @@ class Machine:
         guest_port on the node's loopback, for the rest of the run.
         host_port 0 picks a free port. Returns the host port."""
         return int(self._call("forward_port", host_port=host_port, guest_port=guest_port))
+
+    def send_key(self, key: str, delay: Optional[float] = 0.01, log: Optional[bool] = True) -> None:
+        """Not available: vmrig nodes have no display or keyboard."""
+        raise _no_display("send_key")
+
+    def send_chars(self, chars: str, delay: Optional[float] = 0.01) -> None:
+        """Not available: vmrig nodes have no display or keyboard."""
+        raise _no_display("send_chars")
+
+    def screenshot(self, filename: str) -> None:
+        """Not available: vmrig nodes have no display or keyboard."""
+        raise _no_display("screenshot")
 
     def block(self) -> None:
         """Cuts all of the machine's network links."""
@@ -190,6 +284,59 @@ class Vlan:
         )
 
 
+def _no_display(method: str) -> TestFailure:
+    return TestFailure(
+        f"{method}() needs a graphical console, and vmrig nodes have none: they are headless "
+        "and reached through their agent (succeed, execute) and serial console (wait_for_console_text)"
+    )
+
+
+class PollingConditionFailed(TestFailure):
+    """A polling condition did not hold."""
+
+
+class PollingCondition:
+    """A condition checked, at most every seconds_interval, before each call
+    to a machine while its `with` block runs, and once more as it ends."""
+
+    def __init__(self, condition: Callable[[], Any], driver: "_Driver", seconds_interval: float, description: Optional[str]) -> None:
+        self.condition = condition
+        self.description = description or (condition.__doc__ or condition.__name__).strip()
+        self._driver = driver
+        self._interval = seconds_interval
+        self._last_checked = float("-inf")
+        self._checking = False
+
+    def check(self, force: bool = False) -> bool:
+        if self._checking or (not force and time.monotonic() - self._last_checked < self._interval):
+            return True
+        # The condition's own calls to machines must not check it again.
+        self._checking = True
+        try:
+            self._driver.call("log", message=f"checking polling condition: {self.description}")
+            try:
+                result = self.condition()
+            except Exception:
+                result = False
+            return result is None or bool(result)
+        finally:
+            self._checking = False
+            self._last_checked = time.monotonic()
+
+    def maybe_raise(self) -> None:
+        if not self.check():
+            raise PollingConditionFailed(f"polling condition failed: {self.description}")
+
+    def __enter__(self) -> "PollingCondition":
+        self._driver.polling_conditions.append(self)
+        return self
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> None:
+        self._driver.polling_conditions.remove(self)
+        if kind is None and not self.check(force=True):
+            raise PollingConditionFailed(f"polling condition failed: {self.description}")
+
+
 class _Log:
     """`log`: lines in the run's log."""
 
@@ -210,6 +357,31 @@ def _run(script: str, path: str, first_line: int) -> int:
 
     def start_all() -> None:
         driver.call("start_all")
+
+    def join_all() -> None:
+        """Waits until every machine has powered off."""
+        for machine in machines.values():
+            machine.wait_for_shutdown()
+
+    def polling_condition(
+        fun_: Optional[Callable[[], Any]] = None,
+        *,
+        seconds_interval: float = 2.0,
+        description: Optional[str] = None,
+    ) -> Any:
+        """Makes a function a condition that must hold while a `with` block
+        of it runs; as NixOS's, usable as @polling_condition or with arguments."""
+        if fun_ is not None:
+            return PollingCondition(fun_, driver, seconds_interval, description)
+        return lambda fun: PollingCondition(fun, driver, seconds_interval, description)
+
+    def serial_stdout_on() -> None:
+        """Shows the machines' consoles in the output again."""
+        driver.call("serial_stdout", on=True)
+
+    def serial_stdout_off() -> None:
+        """Keeps the machines' consoles out of the output (they stay in result/log.txt)."""
+        driver.call("serial_stdout", on=False)
 
     @contextlib.contextmanager
     def subtest(name: str):
@@ -241,8 +413,12 @@ def _run(script: str, path: str, first_line: int) -> int:
 
     namespace.update(
         start_all=start_all,
+        join_all=join_all,
         subtest=subtest,
         retry=retry,
+        polling_condition=polling_condition,
+        serial_stdout_on=serial_stdout_on,
+        serial_stdout_off=serial_stdout_off,
         t=unittest.TestCase(),
         log=log,
         partition=partition,

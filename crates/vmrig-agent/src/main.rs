@@ -7,6 +7,7 @@
 
 mod init;
 mod server;
+mod sockets;
 
 fn main() -> std::process::ExitCode {
     if std::process::id() == 1 {

@@ -15,7 +15,6 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::net::{Ipv4Addr, Ipv6Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -126,6 +125,7 @@ fn serve_port(tunnel: &TunnelServer) -> Result<(), FrameError> {
                     }
                 }
             }
+            Request::Connect(target) => write_frame(&mut output, &crate::sockets::probe(&target), &[])?,
             Request::ServeTunnel => write_frame(&mut output, &tunnel.serve(), &[])?,
             Request::PowerOff | Request::Reboot => {
                 let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
@@ -181,19 +181,12 @@ impl TunnelServer {
             // not connected, which the guest may hear of only after this
             // request; the tunnel then ends, and a new one waits again.
             if let (Ok(reader), Ok(writer)) = (port.try_clone(), port.try_clone()) {
-                Tunnel::guest(reader, writer, connect_loopback).wait();
+                Tunnel::guest(reader, writer, |port| crate::sockets::connect_tcp("localhost", port)).wait();
             }
             std::thread::sleep(Duration::from_millis(20));
         });
         Reply::Ack
     }
-}
-
-/// Connects to `port` on the guest's loopback, IPv4 first.
-fn connect_loopback(port: u16) -> io::Result<TcpStream> {
-    let timeout = Duration::from_secs(5);
-    TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, port).into(), timeout)
-        .or_else(|_| TcpStream::connect_timeout(&(Ipv6Addr::LOCALHOST, port).into(), timeout))
 }
 
 fn outcome(result: io::Result<()>, path: &str) -> Reply {

@@ -149,9 +149,36 @@ pub enum Request {
     PowerOff,
     /// Reboot the machine.
     Reboot,
+    /// Try to connect to a socket in the guest, then hang up; the reply is
+    /// `Ack` when something accepted, else `Error` with why not.
+    Connect(SocketTarget),
     /// Serve forwarded connections on the port named
     /// [`tunnel::TUNNEL_PORT`] (see [`tunnel`]), unless already serving.
     ServeTunnel,
+}
+
+/// A socket in the guest that `Connect` tries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SocketTarget {
+    /// A TCP port of `host`: an address, `localhost`, or a name in the
+    /// guest's `/etc/hosts`.
+    Tcp {
+        /// Where.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+    /// A Unix stream socket.
+    UnixStream {
+        /// Its path.
+        path: String,
+    },
+    /// A Unix datagram socket.
+    UnixDatagram {
+        /// Its path.
+        path: String,
+    },
 }
 
 /// Which output stream a chunk came from.

@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -14,6 +15,9 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct RunLog {
     file: Arc<Mutex<Option<File>>>,
+    /// Whether guests' console lines are shown on stderr as well as kept
+    /// in the file (`serial_stdout_on()` / `serial_stdout_off()`).
+    show_consoles: Arc<AtomicBool>,
 }
 
 impl RunLog {
@@ -21,17 +25,32 @@ impl RunLog {
     pub fn create(path: &Path) -> io::Result<Self> {
         Ok(Self {
             file: Arc::new(Mutex::new(Some(File::create(path)?))),
+            show_consoles: Arc::new(AtomicBool::new(true)),
         })
     }
 
     /// Writes one line.
     pub fn line(&self, text: impl AsRef<str>) {
-        let text = text.as_ref();
+        self.write(text.as_ref(), true);
+    }
+
+    /// Writes a line of `node`'s console, as `node # text`.
+    pub fn console_line(&self, node: &str, text: &str) {
+        self.write(&format!("{node} # {text}"), self.show_consoles.load(Ordering::Relaxed));
+    }
+
+    /// Shows consoles on stderr, or keeps them to the file only.
+    pub fn show_consoles(&self, show: bool) {
+        self.show_consoles.store(show, Ordering::Relaxed);
+    }
+
+    fn write(&self, text: &str, on_stderr: bool) {
         let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        eprintln!("{text}");
+        if on_stderr {
+            eprintln!("{text}");
+        }
         if let Some(file) = file.as_mut() {
-            // The log file is a copy of what the terminal shows; losing a
-            // line of it must not end the run.
+            // Losing a line of the log file must not end the run.
             let _ = writeln!(file, "{text}");
         }
     }

@@ -13,7 +13,21 @@ use crate::spec::{nearest, Diagnostic, SourceFile, TestSpec};
 
 /// The names the driver gives every script besides its nodes; the Python
 /// client's `DRIVER_GLOBALS` (a test keeps the two the same).
-pub const DRIVER_GLOBALS: &[&str] = &["start_all", "subtest", "retry", "t", "log", "partition", "heal", "vlan", "vlans"];
+pub const DRIVER_GLOBALS: &[&str] = &[
+    "start_all",
+    "join_all",
+    "subtest",
+    "retry",
+    "polling_condition",
+    "serial_stdout_on",
+    "serial_stdout_off",
+    "t",
+    "log",
+    "partition",
+    "heal",
+    "vlan",
+    "vlans",
+];
 
 /// Reads a script on stdin and prints, as JSON, its syntax error or the
 /// global names it reads without defining them.

@@ -248,3 +248,75 @@ else:
     assert!(with(true, false).contains("marker: from-last-run"));
     assert!(with(false, false).contains("marker: absent"));
 }
+
+#[test]
+fn waits_for_ports_sockets_files_units_and_console_text() {
+    let test = test_dir(
+        r#"
+[nodes.machine.services.listener]
+description = "TCP and stream listener"
+exec_start = "/usr/bin/systemd-socket-activate --inetd -a -l 7000 -l /run/stream.sock /bin/cat"
+
+[nodes.machine.services.datagram]
+wanted_by = ["multi-user.target"]
+exec_start = "/usr/bin/systemd-socket-activate --datagram -l /run/datagram.sock /bin/cat"
+
+[test]
+script = '''
+serial_stdout_off()
+machine.wait_for_console_text("starting systemd")
+machine.wait_for_unit("multi-user.target")
+machine.wait_for_closed_port(7000)
+assert machine.start_job("listener.service")[0] == 0
+machine.wait_for_open_port(7000)
+machine.wait_for_open_port(7000, addr="machine")
+machine.wait_for_open_unix_socket("/run/stream.sock")
+machine.wait_for_open_unix_socket("/run/datagram.sock", is_datagram=True)
+machine.require_unit_state("listener.service")
+assert machine.get_unit_property("listener.service", "Description") == "TCP and stream listener"
+assert machine.stop_job("listener.service")[0] == 0
+machine.wait_for_closed_port(7000)
+machine.require_unit_state("listener.service", "inactive")
+
+def fails_with(text, action):
+    try:
+        action()
+    except Exception as error:
+        assert text in str(error), str(error)
+        return
+    raise AssertionError(f"expected a failure saying {text!r}")
+
+fails_with("unit listener.service is inactive, expected active", lambda: machine.require_unit_state("listener.service"))
+fails_with("TCP port 7001 on localhost was not open within 1 s", lambda: machine.wait_for_open_port(7001, timeout=1))
+
+machine.succeed("(sleep 2; touch /run/late) >/dev/null 2>&1 &")
+machine.wait_for_file("/run/late")
+
+@polling_condition(seconds_interval=0)
+def not_broken():
+    machine.fail("test -e /run/broken")
+
+with not_broken:
+    machine.succeed("true")
+machine.succeed("touch /run/broken")
+def broken_block():
+    with not_broken:
+        machine.succeed("true")
+fails_with("polling condition failed: not_broken", broken_block)
+
+machine.succeed("echo marker-while-quiet > /dev/console")
+machine.wait_for_console_text("marker-while-quiet")
+fails_with("did not appear on the console within 1", lambda: machine.wait_for_console_text("marker-while-quiet", timeout=1))
+assert "vmrig-init: starting systemd" in machine.get_console_log()
+serial_stdout_on()
+machine.execute("systemctl poweroff --no-block")
+join_all()
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(!output.contains("machine # marker-while-quiet"), "serial_stdout_off() let a console line through:\n{output}");
+    let log = fs::read_to_string(test.path().join("result/log.txt")).unwrap();
+    assert!(log.contains("machine # marker-while-quiet"), "the log file lacks a console line:\n{log}");
+}

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmrig_proto::{Command, EntryKind, Program};
+use vmrig_proto::{Command, EntryKind, Program, SocketTarget};
 
 use super::Run;
 use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
 
 /// Pause between attempts of `wait_until_succeeds` and friends.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
-/// Pause between looks at a unit's state.
-const UNIT_POLL: Duration = Duration::from_millis(200);
+/// Pause between looks at a unit's state, a port, a socket or a file.
+const POLL_PAUSE: Duration = Duration::from_millis(200);
 
 #[derive(Deserialize)]
 struct Request {
@@ -141,6 +141,10 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             run.rules.lock().unwrap_or_else(|p| p.into_inner()).groups = groups;
             return Ok(Value::Null);
         }
+        "serial_stdout" => {
+            run.log.show_consoles(args["on"].as_bool().unwrap_or(true));
+            return Ok(Value::Null);
+        }
         "start_all" => {
             let _block = run.log.block(None, "starting all VMs");
             for machine in run.machines.values_mut() {
@@ -204,30 +208,32 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
             let verb = if want_success { "waiting for success" } else { "waiting for failure" };
             let _block = log.block(Some(&node), format!("{verb}: {command}"));
-            let give_up = Instant::now() + limit;
-            loop {
-                let left = give_up.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+            let until = give_up(limit, deadline);
+            let mut last = None;
+            let done = poll_until(until, RETRY_PAUSE, || {
+                let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
                 let outcome = shell(machine, &command, Some(left))?;
-                if outcome.succeeded() == want_success {
-                    return Ok(Value::String(text(&outcome.stdout)));
-                }
-                if Instant::now() + RETRY_PAUSE > give_up.min(deadline) {
-                    let wanted = if want_success { "succeed" } else { "fail" };
-                    return Err(Failure::Test(format!(
-                        "{node}: command `{command}` did not {wanted} within {} s\n{}",
-                        limit.as_secs(),
-                        output_report(&outcome)
-                    )));
-                }
-                std::thread::sleep(RETRY_PAUSE);
+                let done = outcome.succeeded() == want_success;
+                last = Some(outcome);
+                Ok(done)
+            })?;
+            let outcome = last.expect("the command ran at least once");
+            if !done {
+                let wanted = if want_success { "succeed" } else { "fail" };
+                return Err(Failure::Test(format!(
+                    "{node}: command `{command}` did not {wanted} within {} s\n{}",
+                    limit.as_secs(),
+                    output_report(&outcome)
+                )));
             }
+            return Ok(Value::String(text(&outcome.stdout)));
         }
         "wait_for_unit" => {
             let unit = string_arg(args, "unit")?;
             let user = args["user"].as_str();
             let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
             let _block = log.block(Some(&node), format!("waiting for unit {unit}"));
-            wait_for_unit(machine, &node, &unit, user, (Instant::now() + limit).min(deadline), limit)?;
+            wait_for_unit(machine, &node, &unit, user, give_up(limit, deadline), limit)?;
         }
         "get_unit_info" => {
             let unit = string_arg(args, "unit")?;
@@ -235,8 +241,11 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 .ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))?;
             return Ok(json!(info));
         }
-        "systemctl" => {
-            let query = string_arg(args, "query")?;
+        "systemctl" | "start_job" | "stop_job" => {
+            let query = match request.method.as_str() {
+                "systemctl" => string_arg(args, "query")?,
+                verb => format!("{} {}", verb.trim_end_matches("_job"), shell_quote(&string_arg(args, "unit")?)),
+            };
             let outcome = shell(machine, &systemctl_command(&query, args["user"].as_str()), None)?;
             return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
         }
@@ -266,6 +275,75 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 Err(error) => Err(error.into()),
             };
         }
+        "wait_for_shutdown" => {
+            let _block = log.block(Some(&node), "waiting for the VM to power off");
+            let left = deadline.saturating_duration_since(Instant::now());
+            match machine.wait_for_exit(left) {
+                Err(VmError::ShutdownTimeout { .. }) => return Err(Failure::Test(format!("{node}: the VM did not power off"))),
+                other => other?,
+            }
+        }
+        "wait_for_open_port" | "wait_for_closed_port" => {
+            let port = args["port"].as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+            let port = port.ok_or_else(|| Failure::Test("`port` must be a port number (1 to 65535)".into()))?;
+            let host = args["addr"].as_str().unwrap_or("localhost").to_string();
+            let want_open = request.method == "wait_for_open_port";
+            let state = if want_open { "open" } else { "closed" };
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for TCP port {port} on {host} to be {state}"));
+            let target = SocketTarget::Tcp { host: host.clone(), port };
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(machine.connects(target.clone())? == want_open))? {
+                return Err(Failure::Test(format!("{node}: TCP port {port} on {host} was not {state} within {} s", limit.as_secs())));
+            }
+        }
+        "wait_for_open_unix_socket" => {
+            let path = string_arg(args, "addr")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let target = if args["is_datagram"].as_bool().unwrap_or(false) {
+                SocketTarget::UnixDatagram { path: path.clone() }
+            } else {
+                SocketTarget::UnixStream { path: path.clone() }
+            };
+            let _block = log.block(Some(&node), format!("waiting for Unix socket {path} to accept"));
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || machine.connects(target.clone()).map_err(Failure::from))? {
+                return Err(Failure::Test(format!("{node}: Unix socket {path} did not accept within {} s", limit.as_secs())));
+            }
+        }
+        "wait_for_file" => {
+            let path = string_arg(args, "filename")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for file {path}"));
+            let test = format!("test -e {}", shell_quote(&path));
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(shell(machine, &test, None)?.succeeded()))? {
+                return Err(Failure::Test(format!("{node}: file {path} did not appear within {} s", limit.as_secs())));
+            }
+        }
+        "get_unit_property" => {
+            let unit = string_arg(args, "unit")?;
+            let property = string_arg(args, "property")?;
+            let info = unit_info(machine, &unit, args["user"].as_str())?
+                .ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))?;
+            let value = info.get(&property).ok_or_else(|| Failure::Test(format!("{node}: unit {unit} has no property {property}")))?;
+            return Ok(Value::String(value.clone()));
+        }
+        "require_unit_state" => {
+            let unit = string_arg(args, "unit")?;
+            let wanted = string_arg(args, "require_state")?;
+            let _block = log.block(Some(&node), format!("checking that unit {unit} is {wanted}"));
+            let info = unit_info(machine, &unit, None)?.ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))?;
+            let state = info.get("ActiveState").map(String::as_str).unwrap_or_default();
+            if state != wanted {
+                return Err(Failure::Test(format!("{node}: unit {unit} is {state}, expected {wanted}")));
+            }
+        }
+        "console_lines" => {
+            // Waiting for a console is a use of the node: it starts.
+            machine.start()?;
+            let first = args["first"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+            let wait = seconds_arg(args, "wait").unwrap_or_default().min(deadline.saturating_duration_since(Instant::now()));
+            return Ok(json!(machine.console_lines(first, wait)));
+        }
+        "console_log" => return Ok(Value::String(machine.console_lines(0, Duration::ZERO).join("\n"))),
         "send_monitor_command" => {
             let command = string_arg(args, "command")?;
             return Ok(Value::String(machine.monitor_command(&command)?));
@@ -315,9 +393,33 @@ fn systemctl_command(query: &str, user: Option<&str>) -> String {
     match user {
         None => format!("systemctl {query}"),
         Some(user) => format!(
-            "su -l {user} --shell /bin/sh -c 'XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user {}'",
-            query.replace('\'', r"'\''")
+            "su -l {user} --shell /bin/sh -c {}",
+            shell_quote(&format!("XDG_RUNTIME_DIR=/run/user/$(id -u) systemctl --user {query}"))
         ),
+    }
+}
+
+/// `text` as one word for `bash`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
+/// When a wait of `limit` gives up: then, or at the run's deadline.
+fn give_up(limit: Duration, deadline: Instant) -> Instant {
+    (Instant::now() + limit).min(deadline)
+}
+
+/// Asks `done` every `pause` until it says yes (`true`) or `give_up` has
+/// passed (`false`).
+fn poll_until(give_up: Instant, pause: Duration, mut done: impl FnMut() -> Result<bool, Failure>) -> Result<bool, Failure> {
+    loop {
+        if done()? {
+            return Ok(true);
+        }
+        if Instant::now() + pause > give_up {
+            return Ok(false);
+        }
+        std::thread::sleep(pause);
     }
 }
 
@@ -338,31 +440,30 @@ fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Op
 }
 
 fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&str>, give_up: Instant, limit: Duration) -> Result<(), Failure> {
-    loop {
-        if let Some(info) = unit_info(machine, unit, user)? {
-            let state = info.get("ActiveState").map(String::as_str).unwrap_or_default();
-            match state {
-                "active" => return Ok(()),
-                "failed" => return Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\""))),
-                "inactive" => {
-                    let jobs = shell(machine, &systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
-                    if text(&jobs.stdout).contains("No jobs") {
-                        // It may have become active meanwhile.
-                        let again = unit_info(machine, unit, user)?.unwrap_or_default();
-                        if again.get("ActiveState").map(String::as_str) == Some("active") {
-                            return Ok(());
-                        }
-                        return Err(Failure::Test(format!("{node}: unit {unit} is inactive and there are no pending jobs")));
-                    }
+    let active = poll_until(give_up, POLL_PAUSE, || {
+        let Some(info) = unit_info(machine, unit, user)? else { return Ok(false) };
+        match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
+            "active" => Ok(true),
+            "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\""))),
+            "inactive" => {
+                let jobs = shell(machine, &systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
+                if !text(&jobs.stdout).contains("No jobs") {
+                    return Ok(false);
                 }
-                _ => {}
+                // It may have become active meanwhile.
+                let again = unit_info(machine, unit, user)?.unwrap_or_default();
+                if again.get("ActiveState").map(String::as_str) == Some("active") {
+                    return Ok(true);
+                }
+                Err(Failure::Test(format!("{node}: unit {unit} is inactive and there are no pending jobs")))
             }
+            _ => Ok(false),
         }
-        if Instant::now() > give_up {
-            return Err(Failure::Test(format!("{node}: unit {unit} did not become active within {} s", limit.as_secs())));
-        }
-        std::thread::sleep(UNIT_POLL);
+    })?;
+    if !active {
+        return Err(Failure::Test(format!("{node}: unit {unit} did not become active within {} s", limit.as_secs())));
     }
+    Ok(())
 }
 
 fn copy_from_host(machine: &mut Machine, source: &Path, target: &str) -> Result<(), Failure> {

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, Stream, MAX_DATA};
+use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, SocketTarget, Stream, MAX_DATA};
 
 /// Errors of the agent connection.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +213,17 @@ impl AgentClient {
                 (Reply::Error { message }, _) => return Err(AgentError::Agent(message)),
                 (other, _) => return Err(AgentError::Unexpected(format!("{other:?}"))),
             }
+        }
+    }
+
+    /// Asks the agent to connect to `target` and hang up: whether
+    /// something accepted.
+    pub fn connects(&mut self, target: SocketTarget) -> Result<bool, AgentError> {
+        self.send(&Request::Connect(target), &[])?;
+        match self.expect_ack() {
+            Ok(()) => Ok(true),
+            Err(AgentError::Agent(_)) => Ok(false),
+            Err(error) => Err(error),
         }
     }
 

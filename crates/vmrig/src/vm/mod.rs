@@ -18,11 +18,12 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry};
 use vmrig_proto::tunnel::TUNNEL_PORT;
-use vmrig_proto::{AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
+use vmrig_proto::{SocketTarget, AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
 use crate::host::QEMU;
 use crate::runlog::RunLog;
@@ -169,13 +170,27 @@ pub struct Machine {
     log: RunLog,
     running: Option<Running>,
     forwards: Forwards,
+    console: Arc<Console>,
+}
+
+/// Every line the node's console printed in this run, across its boots.
+#[derive(Default)]
+struct Console {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+impl Console {
+    fn lines(&self) -> MutexGuard<'_, Vec<String>> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Machine {
     /// A machine that is not started yet.
     pub fn new(config: MachineConfig, log: RunLog) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
-        Self { config, log, running: None, forwards }
+        Self { config, log, running: None, forwards, console: Arc::default() }
     }
 
     fn agent_socket(&self) -> PathBuf {
@@ -285,7 +300,7 @@ impl Machine {
         let mut qemu = command.spawn().map_err(|source| VmError::Spawn { node: self.config.name.clone(), source })?;
         self.log.line(format!("{}: QEMU running (pid {})", self.config.name, qemu.id()));
         let stdout = qemu.stdout.take().expect("stdout is piped");
-        spawn_console_reader(self.config.name.clone(), stdout, console, self.log.clone());
+        spawn_console_reader(self.config.name.clone(), stdout, console, Arc::clone(&self.console), self.log.clone());
         self.running = Some(Running { qemu, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
         Ok(())
     }
@@ -492,6 +507,24 @@ impl Machine {
         self.qmp()?.human_monitor_command(command_line).map_err(|source| VmError::Qmp { node, source })
     }
 
+    /// The console's lines from number `first` on (counting from 0 at the
+    /// run's start), waiting up to `wait` for one to come if there is none.
+    pub fn console_lines(&self, first: usize, wait: Duration) -> Vec<String> {
+        let lines = self.console.lines();
+        let (lines, _) = self
+            .console
+            .grew
+            .wait_timeout_while(lines, wait, |lines| lines.len() <= first)
+            .unwrap_or_else(|p| p.into_inner());
+        lines.get(first..).unwrap_or_default().to_vec()
+    }
+
+    /// Asks the agent to connect to `target`: whether something accepted.
+    pub fn connects(&mut self, target: SocketTarget) -> Result<bool, VmError> {
+        let result = self.agent()?.connects(target);
+        result.map_err(|e| self.agent_error(e))
+    }
+
     /// Ends QEMU at once.
     fn kill(&mut self) {
         if let Some(mut running) = self.running.take() {
@@ -555,15 +588,18 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
-/// Copies the console to its log file and to the run log as `node # …`.
-fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, log: RunLog) {
+/// Copies the console to its log file, to the run log as `node # …`, and
+/// to the lines kept for the script.
+fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, console: Arc<Console>, log: RunLog) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
         while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
             let _ = file.write_all(&line);
-            let text = String::from_utf8_lossy(&line);
-            log.line(format!("{name} # {}", text.trim_end_matches(['\n', '\r'])));
+            let text = String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r']).to_string();
+            log.console_line(&name, &text);
+            console.lines().push(text);
+            console.grew.notify_all();
             line.clear();
         }
     });
