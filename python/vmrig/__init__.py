@@ -385,8 +385,13 @@ def _run(script: str, path: str, first_line: int) -> int:
 
     @contextlib.contextmanager
     def subtest(name: str):
-        driver.call("log", message=f"subtest: {name}")
-        yield
+        driver.call("subtest_start", name=name)
+        try:
+            yield
+        except BaseException as error:
+            driver.call("subtest_end", failure=_describe(error, path))
+            raise
+        driver.call("subtest_end", failure=None)
 
     def retry(fn: Callable[[bool], bool], timeout: Timeout = 900) -> None:
         deadline = time.monotonic() + (_seconds(timeout) or 900)
@@ -434,23 +439,27 @@ def _run(script: str, path: str, first_line: int) -> int:
     code = compile("\n" * (first_line - 1) + script, path, "exec")
     try:
         exec(code, namespace)
-    except InfrastructureError as error:
-        _print_traceback(error, path)
-        return 3
     except BaseException as error:  # the script's own failure, whatever it raised
-        _print_traceback(error, path)
+        description = _describe(error, path)
+        sys.stdout.write(description)
+        sys.stdout.flush()
+        if isinstance(error, InfrastructureError):
+            return 3
+        try:
+            driver.call("script_failed", message=description)
+        except Exception:
+            pass  # the driver is gone; the exit status still tells
         return 1
     return 0
 
 
-def _print_traceback(error: BaseException, path: str) -> None:
-    """Prints the traceback, keeping only the script's own frames."""
+def _describe(error: BaseException, path: str) -> str:
+    """The traceback of error, keeping only the script's own frames."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
     lines = ["Traceback (most recent call last):\n"]
     lines += traceback.format_list(frames)
     lines += traceback.format_exception_only(type(error), error)
-    sys.stdout.write("".join(lines))
-    sys.stdout.flush()
+    return "".join(lines)
 
 
 def _main() -> None:

@@ -5,6 +5,7 @@
 //! command line is wrong, 3 the infrastructure failed (host tools, build,
 //! boot, QEMU).
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use clap::{Parser, Subcommand};
 use crate::driver::{self, AccelChoice, DriverError, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
 use crate::image::{self, ImageError};
-use crate::spec::{Diagnostics, SpecError, TestSpec};
+use crate::spec::{Diagnostics, SpecError, TestSpec, RESULT_DIR};
 use crate::store::{Provenance, Store, StoreError};
 use crate::ui::Ui;
 
@@ -52,6 +53,12 @@ enum Commands {
         /// The whole run's time limit in seconds (default: the test's `timeout`).
         #[arg(long, value_name = "SECONDS")]
         timeout: Option<u64>,
+        /// Run even if the same inputs passed before.
+        #[arg(long)]
+        rebuild: bool,
+        /// Also write the JUnit report (result/junit.xml) to this path.
+        #[arg(long, value_name = "PATH")]
+        junit: Option<PathBuf>,
     },
     /// Build (or find in the store) every node's image.
     Build {
@@ -80,6 +87,8 @@ enum Failure {
     Script(#[from] crate::script::ScriptError),
     #[error(transparent)]
     Driver(#[from] DriverError),
+    #[error("cannot write the JUnit report to {}", .path.display())]
+    Junit { path: PathBuf, source: std::io::Error },
 }
 
 impl Failure {
@@ -87,7 +96,7 @@ impl Failure {
         match self {
             Self::Spec(_) | Self::Invalid(_) => EXIT_USAGE,
             Self::Image(ImageError::UnknownPackages { .. }) | Self::Driver(DriverError::Image(ImageError::UnknownPackages { .. })) => EXIT_USAGE,
-            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Driver(_) => EXIT_INFRA,
+            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Driver(_) | Self::Junit { .. } => EXIT_INFRA,
         }
     }
 }
@@ -98,9 +107,9 @@ pub fn main() -> ExitCode {
     let ui = Ui::detect();
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
-        Commands::Run { test, accel, keep_state, timeout } => {
-            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs) };
-            run(&test, ui, &options)
+        Commands::Run { test, accel, keep_state, timeout, rebuild, junit } => {
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild };
+            run(&test, ui, &options, junit.as_deref())
         }
         Commands::Build { test } => build(&test, ui),
         Commands::Doctor => Ok(doctor(ui)),
@@ -143,12 +152,28 @@ fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
+fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
     let store = Store::open(Store::default_location()?)?;
-    match driver::run(&spec, &store, ui, options)? {
-        Outcome::Passed => {
+    let outcome = driver::run(&spec, &store, ui, options)?;
+    let result_dir = spec.dir.join(RESULT_DIR);
+    if let Some(junit) = junit {
+        let report = result_dir.join("junit.xml");
+        fs::copy(&report, junit).map_err(|source| Failure::Junit { path: junit.to_path_buf(), source })?;
+    }
+    match outcome {
+        Outcome::Passed { .. } => {
             ui.say(format!("{}: passed", spec.name));
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::PassedBefore(pass) => {
+            ui.say(format!(
+                "{}: passed (cached from {}, {:.2} s); report in {}",
+                spec.name,
+                pass.when_text(),
+                pass.duration.as_secs_f64(),
+                result_dir.display()
+            ));
             Ok(ExitCode::SUCCESS)
         }
         Outcome::Failed => {
@@ -161,7 +186,8 @@ fn run(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
 fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
     let store = Store::open(Store::default_location()?)?;
-    for (node, boot) in image::boot_files_for(&spec, &store, ui)? {
+    let requests = image::plan_for(&spec)?;
+    for (node, boot) in image::boot_files_for(&requests, &Agent::locate()?, &store, ui)? {
         let how = match boot.image_provenance {
             Provenance::Built => "built",
             Provenance::Cached => "cached",

@@ -6,7 +6,9 @@
 //! cached in the [`store`]; [`host`] finds the programs and the accelerator
 //! the run needs; [`driver`] gives each node its [`nodeconfig`] layer, boots
 //! it as a [`vm`] and runs the test script against it, logging to the
-//! [`runlog`]; [`script`] checks the script beforehand. [`cli`] is the
+//! [`runlog`]; [`report`] writes the JUnit file and records a pass so that
+//! the same inputs need not run again; [`script`] checks the script
+//! beforehand. [`cli`] is the
 //! command line over all of it and [`ui`] is how build progress looks.
 
 pub mod cli;
@@ -16,6 +18,7 @@ pub mod host;
 pub mod image;
 pub mod net;
 pub mod nodeconfig;
+pub mod report;
 pub mod runlog;
 pub mod script;
 pub mod spec;

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{run, text, vmrig_run};
+use common::{run, text, vmrig_run, vmrig_run_cached};
 
 /// A test directory holding `toml` as its definition.
 fn test_dir(toml: &str) -> tempfile::TempDir {
@@ -319,4 +319,87 @@ join_all()
     assert!(!output.contains("machine # marker-while-quiet"), "serial_stdout_off() let a console line through:\n{output}");
     let log = fs::read_to_string(test.path().join("result/log.txt")).unwrap();
     assert!(log.contains("machine # marker-while-quiet"), "the log file lacks a console line:\n{log}");
+}
+
+#[test]
+fn a_pass_is_recorded_and_answered_from_the_store_until_an_input_changes() {
+    // A fresh definition, so that no earlier `cargo test` recorded it.
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let test = test_dir(&format!(
+        r#"# run {nonce}
+[nodes.machine]
+
+[test]
+script = '''
+with subtest("boots"):
+    machine.succeed("true")
+with subtest("reads its input"):
+    machine.succeed("true")
+'''
+"#
+    ));
+    let cached_run = |extra: &[&str]| {
+        let output = vmrig_run_cached(test.path()).args(extra).output().unwrap();
+        (output.status.code(), text(&output))
+    };
+    let (code, output) = cached_run(&[]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("machine: starting vm"), "{output}");
+    let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
+    assert!(junit.contains(r#"tests="2" failures="0""#), "{junit}");
+    assert!(junit.contains(r#"name="reads its input""#), "{junit}");
+
+    let (code, output) = cached_run(&[]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains(": passed (cached from "), "{output}");
+    assert!(!output.contains("starting vm"), "a recorded pass booted a VM:\n{output}");
+
+    // The report comes back from the store when it is gone.
+    fs::remove_dir_all(test.path().join("result")).unwrap();
+    let (code, output) = cached_run(&[]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("(cached from "), "{output}");
+    assert_eq!(fs::read_to_string(test.path().join("result/junit.xml")).unwrap(), junit);
+    assert!(fs::read_to_string(test.path().join("result/log.txt")).unwrap().contains("subtest: reads its input"));
+
+    // Any file of the test directory is an input.
+    fs::write(test.path().join("input.txt"), "new").unwrap();
+    let (code, output) = cached_run(&[]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("machine: starting vm"), "an edited input was answered from the store:\n{output}");
+    let (_, output) = cached_run(&["--rebuild"]);
+    assert!(output.contains("machine: starting vm"), "--rebuild was answered from the store:\n{output}");
+}
+
+#[test]
+fn a_failure_is_reported_in_its_subtest_and_never_recorded() {
+    let test = test_dir(
+        r#"
+[nodes.machine]
+
+[test]
+script = '''
+with subtest("passes"):
+    machine.succeed("true")
+with subtest("fails"):
+    machine.succeed("echo broken >&2; false")
+'''
+"#,
+    );
+    let junit_copy = test.path().join("copy.xml");
+    for _ in 0..2 {
+        let output = vmrig_run_cached(test.path()).arg("--junit").arg(&junit_copy).output().unwrap();
+        let output_text = text(&output);
+        assert_eq!(output.status.code(), Some(1), "{output_text}");
+        assert!(output_text.contains("machine: starting vm"), "a failure was answered from the store:\n{output_text}");
+    }
+    let junit = fs::read_to_string(&junit_copy).unwrap();
+    assert_eq!(junit, fs::read_to_string(test.path().join("result/junit.xml")).unwrap());
+    assert!(junit.contains(r#"tests="2" failures="1""#), "{junit}");
+    let failing = junit.split(r#"name="fails""#).nth(1).expect("a case for the failing subtest");
+    assert!(
+        failing.contains("<failure message=\"vmrig.TestFailure: machine: command `echo broken &gt;&amp;2; false` failed (exit status 1)"),
+        "{junit}"
+    );
+    assert!(failing.contains("stderr: broken"), "{junit}");
 }

@@ -141,6 +141,18 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             run.rules.lock().unwrap_or_else(|p| p.into_inner()).groups = groups;
             return Ok(Value::Null);
         }
+        "subtest_start" => {
+            run.subtests.start(string_arg(args, "name")?, &run.log);
+            return Ok(Value::Null);
+        }
+        "subtest_end" => {
+            run.subtests.end(args["failure"].as_str().map(str::to_string));
+            return Ok(Value::Null);
+        }
+        "script_failed" => {
+            run.subtests.failure = Some(string_arg(args, "message")?);
+            return Ok(Value::Null);
+        }
         "serial_stdout" => {
             run.log.show_consoles(args["on"].as_bool().unwrap_or(true));
             return Ok(Value::Null);

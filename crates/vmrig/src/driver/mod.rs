@@ -19,13 +19,14 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{file_error, FileError};
-use crate::host::{self, Kvm, PYTHON};
-use crate::image::{self, BootFiles, ImageError};
+use crate::host::{self, Agent, Kvm, PYTHON};
+use crate::image::{self, BootFiles, ImageError, ImageRequest};
 use crate::net::{self, SharedRules, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
-use crate::runlog::RunLog;
+use crate::report::{self, Case, RecordedPass};
+use crate::runlog::{Block, RunLog};
 use crate::spec::{TestSpec, RESULT_DIR};
-use crate::store::{key_of, Store};
+use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::vm::{Accel, Machine, MachineConfig};
 
@@ -56,15 +57,22 @@ pub struct RunOptions {
     pub keep_state: bool,
     /// Override of the test's global timeout.
     pub timeout: Option<Duration>,
+    /// Run even if the same inputs passed before.
+    pub rebuild: bool,
 }
 
 /// How the test ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The script ran to its end.
-    Passed,
+    /// The script ran to its end, in `duration`.
+    Passed {
+        /// How long the script ran.
+        duration: Duration,
+    },
     /// The script failed (or ran out of time).
     Failed,
+    /// The same inputs passed before: nothing ran.
+    PassedBefore(RecordedPass),
 }
 
 /// Errors of the driver layer: vmrig or the host failed, not the test.
@@ -85,17 +93,43 @@ pub enum DriverError {
     /// A file of the run could not be written.
     #[error(transparent)]
     Io(#[from] FileError),
+    /// A pass could not be recorded.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The script's interpreter failed in a way that is not the test's.
     #[error("the test script's python3 failed: {0}")]
     Script(String),
 }
 
 
-/// Runs `spec` and reports whether it passed.
+/// Runs `spec` and reports whether it passed, or answers from the store
+/// when the same inputs passed before (unless `options.rebuild`).
 pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
-    let boot_files = image::boot_files_for(spec, store, ui)?;
-
+    let requests = image::plan_for(spec)?;
+    let agent = Agent::locate()?;
+    let mut layers = BTreeMap::new();
+    for node in spec.nodes.values() {
+        let mut layer = Vec::new();
+        nodeconfig::write_layer(&mut layer, spec, node)?;
+        layers.insert(node.name.clone(), layer);
+    }
+    let key = report::Inputs {
+        test_dir: &spec.dir,
+        layers: layers.values().map(Vec::as_slice).collect(),
+        image_keys: requests.iter().map(ImageRequest::key).collect(),
+        agent: &agent.bytes,
+    }
+    .key()?;
     let result_dir = spec.dir.join(RESULT_DIR);
+    // A kept writable layer is an input the key does not cover.
+    let cacheable = !options.keep_state;
+    if cacheable && !options.rebuild {
+        if let Some(pass) = report::recorded_pass(store, &key, &result_dir)? {
+            return Ok(Outcome::PassedBefore(pass));
+        }
+    }
+
+    let boot_files = image::boot_files_for(&requests, &agent, store, ui)?;
     if result_dir.exists() {
         fs::remove_dir_all(&result_dir).map_err(file_error("clear", &result_dir))?;
     }
@@ -129,7 +163,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     for node in spec.nodes.values() {
         let boot = &boot_files[&node.name];
         let initrd = private.path().join(format!("{}.initrd", node.name));
-        write_node_initrd(&initrd, boot, spec, node)?;
+        write_node_initrd(&initrd, boot, &layers[&node.name])?;
         let state_disk = state_dir.join(format!("{}.ext4", node.name));
         if !(options.keep_state && state_disk.exists()) {
             make_state_disk(&state_disk)?;
@@ -173,14 +207,66 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
         rules,
         _switches: switches,
         log: log.clone(),
-        result_dir,
+        result_dir: result_dir.clone(),
+        subtests: Subtests::default(),
     };
     let timeout = options.timeout.unwrap_or(spec.timeout);
     let outcome = run.run_script(private.path(), timeout);
+    let cases = std::mem::take(&mut run.subtests).into_cases(&spec.name, &outcome);
     let cleanup = log.block(None, "cleanup");
     drop(run);
     drop(cleanup);
+
+    let junit = result_dir.join("junit.xml");
+    fs::write(&junit, report::junit_xml(&spec.name, &cases)).map_err(file_error("write", &junit))?;
+    report::mark(&result_dir, &key)?;
+    if let (Ok(Outcome::Passed { duration }), true) = (&outcome, cacheable) {
+        report::record_pass(store, &key, &result_dir, *duration)?;
+    }
     outcome
+}
+
+/// The script's subtests, as JUnit cases, and why the script failed.
+#[derive(Default)]
+struct Subtests {
+    /// Started and not ended, innermost last.
+    open: Vec<(String, Instant, Block)>,
+    ended: Vec<Case>,
+    /// The script's failure, as the client described it.
+    failure: Option<String>,
+}
+
+impl Subtests {
+    fn start(&mut self, name: String, log: &RunLog) {
+        let block = log.block(None, format!("subtest: {name}"));
+        self.open.push((name, Instant::now(), block));
+    }
+
+    fn end(&mut self, failure: Option<String>) {
+        if let Some((name, started, _block)) = self.open.pop() {
+            self.ended.push(Case { name, duration: started.elapsed(), failure });
+        }
+    }
+
+    /// The cases of the run: its subtests, or the whole script when it had
+    /// none; a failure outside every subtest is a case of its own.
+    fn into_cases(mut self, test: &str, outcome: &Result<Outcome, DriverError>) -> Vec<Case> {
+        let failure = match outcome {
+            Ok(Outcome::Passed { .. }) => None,
+            Ok(_) => Some(self.failure.take().unwrap_or_else(|| "the test failed".into())),
+            Err(error) => Some(crate::error::chain(error)),
+        };
+        // Subtests still open when the script ended (out of time) failed.
+        while !self.open.is_empty() {
+            self.end(failure.clone());
+        }
+        let duration = self.ended.iter().map(|c| c.duration).sum();
+        let failed_inside = self.ended.iter().any(|c| c.failure.is_some());
+        if self.ended.is_empty() || (failure.is_some() && !failed_inside) {
+            self.ended.push(Case { name: test.to_string(), duration, failure });
+        }
+        self.ended
+    }
 }
 
 /// The name prefix of runs' private directories in the temporary directory.
@@ -205,13 +291,11 @@ fn sweep_dead_runs() {
 }
 
 /// The node's initramfs: the image's, then the node's own layer.
-fn write_node_initrd(path: &Path, boot: &BootFiles, spec: &TestSpec, node: &crate::spec::Node) -> Result<(), DriverError> {
+fn write_node_initrd(path: &Path, boot: &BootFiles, layer: &[u8]) -> Result<(), DriverError> {
     let base = boot.initrd();
     fs::copy(&base, path).map_err(file_error("copy", &base))?;
-    let file = File::options().append(true).open(path).map_err(file_error("open", path))?;
-    let mut out = io::BufWriter::new(file);
-    nodeconfig::write_layer(&mut out, spec, node)?;
-    Ok(out.flush().map_err(file_error("write", path))?)
+    let mut file = File::options().append(true).open(path).map_err(file_error("open", path))?;
+    Ok(file.write_all(layer).map_err(file_error("write", path))?)
 }
 
 /// A fresh, sparse ext4 image for a node's writable layer.
@@ -278,6 +362,7 @@ pub(crate) struct Run<'a> {
     _switches: Vec<Switch>,
     log: RunLog,
     result_dir: PathBuf,
+    subtests: Subtests,
 }
 
 impl Run<'_> {
@@ -347,11 +432,14 @@ impl Run<'_> {
         }
         drop(script_block);
         if timed_out {
-            self.log.line(format!("the test ran out of time ({} s)", timeout.as_secs()));
+            let message = format!("the test ran out of time ({} s)", timeout.as_secs());
+            self.log.line(&message);
+            self.subtests.failure = Some(message);
             return Ok(Outcome::Failed);
         }
-        self.log.line(format!("test script finished in {:.2} s", started.elapsed().as_secs_f64()));
-        script_outcome(status)
+        let duration = started.elapsed();
+        self.log.line(format!("test script finished in {:.2} s", duration.as_secs_f64()));
+        script_outcome(status, duration)
     }
 
     /// Answers the script's requests until it disconnects; returns whether
@@ -384,9 +472,9 @@ impl Run<'_> {
     }
 }
 
-fn script_outcome(status: ExitStatus) -> Result<Outcome, DriverError> {
+fn script_outcome(status: ExitStatus, duration: Duration) -> Result<Outcome, DriverError> {
     match status.code() {
-        Some(0) => Ok(Outcome::Passed),
+        Some(0) => Ok(Outcome::Passed { duration }),
         Some(1) => Ok(Outcome::Failed),
         Some(3) => Err(DriverError::Script("the run's infrastructure failed (see the log above)".into())),
         _ => Err(DriverError::Script(format!("python3 ended unexpectedly ({status})"))),

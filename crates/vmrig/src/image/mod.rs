@@ -211,16 +211,19 @@ impl BootFiles {
     }
 }
 
-/// The boot files of every node of `spec`, by node name: each distinct
-/// package set's image built once (or found in `store`), shared by the
-/// nodes that use it.
-pub fn boot_files_for(spec: &TestSpec, store: &Store, ui: Ui) -> Result<BTreeMap<String, BootFiles>, ImageError> {
-    let agent = Agent::locate()?;
-    let sources = sources_for(spec)?;
+/// The images `spec` needs, from the archive [`sources_for`] picks.
+pub fn plan_for(spec: &TestSpec) -> Result<Vec<ImageRequest>, ImageError> {
+    Ok(plan(spec, &sources_for(spec)?))
+}
+
+/// The boot files of every node of `requests`, by node name: each image
+/// built once (or found in `store`), shared by the nodes that use it, with
+/// `agent` as their `/init`.
+pub fn boot_files_for(requests: &[ImageRequest], agent: &Agent, store: &Store, ui: Ui) -> Result<BTreeMap<String, BootFiles>, ImageError> {
     let builder = Builder::new(store, ui);
     let mut by_node = BTreeMap::new();
-    for request in plan(spec, &sources) {
-        let boot = builder.boot_files(&request, &agent)?;
+    for request in requests {
+        let boot = builder.boot_files(request, agent)?;
         for node in &request.nodes {
             by_node.insert(node.clone(), boot.clone());
         }

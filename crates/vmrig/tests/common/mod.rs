@@ -9,8 +9,17 @@ pub fn store() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e-store")
 }
 
-/// `vmrig run DIR` with the shared store and the host's own archive.
+/// `vmrig run --rebuild DIR` with the shared store and the host's own
+/// archive: every test boots its VMs, though an earlier `cargo test`
+/// recorded the same test's pass in the store.
 pub fn vmrig_run(dir: &Path) -> Command {
+    let mut command = vmrig_run_cached(dir);
+    command.arg("--rebuild");
+    command
+}
+
+/// `vmrig run DIR`, answering from the store when the test passed before.
+pub fn vmrig_run_cached(dir: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vmrig"));
     command.arg("run").arg(dir).env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
     command
