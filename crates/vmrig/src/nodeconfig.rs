@@ -31,7 +31,9 @@ pub struct NodeConfigError {
 }
 
 /// Units of a stock Debian boot that a test node never needs: login
-/// prompts, and kernel facilities loaded or mounted "just in case". Under
+/// prompts, kernel facilities loaded or mounted "just in case", a journal
+/// kept on disk, login records, an fstab the node does not have, and a
+/// random seed carried across boots. Under
 /// TCG they cost seconds of every boot. Masking them is part of the node's
 /// layer, not of the image, so a test can still start them by hand after
 /// `systemctl unmask`.
@@ -44,6 +46,25 @@ pub const MASKED_UNITS: &[&str] = &[
     "dev-hugepages.mount",
     "sys-kernel-debug.mount",
     "sys-kernel-tracing.mount",
+    "systemd-journal-flush.service",
+    "systemd-update-utmp.service",
+    "systemd-update-utmp-runlevel.service",
+    "systemd-remount-fs.service",
+    "systemd-random-seed.service",
+];
+
+/// Generators of a stock Debian boot that have nothing to find on a test
+/// node (encrypted, verity or integrity disks, GPT auto-discovery, resume
+/// from hibernation, offline updates, login prompts); each is a program
+/// systemd runs before its first unit.
+pub const MASKED_GENERATORS: &[&str] = &[
+    "systemd-cryptsetup-generator",
+    "systemd-gpt-auto-generator",
+    "systemd-hibernate-resume-generator",
+    "systemd-integritysetup-generator",
+    "systemd-veritysetup-generator",
+    "systemd-system-update-generator",
+    "systemd-getty-generator",
 ];
 
 /// The layer's writer: an overlay tree rooted at [`INITRAMFS_OVERLAY_DIR`]
@@ -113,6 +134,9 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
         for unit in MASKED_UNITS {
             layer.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+        }
+        for generator in MASKED_GENERATORS {
+            layer.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
         }
         for (name, service) in &node.services {
             let unit_path = format!("/etc/systemd/system/{name}.service");
