@@ -403,3 +403,24 @@ with subtest("fails"):
     );
     assert!(failing.contains("stderr: broken"), "{junit}");
 }
+
+#[test]
+fn the_global_timeout_cuts_a_command_short() {
+    let test = machine_test("machine.succeed(\"sleep infinity\")\n");
+    let mut child = vmrig_run(test.path()).args(["--timeout", "40"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Far more than the timeout, and far less than forever.
+    let give_up = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > give_up {
+            child.kill().unwrap();
+            panic!("vmrig ran on past its --timeout");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = child.wait_with_output().unwrap();
+    let output_text = text(&output);
+    assert_eq!(output.status.code(), Some(1), "{output_text}");
+    assert!(output_text.contains("the test ran out of time (40 s)"), "{output_text}");
+    let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
+    assert!(junit.contains("failures=\"1\""), "{junit}");
+}

@@ -421,6 +421,9 @@ impl Run<'_> {
         if let Some(stream) = connection {
             stream.set_nonblocking(false).map_err(file_error("use", &socket))?;
             let deadline = started + timeout;
+            for machine in self.machines.values_mut() {
+                machine.set_deadline(deadline);
+            }
             timed_out = self.serve(stream, deadline);
         }
         if timed_out {

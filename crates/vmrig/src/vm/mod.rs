@@ -171,6 +171,8 @@ pub struct Machine {
     running: Option<Running>,
     forwards: Forwards,
     console: Arc<Console>,
+    /// The run's end: no command or wait of this machine outlives it.
+    deadline: Option<Instant>,
 }
 
 /// Every line the node's console printed in this run, across its boots.
@@ -190,7 +192,20 @@ impl Machine {
     /// A machine that is not started yet.
     pub fn new(config: MachineConfig, log: RunLog) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
-        Self { config, log, running: None, forwards, console: Arc::default() }
+        Self { config, log, running: None, forwards, console: Arc::default(), deadline: None }
+    }
+
+    /// Makes every command and wait end by `deadline` at the latest.
+    pub fn set_deadline(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
+    }
+
+    /// `limit`, cut short by the run's deadline.
+    fn within_deadline(&self, limit: Duration) -> Duration {
+        match self.deadline {
+            Some(deadline) => limit.min(deadline.saturating_duration_since(Instant::now())),
+            None => limit,
+        }
     }
 
     fn agent_socket(&self) -> PathBuf {
@@ -321,10 +336,11 @@ impl Machine {
         let name = self.config.name.clone();
         let _block = self.log.block(Some(&name), "waiting for the VM to finish booting");
         let socket = self.agent_socket();
-        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
+        let deadline = Instant::now() + boot_timeout;
         let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
         let alive = || Path::new(&format!("/proc/{pid}")).exists();
-        let mut client = match AgentClient::connect(&socket, BOOT_TIMEOUT, alive) {
+        let mut client = match AgentClient::connect(&socket, boot_timeout, alive) {
             Ok(client) => client,
             Err(_) => return Err(self.exited_error()),
         };
@@ -411,8 +427,13 @@ impl Machine {
         }
     }
 
-    /// Runs `command` on the node.
-    pub fn exec(&mut self, command: vmrig_proto::Command) -> Result<ExecOutcome, VmError> {
+    /// Runs `command` on the node, within its time limit and the run's.
+    pub fn exec(&mut self, mut command: vmrig_proto::Command) -> Result<ExecOutcome, VmError> {
+        if self.deadline.is_some() {
+            let limit = command.timeout_ms.map_or(Duration::MAX, Duration::from_millis);
+            let limit = self.within_deadline(limit).max(Duration::from_millis(1));
+            command.timeout_ms = Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
+        }
         let result = self.agent()?.exec(command, &[], |_, _| {});
         result.map_err(|e| self.agent_error(e))
     }
@@ -444,7 +465,7 @@ impl Machine {
         let _block = self.log.block(Some(&name), "shutting down");
         let asked = self.agent()?.power(false);
         asked.map_err(|e| self.agent_error(e))?;
-        self.wait_for_exit(SHUTDOWN_TIMEOUT)
+        self.wait_for_exit(self.within_deadline(SHUTDOWN_TIMEOUT))
     }
 
     /// Waits until QEMU has exited.
