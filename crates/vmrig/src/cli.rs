@@ -65,6 +65,13 @@ enum Commands {
         /// The test directory (holding vmrig.toml).
         test: PathBuf,
     },
+    /// Trim the store: remove images, recorded passes and kept writable
+    /// layers unused for a while, and what interrupted builds left.
+    Gc {
+        /// Remove what went unused for more than this many days.
+        #[arg(long, value_name = "DAYS", default_value_t = 30)]
+        keep_days: u64,
+    },
     /// Report what this host has: QEMU, mmdebstrap, an image packer,
     /// python3, the guest agent, and whether KVM works.
     Doctor,
@@ -112,6 +119,7 @@ pub fn main() -> ExitCode {
             run(&test, ui, &options, junit.as_deref())
         }
         Commands::Build { test } => build(&test, ui),
+        Commands::Gc { keep_days } => gc(ui, keep_days),
         Commands::Doctor => Ok(doctor(ui)),
     };
     match outcome {
@@ -198,6 +206,21 @@ fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
             boot.image.manifest.meta["kernel"].as_str().unwrap_or("?"),
         ));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn gc(ui: Ui, keep_days: u64) -> Result<ExitCode, Failure> {
+    let store = Store::open(Store::default_location()?)?;
+    let report = store.gc(Duration::from_secs(keep_days.saturating_mul(86_400)))?;
+    ui.say(format!(
+        "removed {} item{} unused for {keep_days} days ({}); kept {} ({}) in {}",
+        report.removed,
+        if report.removed == 1 { "" } else { "s" },
+        crate::ui::bytes(report.removed_bytes),
+        report.kept,
+        crate::ui::bytes(report.kept_bytes),
+        store.root().display()
+    ));
     Ok(ExitCode::SUCCESS)
 }
 

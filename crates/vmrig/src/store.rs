@@ -10,17 +10,26 @@
 //! `<root>/locks/<kind>-<key>.lock`: the first builds, the others wait and
 //! then find the entry made. The store knows nothing of what entries mean;
 //! the image module decides keys and contents.
+//!
+//! Every lookup that finds an entry marks it used (the manifest's mtime);
+//! [`Store::gc`] removes entries, kept writable layers (`state/`) and build
+//! logs unused for longer than asked, and what dead builds left in `tmp/`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{file_error, FileError};
+
+/// Directories of the store root that are not entry kinds.
+const RESERVED_DIRS: [&str; 4] = ["tmp", "locks", "logs", STATE_DIR];
+/// Where runs with `--keep-state` keep their nodes' writable layers.
+const STATE_DIR: &str = "state";
 
 /// Name of the file in each entry that describes it.
 const MANIFEST: &str = "manifest.json";
@@ -148,6 +157,11 @@ impl Store {
         &self.root
     }
 
+    /// Where a run keeps its nodes' writable layers between runs, by `key`.
+    pub fn kept_state_dir(&self, key: &str) -> PathBuf {
+        self.root.join(STATE_DIR).join(key)
+    }
+
     /// Where builders keep the log of building `kind`/`key`.
     pub fn log_path(&self, kind: &str, key: &str) -> PathBuf {
         self.root.join("logs").join(format!("{kind}-{key}.log"))
@@ -161,8 +175,74 @@ impl Store {
     pub fn lookup(&self, kind: &str, key: &str) -> Option<Entry> {
         let path = self.entry_dir(kind, key);
         let manifest = read_manifest(&path).ok()?;
-        (manifest.version == MANIFEST_VERSION && manifest.key == key && files_match(&path, &manifest))
-            .then_some(Entry { path, manifest })
+        if !(manifest.version == MANIFEST_VERSION && manifest.key == key && files_match(&path, &manifest)) {
+            return None;
+        }
+        // Only a hint for `gc`: a lookup must not fail for it.
+        let _ = File::options()
+            .append(true)
+            .open(path.join(MANIFEST))
+            .and_then(|f| f.set_modified(SystemTime::now()));
+        Some(Entry { path, manifest })
+    }
+
+    /// Removes every entry, kept writable layer and build log not used for
+    /// `unused_for`, and the leftovers of builds that died. Entries being
+    /// built are left alone.
+    pub fn gc(&self, unused_for: Duration) -> Result<GcReport, StoreError> {
+        let cutoff = SystemTime::now().checked_sub(unused_for).unwrap_or(UNIX_EPOCH);
+        let mut report = GcReport::default();
+        let graveyard = self.staging_dir("gc", "removed")?;
+        let discard = |path: &Path, report: &mut GcReport| -> Result<(), StoreError> {
+            let bytes = disk_usage(path);
+            let target = graveyard.path().join(report.removed.to_string());
+            fs::rename(path, &target).map_err(file_error("remove", path))?;
+            report.removed += 1;
+            report.removed_bytes += bytes;
+            Ok(())
+        };
+        for kind in list_dir(&self.root)? {
+            let kind_name = kind.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if !kind.is_dir() || RESERVED_DIRS.contains(&kind_name.as_str()) {
+                continue;
+            }
+            for entry in list_dir(&kind)? {
+                let key = entry.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                let last_use = fs::metadata(entry.join(MANIFEST)).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+                // A builder holding the lock may be replacing it.
+                let lock = if last_use < cutoff { self.try_lock(&kind_name, &key)? } else { None };
+                match lock {
+                    Some(_lock) => discard(&entry, &mut report)?,
+                    None => report.keep(&entry),
+                }
+            }
+        }
+        for state in list_dir(&self.root.join(STATE_DIR)).unwrap_or_default() {
+            if newest_modification(&state) < cutoff {
+                discard(&state, &mut report)?;
+            } else {
+                report.keep(&state);
+            }
+        }
+        for log in list_dir(&self.root.join("logs"))? {
+            if fs::metadata(&log).and_then(|m| m.modified()).is_ok_and(|t| t < cutoff) {
+                fs::remove_file(&log).map_err(file_error("remove", &log))?;
+            }
+        }
+        for leftover in list_dir(&self.root.join("tmp"))? {
+            let name = leftover.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            // Staging directories are named `<kind>-<key>-<random>`.
+            let mut parts = name.splitn(3, '-');
+            let (Some(kind), Some(key)) = (parts.next(), parts.next()) else { continue };
+            if leftover == graveyard.path() {
+                continue;
+            }
+            if let Some(_lock) = self.try_lock(kind, key)? {
+                discard(&leftover, &mut report)?;
+            }
+        }
+        drop(graveyard);
+        Ok(report)
     }
 
     /// The entry `kind`/`key`, built by `build` if it is absent or damaged.
@@ -241,6 +321,22 @@ impl Store {
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| FileError::new("lock", &path, errno.into()).into())
     }
 
+    /// Takes the lock for `kind`/`key` if nobody holds it.
+    fn try_lock(&self, kind: &str, key: &str) -> Result<Option<Flock<File>>, StoreError> {
+        let path = self.root.join("locks").join(format!("{kind}-{key}.lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(file_error("open the lock", &path))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(FileError::new("lock", &path, errno.into()).into()),
+        }
+    }
+
     /// Removes a damaged entry and the staging directories of builds of this
     /// entry that died. Only called with the entry's lock held, so no live
     /// build owns them.
@@ -257,6 +353,57 @@ impl Store {
         }
         Ok(())
     }
+}
+
+/// What [`Store::gc`] did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Entries, kept layers and leftovers removed.
+    pub removed: usize,
+    /// The disk space they took.
+    pub removed_bytes: u64,
+    /// Entries and kept layers still there.
+    pub kept: usize,
+    /// The disk space they take.
+    pub kept_bytes: u64,
+}
+
+impl GcReport {
+    fn keep(&mut self, path: &Path) {
+        self.kept += 1;
+        self.kept_bytes += disk_usage(path);
+    }
+}
+
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    match fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.flatten().map(|e| e.path()).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(FileError::new("list", dir, e).into()),
+    }
+}
+
+/// The disk space below `path` (allocated blocks: sparse files count for
+/// what they hold).
+fn disk_usage(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(metadata) = fs::symlink_metadata(path) else { return 0 };
+    let own = metadata.blocks() * 512;
+    if !metadata.is_dir() {
+        return own;
+    }
+    own + list_dir(path).unwrap_or_default().iter().map(|child| disk_usage(child)).sum::<u64>()
+}
+
+/// The latest modification of a file at or below `path` (of `path` itself
+/// when it holds no file).
+fn newest_modification(path: &Path) -> SystemTime {
+    let own = fs::symlink_metadata(path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+    if !path.is_dir() {
+        return own;
+    }
+    let children = list_dir(path).unwrap_or_default();
+    children.iter().map(|child| newest_modification(child)).max().unwrap_or(own)
 }
 
 fn remove_tree(path: &Path) -> Result<(), StoreError> {
@@ -375,6 +522,48 @@ mod tests {
         fs::create_dir_all(&dead).unwrap();
         store.get_or_build("things", "k", build_hello).unwrap();
         assert!(!dead.exists());
+    }
+
+    fn age(path: &Path, days: u64) {
+        let then = SystemTime::now() - Duration::from_secs(days * 86_400);
+        File::options().append(true).open(path).unwrap().set_modified(then).unwrap();
+    }
+
+    #[test]
+    fn gc_removes_what_went_unused_and_keeps_what_was_looked_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for key in ["old", "fresh", "old-but-used", "building"] {
+            let (entry, _) = store.get_or_build("things", key, build_hello).unwrap();
+            age(&entry.file(MANIFEST), 40);
+        }
+        age(&store.entry_dir("things", "fresh").join(MANIFEST), 1);
+        assert!(store.lookup("things", "old-but-used").is_some());
+        let state = store.kept_state_dir("some-test");
+        fs::create_dir_all(&state).unwrap();
+        fs::write(state.join("node.ext4"), "layer").unwrap();
+        age(&state.join("node.ext4"), 40);
+        let dead_build = dir.path().join("tmp").join("things-gone-x1");
+        fs::create_dir_all(&dead_build).unwrap();
+        let live_build = dir.path().join("tmp").join("things-building-x2");
+        fs::create_dir_all(&live_build).unwrap();
+        let old_log = store.log_path("things", "old");
+        fs::write(&old_log, "log").unwrap();
+        age(&old_log, 40);
+
+        let building = store.lock("things", "building").unwrap();
+        let report = store.gc(Duration::from_secs(30 * 86_400)).unwrap();
+        drop(building);
+
+        assert!(store.lookup("things", "old").is_none());
+        assert!(store.lookup("things", "fresh").is_some());
+        assert!(store.lookup("things", "old-but-used").is_some());
+        assert!(store.lookup("things", "building").is_some(), "an entry being built was removed");
+        assert!(!state.exists() && !dead_build.exists() && !old_log.exists());
+        assert!(live_build.exists(), "a live build's staging directory was removed");
+        assert_eq!((report.removed, report.kept), (3, 3), "{report:?}");
+        assert!(report.removed_bytes > 0 && report.kept_bytes > 0);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "gc left its own leftovers");
     }
 
     #[test]

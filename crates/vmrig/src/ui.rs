@@ -93,3 +93,33 @@ impl Drop for Step {
         }
     }
 }
+
+/// A size for people: "812 KiB", "1.4 GiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if value < 10.0 {
+        format!("{value:.1} {}", UNITS[unit])
+    } else {
+        format!("{value:.0} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(super::bytes(0), "0 bytes");
+        assert_eq!(super::bytes(2048), "2.0 KiB");
+        assert_eq!(super::bytes(812 * 1024), "812 KiB");
+        assert_eq!(super::bytes(1_503_238_553), "1.4 GiB");
+    }
+}

@@ -1,7 +1,8 @@
 //! Real image builds with mmdebstrap from the host's Debian archive: two
 //! concurrent `vmrig build`s build an image once, a third finds it cached,
-//! a node boots from it into systemd with the package installed, and a
-//! package that does not exist fails the build cleanly.
+//! a node boots from it into systemd with the package installed, `vmrig gc`
+//! trims the store, and a package that does not exist fails the build
+//! cleanly.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -62,6 +63,14 @@ fn concurrent_builds_share_one_image_that_boots_into_systemd() {
     assert!(!booted_text.contains("building image"), "{booted_text}");
     let console = std::fs::read_to_string(test.path().join("result/nodes/alpha/console.log")).unwrap();
     assert!(console.contains(HANDOVER_BANNER), "{console}");
+
+    // Everything was just used: gc keeps it, until told to keep nothing.
+    let kept = text(&vmrig(store.path(), &["gc"]).output().unwrap());
+    assert!(kept.starts_with("removed 0 items unused for 30 days (0 bytes); kept 3 "), "{kept}");
+    assert_eq!(entries(store.path(), "images").len(), 1);
+    let trimmed = text(&vmrig(store.path(), &["gc", "--keep-days", "0"]).output().unwrap());
+    assert!(trimmed.starts_with("removed 3 items unused for 0 days ("), "{trimmed}");
+    assert!(entries(store.path(), "images").is_empty() && entries(store.path(), "result").is_empty());
 }
 
 #[test]

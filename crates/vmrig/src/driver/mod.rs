@@ -153,7 +153,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     fs::write(&owner, std::process::id().to_string()).map_err(file_error("write", &owner))?;
     let state_dir = if options.keep_state {
         let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
-        store.root().join("state").join(key_of([canonical.as_os_str().as_encoded_bytes()]))
+        store.kept_state_dir(&key_of([canonical.as_os_str().as_encoded_bytes()]))
     } else {
         private.path().join("state")
     };
