@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import socket
 import sys
 import time
@@ -64,10 +65,14 @@ class _Driver:
         request = {"id": self._next_id, "method": method, "node": node, "args": args}
         self._stream.write(json.dumps(request).encode() + b"\n")
         self._stream.flush()
-        line = self._stream.readline()
-        if not line:
-            raise InfrastructureError("the vmrig driver closed the connection")
-        reply = json.loads(line)
+        while True:
+            line = self._stream.readline()
+            if not line:
+                raise InfrastructureError("the vmrig driver closed the connection")
+            reply = json.loads(line)
+            # A reply to a call abandoned at the prompt (Ctrl-C) comes first.
+            if reply.get("id") == self._next_id:
+                break
         error = reply.get("error")
         if error is None:
             return reply.get("ok")
@@ -237,6 +242,35 @@ class Machine:
         host_port 0 picks a free port. Returns the host port."""
         return int(self._call("forward_port", host_port=host_port, guest_port=guest_port))
 
+    def shell_interact(self, address: Optional[str] = None) -> None:
+        """Runs shell commands typed at the terminal on the machine, as root,
+        each in a fresh bash started where the last one left off; their
+        output and errors are shown. Ctrl-D ends it."""
+        directory = "/root"
+        while True:
+            try:
+                line = input(f"{self.name}:{directory}# ")
+            except EOFError:
+                print()
+                return
+            if not line.strip():
+                continue
+            command = (
+                f"cd {shlex.quote(directory)} 2>/dev/null\n{{ {line}\n}} 2>&1\n"
+                "__vmrig_status=$?; printf '\\0%s' \"$PWD\"; exit $__vmrig_status"
+            )
+            status, output = self.execute(command, timeout=None)
+            output, _, directory_now = output.rpartition("\0")
+            directory = directory_now or directory
+            sys.stdout.write(output)
+            if status != 0:
+                print(f"(exit status {status})")
+
+    def console_interact(self) -> None:
+        """Not available: a node's console is captured, not typed into;
+        shell_interact() gives a shell."""
+        raise TestFailure("console_interact() is not available: vmrig records consoles but does not type into them; use shell_interact()")
+
     def send_key(self, key: str, delay: Optional[float] = 0.01, log: Optional[bool] = True) -> None:
         """Not available: vmrig nodes have no display or keyboard."""
         raise _no_display("send_key")
@@ -349,8 +383,8 @@ class _Log:
     info = warning = error = __call__
 
 
-def _run(script: str, path: str, first_line: int) -> int:
-    driver = _Driver(os.environ["VMRIG_DRIVER"])
+def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
+    """The globals a script sees: its machines and the driver's names."""
     nodes = driver.call("nodes")
     machines = {node["python_name"]: Machine(driver, node) for node in nodes}
     log = _Log(driver)
@@ -410,11 +444,12 @@ def _run(script: str, path: str, first_line: int) -> int:
         """Ends a partition."""
         driver.call("heal")
 
+    def vlan(number: int) -> Vlan:
+        return Vlan(driver, number)
+
     namespace: Dict[str, Any] = dict(machines)
     if len(machines) == 1:
         namespace["machine"] = next(iter(machines.values()))
-    def vlan(number: int) -> Vlan:
-        return Vlan(driver, number)
 
     namespace.update(
         start_all=start_all,
@@ -433,10 +468,19 @@ def _run(script: str, path: str, first_line: int) -> int:
     )
     namespace["__name__"] = "__vmrig_test__"
     assert set(DRIVER_GLOBALS) <= set(namespace)
+    return namespace
 
+
+def _compile(script: str, path: str, first_line: int) -> Any:
     # Blank lines in front keep the script's line numbers those of the file
     # it is written in, so that tracebacks point at the right line.
-    code = compile("\n" * (first_line - 1) + script, path, "exec")
+    return compile("\n" * (first_line - 1) + script, path, "exec")
+
+
+def _run(script: str, path: str, first_line: int) -> int:
+    driver = _Driver(os.environ["VMRIG_DRIVER"])
+    namespace = _namespace(driver, path)
+    code = _compile(script, path, first_line)
     try:
         exec(code, namespace)
     except BaseException as error:  # the script's own failure, whatever it raised
@@ -453,6 +497,30 @@ def _run(script: str, path: str, first_line: int) -> int:
     return 0
 
 
+def _interact(script: str, path: str, first_line: int) -> int:
+    """`vmrig interactive`: a Python prompt with the test's names, its
+    machines not started, and test_script() to run the script."""
+    import code
+
+    driver = _Driver(os.environ["VMRIG_DRIVER"])
+    namespace = _namespace(driver, path)
+    compiled = _compile(script, path, first_line)
+
+    def test_script() -> None:
+        """Runs the test's script here, with these machines."""
+        exec(compiled, namespace)
+
+    namespace["test_script"] = test_script
+    machines = ", ".join(sorted({v.name for v in namespace.values() if isinstance(v, Machine)}))
+    code.interact(
+        banner=f"vmrig interactive: machines {machines} (not started); start_all(), test_script(), "
+        "<machine>.shell_interact(); Ctrl-D ends and stops them all",
+        local=namespace,
+        exitmsg="",
+    )
+    return 0
+
+
 def _describe(error: BaseException, path: str) -> str:
     """The traceback of error, keeping only the script's own frames."""
     frames = [f for f in traceback.extract_tb(error.__traceback__) if f.filename == path]
@@ -465,6 +533,7 @@ def _describe(error: BaseException, path: str) -> str:
 def _main() -> None:
     with open(os.environ["VMRIG_SCRIPT"], encoding="utf-8") as script:
         text = script.read()
-    code = _run(text, os.environ["VMRIG_SCRIPT_PATH"], int(os.environ["VMRIG_SCRIPT_FIRST_LINE"]))
+    run = _interact if os.environ.get("VMRIG_INTERACTIVE") else _run
+    code = run(text, os.environ["VMRIG_SCRIPT_PATH"], int(os.environ["VMRIG_SCRIPT_FIRST_LINE"]))
     sys.stdout.flush()
     sys.exit(code)

@@ -7,8 +7,8 @@
 //!    (so that it survives a reboot) or else on a tmpfs;
 //! 4. copy the node's own files and units over it;
 //! 5. move the kernel filesystems into the new root and make it `/`;
-//! 6. create the node's users, give each NIC its addresses, load the
-//!    firewall;
+//! 6. create the node's users, set its hostname, give each NIC its
+//!    addresses, load the firewall;
 //! 7. fork the agent, and `exec` systemd, which stays PID 1.
 //!
 //! Any failure is printed on the console and the machine powers off: as
@@ -113,6 +113,7 @@ fn boot() -> Result<Infallible, String> {
     chroot(".").map_err(fail("cannot chroot into the new root"))?;
     chdir("/").map_err(fail("cannot enter /"))?;
     create_users(&users)?;
+    set_hostname()?;
     configure_network(&network)?;
     if Path::new(FIREWALL_RULES).exists() {
         run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
@@ -206,6 +207,17 @@ fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
     } else {
         Err(format!("{program} {} failed: {status}", args.join(" ")))
     }
+}
+
+/// Names the machine from `/etc/hostname` now, as systemd would later, so
+/// that commands the agent runs before systemd see the node's name.
+fn set_hostname() -> Result<(), String> {
+    let name = fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let name = name.trim();
+    if name.is_empty() {
+        return Ok(());
+    }
+    nix::unistd::sethostname(name).map_err(|e| format!("cannot set the hostname to {name}: {e}"))
 }
 
 /// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by

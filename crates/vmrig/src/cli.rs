@@ -60,6 +60,18 @@ enum Commands {
         #[arg(long, value_name = "PATH")]
         junit: Option<PathBuf>,
     },
+    /// A Python prompt with the test's machines defined and not started:
+    /// start_all(), <machine>.shell_interact(), test_script().
+    Interactive {
+        /// The test directory (holding vmrig.toml).
+        test: PathBuf,
+        /// Accelerator: KVM if a probe shows it works (auto), or one of them.
+        #[arg(long, value_enum, default_value = "auto")]
+        accel: AccelChoice,
+        /// Keep each node's writable layer after the session and reuse it next time.
+        #[arg(long)]
+        keep_state: bool,
+    },
     /// Build (or find in the store) every node's image.
     Build {
         /// The test directory (holding vmrig.toml).
@@ -115,8 +127,12 @@ pub fn main() -> ExitCode {
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
         Commands::Run { test, accel, keep_state, timeout, rebuild, junit } => {
-            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild };
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, interactive: false };
             run(&test, ui, &options, junit.as_deref())
+        }
+        Commands::Interactive { test, accel, keep_state } => {
+            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, interactive: true };
+            interactive(&test, ui, &options)
         }
         Commands::Build { test } => build(&test, ui),
         Commands::Gc { keep_days } => gc(ui, keep_days),
@@ -189,6 +205,13 @@ fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Resul
             Ok(ExitCode::from(EXIT_TEST_FAILED))
         }
     }
+}
+
+fn interactive(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
+    let spec = load(test)?;
+    let store = Store::open(Store::default_location()?)?;
+    driver::run(&spec, &store, ui, options)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {

@@ -424,3 +424,29 @@ fn the_global_timeout_cuts_a_command_short() {
     let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
     assert!(junit.contains("failures=\"1\""), "{junit}");
 }
+
+#[test]
+fn an_interactive_session_drives_machines_typed_at_its_prompt() {
+    let test = machine_test("print('the script ran on', machine.succeed('hostname').strip())\n");
+    let mut session = std::process::Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("interactive")
+        .arg(test.path())
+        .env("VMRIG_STORE", common::store())
+        .env_remove("VMRIG_MIRROR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let typed = "machine.succeed('echo typed > /tmp/typed')\ntest_script()\nmachine.shell_interact()\ncd /tmp\ncat typed\npwd\nfalse\n";
+    std::io::Write::write_all(&mut session.stdin.take().unwrap(), typed.as_bytes()).unwrap();
+    let output = session.wait_with_output().unwrap();
+    let output_text = text(&output);
+    assert_eq!(output.status.code(), Some(0), "{output_text}");
+    assert!(output_text.contains("vmrig interactive: machines machine (not started)"), "{output_text}");
+    assert!(output_text.contains("the script ran on machine"), "{output_text}");
+    assert!(output_text.contains("machine:/tmp# typed\n"), "{output_text}");
+    assert!(output_text.contains("machine:/tmp# /tmp\n"), "{output_text}");
+    assert!(output_text.contains("(exit status 1)"), "{output_text}");
+    assert!(output_text.contains("machine: killing QEMU"), "the session left its machine running:\n{output_text}");
+}

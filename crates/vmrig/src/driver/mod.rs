@@ -33,6 +33,9 @@ use crate::vm::{Accel, Machine, MachineConfig};
 /// The embedded Python client (see `python/vmrig`).
 const PYTHON_CLIENT: &str = include_str!("../../../../python/vmrig/__init__.py");
 
+/// How long an interactive session may last without `--timeout`.
+const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Size of a node's writable layer. The file is sparse: only what the guest
 /// writes takes room.
 const STATE_DISK_BYTES: u64 = 8 << 30;
@@ -59,6 +62,9 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Run even if the same inputs passed before.
     pub rebuild: bool,
+    /// A Python prompt on the terminal instead of the script
+    /// (`vmrig interactive`); nothing is recorded.
+    pub interactive: bool,
 }
 
 /// How the test ended.
@@ -121,8 +127,9 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     }
     .key()?;
     let result_dir = spec.dir.join(RESULT_DIR);
-    // A kept writable layer is an input the key does not cover.
-    let cacheable = !options.keep_state;
+    // A kept writable layer is an input the key does not cover, and an
+    // interactive session is no test run.
+    let cacheable = !options.keep_state && !options.interactive;
     if cacheable && !options.rebuild {
         if let Some(pass) = report::recorded_pass(store, &key, &result_dir)? {
             return Ok(Outcome::PassedBefore(pass));
@@ -210,8 +217,12 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
         result_dir: result_dir.clone(),
         subtests: Subtests::default(),
     };
-    let timeout = options.timeout.unwrap_or(spec.timeout);
-    let outcome = run.run_script(private.path(), timeout);
+    let timeout = match (options.timeout, options.interactive) {
+        (Some(timeout), _) => timeout,
+        (None, true) => INTERACTIVE_TIMEOUT,
+        (None, false) => spec.timeout,
+    };
+    let outcome = run.run_script(private.path(), timeout, options.interactive);
     let cases = std::mem::take(&mut run.subtests).into_cases(&spec.name, &outcome);
     let cleanup = log.block(None, "cleanup");
     drop(run);
@@ -368,7 +379,7 @@ pub(crate) struct Run<'a> {
 impl Run<'_> {
     /// Runs the script in a child python3, serving its requests until it
     /// ends or the time runs out.
-    fn run_script(&mut self, private: &Path, timeout: Duration) -> Result<Outcome, DriverError> {
+    fn run_script(&mut self, private: &Path, timeout: Duration, interactive: bool) -> Result<Outcome, DriverError> {
         let python_dir = private.join("python").join("vmrig");
         fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
@@ -388,10 +399,13 @@ impl Run<'_> {
             // Absolute, so that tracebacks can quote the script's lines.
             .env("VMRIG_SCRIPT_PATH", self.spec.script.path.canonicalize().unwrap_or_else(|_| self.spec.script.path.clone()))
             .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
-            .current_dir(&self.spec.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .current_dir(&self.spec.dir);
+        if interactive {
+            // The prompt is the terminal's; its output is not logged.
+            command.env("VMRIG_INTERACTIVE", "1");
+        } else {
+            command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from));
@@ -399,10 +413,14 @@ impl Run<'_> {
         let started = Instant::now();
         let script_block = self.log.block(None, "running the test script");
         let mut python = command.spawn().map_err(|e| DriverError::Script(format!("cannot start python3: {e}")))?;
-        let output_threads = [
-            forward_lines(python.stdout.take().expect("piped"), self.log.clone()),
-            forward_lines(python.stderr.take().expect("piped"), self.log.clone()),
-        ];
+        // Interactive sessions have no pipes: their output is the terminal's.
+        let mut output_threads = Vec::new();
+        if let Some(stdout) = python.stdout.take() {
+            output_threads.push(forward_lines(stdout, self.log.clone()));
+        }
+        if let Some(stderr) = python.stderr.take() {
+            output_threads.push(forward_lines(stderr, self.log.clone()));
+        }
 
         listener.set_nonblocking(true).map_err(file_error("listen on", &socket))?;
         let connection = loop {
