@@ -12,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,8 @@ use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Progr
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// How long a power request waits for systemd to be able to take it.
 const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
+/// How often the exit of a command is looked for where no pidfd tells.
+const EXIT_POLL: Duration = Duration::from_millis(5);
 /// Size of the chunks file contents and output travel in.
 const CHUNK: usize = 256 * 1024;
 /// The environment every command starts from.
@@ -339,7 +341,10 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File) -> Result<(), FrameErr
 }
 
 /// Forwards the child's output until it has exited and its pipes are
-/// drained (or the grace has passed), or until the deadline.
+/// drained (or the grace has passed), or until the deadline. The wait is
+/// one `poll` on the pipes and a pidfd of the child, so that the agent
+/// hears of the exit at once: under TCG every millisecond of a round trip
+/// shows.
 fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<(Option<std::process::ExitStatus>, bool), FrameError> {
     let mut pipes: Vec<(Stream, Box<dyn ReadFd>)> = Vec::new();
     if let Some(stdout) = child.stdout.take() {
@@ -349,33 +354,43 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
         pipes.push((Stream::Stderr, Box::new(stderr)));
     }
     let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let exit_fd = pidfd(child.id());
     let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
     let mut buffer = vec![0; CHUNK];
     loop {
-        if !pipes.is_empty() {
-            let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
-            poll(&mut fds, PollTimeout::from(20u16)).map_err(io::Error::from)?;
-            let ready: Vec<bool> = fds
-                .iter()
-                .map(|f| f.revents().is_some_and(|r| !r.is_empty()))
-                .collect();
-            let mut closed = Vec::new();
-            for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
-                if !ready[index] {
-                    continue;
-                }
-                match pipe.read(&mut buffer) {
-                    Ok(0) => closed.push(index),
-                    Ok(n) => write_frame(out, &Reply::Output { stream: *stream }, &buffer[..n])?,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => closed.push(index),
-                }
+        let until = match exited {
+            Some((_, at)) => Some(at + DRAIN_GRACE),
+            None => deadline,
+        };
+        let mut wait = until.map(|t| t.saturating_duration_since(Instant::now()));
+        if exit_fd.is_none() && exited.is_none() {
+            // No pidfd (an old kernel): look for the exit every few ms.
+            wait = Some(wait.map_or(EXIT_POLL, |w| w.min(EXIT_POLL)));
+        }
+        let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
+        if let (Some(fd), None) = (&exit_fd, &exited) {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        }
+        let timeout = wait.map_or(PollTimeout::NONE, |w| PollTimeout::try_from(w).unwrap_or(PollTimeout::MAX));
+        match poll(&mut fds, timeout) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => other.map_err(io::Error::from)?,
+        };
+        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        let mut closed = Vec::new();
+        for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
+            if !ready[index] {
+                continue;
             }
-            for index in closed.into_iter().rev() {
-                pipes.remove(index);
+            match pipe.read(&mut buffer) {
+                Ok(0) => closed.push(index),
+                Ok(n) => write_frame(out, &Reply::Output { stream: *stream }, &buffer[..n])?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => closed.push(index),
             }
-        } else {
-            std::thread::sleep(Duration::from_millis(5));
+        }
+        for index in closed.into_iter().rev() {
+            pipes.remove(index);
         }
         if exited.is_none() {
             if let Some(status) = child.try_wait()? {
@@ -383,8 +398,8 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
             }
         }
         match exited {
-            Some((status, at)) if pipes.is_empty() || at.elapsed() > DRAIN_GRACE => return Ok((Some(status), false)),
-            None if deadline.is_some_and(|d| Instant::now() > d) => {
+            Some((status, at)) if pipes.is_empty() || at.elapsed() >= DRAIN_GRACE => return Ok((Some(status), false)),
+            None if deadline.is_some_and(|d| Instant::now() >= d) => {
                 let _ = killpg(pgid, Signal::SIGKILL);
                 let _ = child.wait();
                 return Ok((None, true));
@@ -392,6 +407,15 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
             _ => {}
         }
     }
+}
+
+/// A descriptor that becomes readable when process `pid` exits.
+fn pidfd(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a descriptor we now own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// A readable pipe whose descriptor can be polled.
