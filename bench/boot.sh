@@ -5,15 +5,11 @@
 # under the accelerator vmrig picks (TCG where KVM does not work).
 #
 # usage: bench/boot.sh [ROUNDS]      (default 5; prints medians and the ratio)
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 rounds=${1:-5}
 
-scripts/install-host-deps
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
     || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
-cargo build --release --workspace -q
-vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
 
 "$vmrig" build bench/boot >/dev/null 2>&1
 image=$("$vmrig" build bench/boot 2>&1 | sed -n 's/^machine: image \(.*\) (cached).*/\1/p')
@@ -40,7 +36,7 @@ done
 
 node=()
 for _ in $(seq "$rounds"); do
-    node+=("$("$vmrig" run bench/boot --accel tcg 2>&1 | sed -n 's/^BENCH start-to-first-answer //p')")
+    node+=("$("$vmrig" run --rebuild bench/boot --accel tcg 2>&1 | sed -n 's/^BENCH start-to-first-answer //p')")
 done
 rm -rf bench/boot/result
 

@@ -4,13 +4,9 @@
 # definition (reading it and linting its script, no VM) in the same run.
 #
 # usage: bench/cached.sh [ROUNDS]    (default 20; prints medians and the ratio)
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 rounds=${1:-20}
 
-scripts/install-host-deps
-cargo build --release --workspace -q
-vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
 example=examples/nix-is-cool
 
 # Records the pass if it is not recorded yet (a full run).

@@ -7,12 +7,8 @@
 # vmrig adds. Then `vmrig build` again, which must find everything cached.
 #
 # usage: bench/image.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
-scripts/install-host-deps
-cargo build --release --workspace -q
-vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
 store=$(mktemp -d)
 trap 'rm -rf "$store"' EXIT
 now() { date +%s.%N; }

@@ -7,16 +7,9 @@
 # against the same request through the switch, and the same download.
 #
 # usage: bench/network.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
-scripts/install-host-deps
-cargo build --release --workspace -q
-vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
-
-output=$("$vmrig" run bench/network 2>&1) || { echo "$output" | tail -40; exit 1; }
-rm -rf bench/network/result
-value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
+bench_run bench/network
 switch_mbit=$(value throughput-switch-mbit)
 loop_mbit=$(value throughput-loopback-mbit)
 switch_rtt=$(value rtt-switch-ms)

@@ -5,16 +5,9 @@
 # the same VM and the same run. See bench/roundtrip/vmrig.toml.
 #
 # usage: bench/roundtrip.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
-scripts/install-host-deps
-cargo build --release --workspace -q
-vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
-
-output=$("$vmrig" run --rebuild bench/roundtrip 2>&1) || { echo "$output" | tail -40; exit 1; }
-rm -rf bench/roundtrip/result
-value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
+bench_run bench/roundtrip
 agent=$(value agent-ms)
 shell=$(value port-shell-ms)
 echo "succeed(\"true\"): agent $agent ms, bash on a port the NixOS way $shell ms, speed-up $(awk -v a="$shell" -v b="$agent" 'BEGIN {printf "%.1f", a / b}')x (target >= 10x)"

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 Timeout = Union[None, int, float, datetime.timedelta]
 
 #: The globals every script gets besides its nodes (and `machine` when
-#: there is a single node).
+#: there is a single node). `vmrig check` reads this list from this file.
 DRIVER_GLOBALS = [
     "start_all",
     "join_all",

@@ -11,23 +11,22 @@ use serde::Deserialize;
 use crate::host::{HostError, PYTHON};
 use crate::spec::{nearest, Diagnostic, SourceFile, TestSpec};
 
-/// The names the driver gives every script besides its nodes; the Python
-/// client's `DRIVER_GLOBALS` (a test keeps the two the same).
-pub const DRIVER_GLOBALS: &[&str] = &[
-    "start_all",
-    "join_all",
-    "subtest",
-    "retry",
-    "polling_condition",
-    "serial_stdout_on",
-    "serial_stdout_off",
-    "t",
-    "log",
-    "partition",
-    "heal",
-    "vlan",
-    "vlans",
-];
+/// The Python client every script imports (see `python/vmrig`), embedded.
+pub const PYTHON_CLIENT: &str = include_str!("../../../python/vmrig/__init__.py");
+
+/// The names the driver gives every script besides its nodes, as the
+/// Python client lists them in its `DRIVER_GLOBALS`: the client is the one
+/// place they are written.
+pub fn driver_globals() -> Vec<&'static str> {
+    let list = PYTHON_CLIENT
+        .split_once("DRIVER_GLOBALS = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map_or("", |(list, _)| list);
+    list.split(',')
+        .map(|item| item.trim().trim_matches('"'))
+        .filter(|name| !name.is_empty())
+        .collect()
+}
 
 /// Reads a script on stdin and prints, as JSON, its syntax error or the
 /// global names it reads without defining them.
@@ -131,7 +130,7 @@ pub fn lint(spec: &TestSpec) -> Result<Vec<Diagnostic>, ScriptError> {
     }
     let nodes: Vec<String> = spec.nodes.values().map(|n| n.python_name()).collect();
     let mut known: Vec<&str> = nodes.iter().map(String::as_str).collect();
-    known.extend(DRIVER_GLOBALS);
+    known.extend(driver_globals());
     if spec.nodes.len() == 1 {
         known.push("machine");
     }
@@ -167,6 +166,7 @@ mod tests {
 
     #[test]
     fn the_lint_knows_exactly_the_globals_the_python_client_defines() {
+        assert!(driver_globals().contains(&"start_all"));
         let python_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../python");
         let output = Command::new("python3")
             .args(["-c", "import sys; sys.path.insert(0, sys.argv[1]); import vmrig; print(' '.join(vmrig.DRIVER_GLOBALS))", python_dir])
@@ -174,6 +174,6 @@ mod tests {
             .unwrap();
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let client: Vec<String> = String::from_utf8_lossy(&output.stdout).split_whitespace().map(str::to_string).collect();
-        assert_eq!(client, DRIVER_GLOBALS);
+        assert_eq!(client, driver_globals());
     }
 }

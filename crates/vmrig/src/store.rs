@@ -311,18 +311,21 @@ impl Store {
     /// Takes the exclusive lock for building `kind`/`key`, waiting if
     /// another process holds it.
     fn lock(&self, kind: &str, key: &str) -> Result<Flock<File>, StoreError> {
-        let path = self.root.join("locks").join(format!("{kind}-{key}.lock"));
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(file_error("open the lock", &path))?;
+        let (file, path) = self.lock_file(kind, key)?;
         Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| FileError::new("lock", &path, errno.into()).into())
     }
 
     /// Takes the lock for `kind`/`key` if nobody holds it.
     fn try_lock(&self, kind: &str, key: &str) -> Result<Option<Flock<File>>, StoreError> {
+        let (file, path) = self.lock_file(kind, key)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Some(lock)),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+            Err((_, errno)) => Err(FileError::new("lock", &path, errno.into()).into()),
+        }
+    }
+
+    fn lock_file(&self, kind: &str, key: &str) -> Result<(File, PathBuf), StoreError> {
         let path = self.root.join("locks").join(format!("{kind}-{key}.lock"));
         let file = File::options()
             .create(true)
@@ -330,11 +333,7 @@ impl Store {
             .write(true)
             .open(&path)
             .map_err(file_error("open the lock", &path))?;
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => Ok(Some(lock)),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
-            Err((_, errno)) => Err(FileError::new("lock", &path, errno.into()).into()),
-        }
+        Ok((file, path))
     }
 
     /// Removes a damaged entry and the staging directories of builds of this

@@ -30,8 +30,6 @@ use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::vm::{Accel, Machine, MachineConfig};
 
-/// The embedded Python client (see `python/vmrig`).
-const PYTHON_CLIENT: &str = include_str!("../../../../python/vmrig/__init__.py");
 
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -383,7 +381,7 @@ impl Run<'_> {
         let python_dir = private.join("python").join("vmrig");
         fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
-        fs::write(&client, PYTHON_CLIENT).map_err(file_error("write", &client))?;
+        fs::write(&client, crate::script::PYTHON_CLIENT).map_err(file_error("write", &client))?;
         let script_copy = private.join("script.py");
         fs::write(&script_copy, &self.spec.script.text).map_err(file_error("write", &script_copy))?;
         let socket = private.join("driver.sock");

@@ -1,0 +1,18 @@
+# What every benchmark starts with (sourced, not run): the repository as
+# the working directory, the host's tools, a release build in $vmrig, and,
+# for benchmarks that report from a test script, bench_run and value.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-host-deps
+cargo build --release --workspace -q
+vmrig=target/x86_64-unknown-linux-gnu/release/vmrig
+
+# Runs the benchmark test DIR afresh and keeps what it printed in $output.
+bench_run() {
+    output=$("$vmrig" run --rebuild "$1" 2>&1) || { echo "$output" | tail -40; exit 1; }
+    rm -rf "$1/result"
+}
+
+# The figure the script printed as `BENCH NAME VALUE`.
+value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
