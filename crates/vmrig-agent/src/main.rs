@@ -8,6 +8,7 @@
 mod init;
 mod server;
 mod sockets;
+mod worker;
 
 fn main() -> std::process::ExitCode {
     if std::process::id() == 1 {

@@ -12,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use crate::worker::{Job, Worker};
 use vmrig_proto::tunnel::{Tunnel, TUNNEL_PORT};
 use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
 
@@ -47,8 +48,9 @@ const BASE_ENV: &[(&str, &str)] = &[
 /// error so that a confused driver never leaves the guest unreachable.
 pub fn serve() -> ! {
     let tunnel = TunnelServer::default();
+    let mut worker = None;
     loop {
-        match serve_port(&tunnel) {
+        match serve_port(&tunnel, &mut worker) {
             // Reading a port whose host side is not connected yields end of
             // file: the driver has not connected yet, or has let go.
             Err(FrameError::Io(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
@@ -83,7 +85,7 @@ fn agent_port() -> PathBuf {
     }
 }
 
-fn serve_port(tunnel: &TunnelServer) -> Result<(), FrameError> {
+fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), FrameError> {
     let port = File::options().read(true).write(true).open(agent_port())?;
     let mut input = port.try_clone()?;
     let mut output = port;
@@ -108,7 +110,7 @@ fn serve_port(tunnel: &TunnelServer) -> Result<(), FrameError> {
                 };
                 write_frame(&mut output, &reply, &[])?;
             }
-            Request::Exec(command) => exec(command, data, &mut output)?,
+            Request::Exec(command) => exec(command, data, &mut output, worker)?,
             Request::WriteFile { path, mode, more } => {
                 if let Some(reply) = upload.chunk(&path, mode, more, &data) {
                     write_frame(&mut output, &reply, &[])?;
@@ -295,8 +297,32 @@ fn send_tree(path: &Path, relative: &str, out: &mut File) -> Result<(), TreeErro
     Ok(())
 }
 
-/// Runs `command` with `stdin` as its input, streaming its output.
-fn exec(command: Command, stdin: Vec<u8>, out: &mut File) -> Result<(), FrameError> {
+/// Runs `command` with `stdin` as its input, streaming its output: a shell
+/// command line by the worker shell (see [`crate::worker`]), started anew
+/// if it has died, and an argument vector, or anything the worker cannot
+/// take, as a process of its own.
+fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Worker>) -> Result<(), FrameError> {
+    let deadline = command.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+    if let Program::Shell(line) = &command.program {
+        if !worker.as_mut().is_some_and(Worker::is_alive) {
+            *worker = Worker::spawn(BASE_ENV).ok();
+        }
+        let cwd = command.cwd.as_deref().unwrap_or("/");
+        let failed = match worker.as_mut().map(|w| w.start(line, &command.env, cwd, &stdin)) {
+            Some(Ok((mut job, stdout, stderr))) => {
+                let pipes: Vec<(Stream, Box<dyn ReadFd>)> = vec![(Stream::Stdout, Box::new(stdout)), (Stream::Stderr, Box::new(stderr))];
+                let (ended, timed_out) = pump(&mut job, pipes, deadline, out)?;
+                return write_frame(out, &ended.reply(timed_out), &[]);
+            }
+            Some(Err(_)) => true,
+            None => false,
+        };
+        if failed {
+            // The worker is gone or confused: this command gets a process
+            // of its own, the next one a new worker.
+            *worker = None;
+        }
+    }
     let mut process = match &command.program {
         Program::Shell(line) => {
             let mut p = std::process::Command::new("/bin/bash");
@@ -330,22 +356,6 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File) -> Result<(), FrameErr
         // cannot stall the reading of its output.
         std::thread::spawn(move || input.write_all(&stdin));
     }
-    let deadline = command.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-    let (status, timed_out) = pump(&mut child, deadline, out)?;
-    let reply = Reply::Exited {
-        status: status.and_then(|s| s.code()),
-        signal: status.and_then(|s| s.signal()),
-        timed_out,
-    };
-    write_frame(out, &reply, &[])
-}
-
-/// Forwards the child's output until it has exited and its pipes are
-/// drained (or the grace has passed), or until the deadline. The wait is
-/// one `poll` on the pipes and a pidfd of the child, so that the agent
-/// hears of the exit at once: under TCG every millisecond of a round trip
-/// shows.
-fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<(Option<std::process::ExitStatus>, bool), FrameError> {
     let mut pipes: Vec<(Stream, Box<dyn ReadFd>)> = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         pipes.push((Stream::Stdout, Box::new(stdout)));
@@ -353,23 +363,100 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
     if let Some(stderr) = child.stderr.take() {
         pipes.push((Stream::Stderr, Box::new(stderr)));
     }
-    let pgid = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
     let exit_fd = pidfd(child.id());
-    let mut exited: Option<(std::process::ExitStatus, Instant)> = None;
+    let mut process = OwnProcess { child, exit_fd };
+    let (ended, timed_out) = pump(&mut process, pipes, deadline, out)?;
+    write_frame(out, &ended.reply(timed_out), &[])
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ended {
+    status: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl Ended {
+    fn reply(self, timed_out: bool) -> Reply {
+        Reply::Exited { status: self.status, signal: self.signal, timed_out }
+    }
+}
+
+/// A running command, whichever way it was started.
+trait Running {
+    /// A descriptor that becomes readable when it has ended, if there is one.
+    fn exit_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// How it ended, if it has; asked when the descriptor is readable, or
+    /// every few milliseconds without one.
+    fn ended(&mut self) -> io::Result<Option<Ended>>;
+    /// Kills it, its whole process group, and says how it ended.
+    fn kill(&mut self) -> Ended;
+}
+
+/// A command that is a process of the agent's own.
+struct OwnProcess {
+    child: Child,
+    exit_fd: Option<OwnedFd>,
+}
+
+impl Running for OwnProcess {
+    fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.exit_fd.as_ref().map(AsFd::as_fd)
+    }
+
+    fn ended(&mut self) -> io::Result<Option<Ended>> {
+        Ok(self.child.try_wait()?.map(|s| Ended { status: s.code(), signal: s.signal() }))
+    }
+
+    fn kill(&mut self) -> Ended {
+        let _ = killpg(Pid::from_raw(i32::try_from(self.child.id()).unwrap_or(0)), Signal::SIGKILL);
+        let _ = self.child.wait();
+        Ended::default()
+    }
+}
+
+impl Running for Job<'_> {
+    fn exit_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(Job::exit_fd(self))
+    }
+
+    fn ended(&mut self) -> io::Result<Option<Ended>> {
+        // The worker's answer is the shell's status: 128 + n for signal n.
+        Ok(Some(Ended { status: self.status()?, signal: None }))
+    }
+
+    fn kill(&mut self) -> Ended {
+        let _ = Job::kill(self);
+        Ended::default()
+    }
+}
+
+/// Forwards the command's output until it has ended and its pipes are
+/// drained (or the grace has passed), or until the deadline. The wait is
+/// one `poll` on the pipes and the command's exit descriptor, so that the
+/// agent hears of the end at once: under TCG every millisecond of a round
+/// trip shows.
+fn pump(
+    process: &mut dyn Running,
+    mut pipes: Vec<(Stream, Box<dyn ReadFd>)>,
+    deadline: Option<Instant>,
+    out: &mut File,
+) -> Result<(Ended, bool), FrameError> {
+    let mut ended: Option<(Ended, Instant)> = None;
     let mut buffer = vec![0; CHUNK];
     loop {
-        let until = match exited {
+        let until = match ended {
             Some((_, at)) => Some(at + DRAIN_GRACE),
             None => deadline,
         };
         let mut wait = until.map(|t| t.saturating_duration_since(Instant::now()));
-        if exit_fd.is_none() && exited.is_none() {
-            // No pidfd (an old kernel): look for the exit every few ms.
+        let has_exit_fd = process.exit_fd().is_some();
+        if !has_exit_fd && ended.is_none() {
             wait = Some(wait.map_or(EXIT_POLL, |w| w.min(EXIT_POLL)));
         }
         let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
-        if let (Some(fd), None) = (&exit_fd, &exited) {
-            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+        if let (Some(fd), None) = (process.exit_fd(), &ended) {
+            fds.push(PollFd::new(fd, PollFlags::POLLIN));
         }
         let timeout = wait.map_or(PollTimeout::NONE, |w| PollTimeout::try_from(w).unwrap_or(PollTimeout::MAX));
         match poll(&mut fds, timeout) {
@@ -377,6 +464,8 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
             other => other.map_err(io::Error::from)?,
         };
         let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        let exit_ready = ended.is_none() && (!has_exit_fd || ready.get(pipes.len()).copied().unwrap_or(false));
+        drop(fds);
         let mut closed = Vec::new();
         for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
             if !ready[index] {
@@ -385,25 +474,21 @@ fn pump(child: &mut Child, deadline: Option<Instant>, out: &mut File) -> Result<
             match pipe.read(&mut buffer) {
                 Ok(0) => closed.push(index),
                 Ok(n) => write_frame(out, &Reply::Output { stream: *stream }, &buffer[..n])?,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
                 Err(_) => closed.push(index),
             }
         }
         for index in closed.into_iter().rev() {
             pipes.remove(index);
         }
-        if exited.is_none() {
-            if let Some(status) = child.try_wait()? {
-                exited = Some((status, Instant::now()));
+        if exit_ready {
+            if let Some(end) = process.ended()? {
+                ended = Some((end, Instant::now()));
             }
         }
-        match exited {
-            Some((status, at)) if pipes.is_empty() || at.elapsed() >= DRAIN_GRACE => return Ok((Some(status), false)),
-            None if deadline.is_some_and(|d| Instant::now() >= d) => {
-                let _ = killpg(pgid, Signal::SIGKILL);
-                let _ = child.wait();
-                return Ok((None, true));
-            }
+        match ended {
+            Some((end, at)) if pipes.is_empty() || at.elapsed() >= DRAIN_GRACE => return Ok((end, false)),
+            None if deadline.is_some_and(|d| Instant::now() >= d) => return Ok((process.kill(), true)),
             _ => {}
         }
     }
@@ -433,12 +518,17 @@ impl<T: Read + AsFd> ReadFd for T {
 mod tests {
     use super::*;
 
-    fn run(line: &str, timeout_ms: Option<u64>) -> (Vec<Reply>, Vec<u8>, Vec<u8>) {
+    /// `line` run by a worker shell, and by a bash of its own.
+    fn both_ways(line: &str) -> [Program; 2] {
+        [Program::Shell(line.into()), Program::Argv(vec!["/bin/bash".into(), "-c".into(), line.into()])]
+    }
+
+    fn run(program: Program, timeout_ms: Option<u64>, worker: &mut Option<Worker>) -> (Vec<Reply>, Vec<u8>, Vec<u8>) {
         let dir = tempfile_dir();
         let path = dir.join("wire");
         let mut wire = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
-        let command = Command { program: Program::Shell(line.into()), env: vec![("GREETING".into(), "hi".into())], cwd: None, timeout_ms };
-        exec(command, Vec::new(), &mut wire).unwrap();
+        let command = Command { program, env: vec![("GREETING".into(), "hi".into())], cwd: None, timeout_ms };
+        exec(command, Vec::new(), &mut wire, worker).unwrap();
         let mut bytes = fs::read(&path).unwrap();
         let mut reader = bytes.as_mut_slice() as &[u8];
         let (mut replies, mut stdout, mut stderr) = (Vec::new(), Vec::new(), Vec::new());
@@ -462,25 +552,53 @@ mod tests {
 
     #[test]
     fn keeps_stdout_and_stderr_apart_with_the_status() {
-        let (replies, stdout, stderr) = run("echo out $GREETING; echo err >&2; exit 3", None);
-        assert_eq!(replies, [Reply::Exited { status: Some(3), signal: None, timed_out: false }]);
-        assert_eq!(stdout, b"out hi\n");
-        assert_eq!(stderr, b"err\n");
+        let mut worker = None;
+        for program in both_ways("echo out $GREETING; echo err >&2; exit 3") {
+            let (replies, stdout, stderr) = run(program, None, &mut worker);
+            assert_eq!(replies, [Reply::Exited { status: Some(3), signal: None, timed_out: false }]);
+            assert_eq!(stdout, b"out hi\n");
+            assert_eq!(stderr, b"err\n");
+        }
     }
 
     #[test]
     fn returns_while_a_background_child_holds_stdout() {
-        let started = Instant::now();
-        let (replies, stdout, _) = run("echo started; sleep 30 &", None);
-        assert!(started.elapsed() < Duration::from_secs(10));
-        assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
-        assert_eq!(stdout, b"started\n");
+        let mut worker = None;
+        for program in both_ways("echo started; sleep 30 &") {
+            let started = Instant::now();
+            let (replies, stdout, _) = run(program, None, &mut worker);
+            assert!(started.elapsed() < Duration::from_secs(10));
+            assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
+            assert_eq!(stdout, b"started\n");
+        }
     }
 
     #[test]
     fn kills_the_whole_group_at_the_time_limit() {
-        let (replies, _, _) = run("sleep 30 & sleep 30", Some(200));
-        assert_eq!(replies, [Reply::Exited { status: None, signal: None, timed_out: true }]);
+        let mut worker = None;
+        for program in both_ways("sleep 30 & sleep 30") {
+            let started = Instant::now();
+            let (replies, _, _) = run(program, Some(200), &mut worker);
+            assert_eq!(replies, [Reply::Exited { status: None, signal: None, timed_out: true }]);
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
+        // The worker took the kill of its command and goes on.
+        let (replies, stdout, _) = run(Program::Shell("echo next".into()), None, &mut worker);
+        assert_eq!((replies.len(), stdout.as_slice()), (1, b"next\n".as_slice()));
+    }
+
+    #[test]
+    fn commands_keep_no_state_and_a_killed_worker_is_replaced() {
+        let mut worker = None;
+        run(Program::Shell("cd /tmp; export LEAK=1".into()), None, &mut worker);
+        let (_, stdout, _) = run(Program::Shell(r#"echo "$PWD ${LEAK:-none}""#.into()), None, &mut worker);
+        assert_eq!(stdout, b"/ none\n");
+        let (replies, _, _) = run(Program::Shell("kill -9 $$".into()), None, &mut worker);
+        assert!(matches!(replies[..], [Reply::Exited { .. }]), "{replies:?}");
+        let line = "echo 'quoted '\\''words'\\' && cat <<EOF\nheredoc\nEOF";
+        let (replies, stdout, _) = run(Program::Shell(line.into()), None, &mut worker);
+        assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
+        assert_eq!(stdout, b"quoted 'words'\nheredoc\n");
     }
 
     #[test]
