@@ -50,7 +50,6 @@ pub type JobStatus = Option<i32>;
 impl Worker {
     /// Starts a worker with `env` as its environment.
     pub fn spawn(env: &[(&str, &str)]) -> io::Result<Self> {
-        fs::create_dir_all(RUN_DIR)?;
         let mut bash = std::process::Command::new("/bin/bash")
             .args(["--norc", "--noprofile", "-s"])
             .env_clear()
@@ -79,6 +78,9 @@ impl Worker {
     /// open for reading without blocking.
     pub fn start(&mut self, line: &str, env: &[(String, String)], cwd: &str, stdin: &[u8]) -> io::Result<(Job<'_>, File, File)> {
         self.next += 1;
+        // Made each time: systemd mounts a fresh /run over the one the
+        // agent saw before it started.
+        fs::create_dir_all(RUN_DIR)?;
         let base = Path::new(RUN_DIR).join(format!("{}-{}", self.bash.id(), self.next));
         let (out_path, err_path, in_path) = (base.with_extension("out"), base.with_extension("err"), base.with_extension("in"));
         let mut files = Vec::new();
