@@ -588,6 +588,21 @@ mod tests {
     }
 
     #[test]
+    fn quick_commands_in_a_row_all_end() {
+        // Both of the worker's answers for `true` can arrive at once; the
+        // second must still wake the agent. On one CPU, as in a test node,
+        // they mostly do.
+        let mut one_cpu = nix::sched::CpuSet::new();
+        one_cpu.set(0).unwrap();
+        nix::sched::sched_setaffinity(Pid::from_raw(0), &one_cpu).unwrap();
+        let mut worker = None;
+        for _ in 0..50 {
+            let (replies, _, _) = run(Program::Shell("true".into()), Some(10_000), &mut worker);
+            assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
+        }
+    }
+
+    #[test]
     fn commands_keep_no_state_and_a_killed_worker_is_replaced() {
         let mut worker = None;
         run(Program::Shell("cd /tmp; export LEAK=1".into()), None, &mut worker);

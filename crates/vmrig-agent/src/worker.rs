@@ -13,7 +13,7 @@
 //! echo "status $?"`, and its standard output the two answers.
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -31,7 +31,9 @@ const RUN_DIR: &str = "/run/vmrig-agent";
 pub struct Worker {
     bash: Child,
     commands: ChildStdin,
-    answers: BufReader<ChildStdout>,
+    /// Read a byte at a time, never ahead: the agent polls this pipe for
+    /// the status line, which a buffer could already have swallowed.
+    answers: ChildStdout,
     next: u64,
 }
 
@@ -61,7 +63,7 @@ impl Worker {
             .stderr(Stdio::null())
             .spawn()?;
         let mut commands = bash.stdin.take().expect("piped");
-        let answers = BufReader::new(bash.stdout.take().expect("piped"));
+        let answers = bash.stdout.take().expect("piped");
         // Job control puts each command's subshell in a process group of
         // its own, which a time limit can kill whole.
         commands.write_all(b"set -m\n")?;
@@ -117,10 +119,18 @@ impl Worker {
 
     /// Reads the answer line `word N`; `None` when the worker has ended.
     fn answer(&mut self, word: &str) -> io::Result<Option<i32>> {
-        let mut line = String::new();
-        if self.answers.read_line(&mut line)? == 0 {
-            return Ok(None);
+        let mut line = Vec::new();
+        let mut byte = [0u8];
+        loop {
+            match self.answers.read(&mut byte) {
+                Ok(0) => return Ok(None),
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
         }
+        let line = String::from_utf8_lossy(&line);
         line.trim()
             .strip_prefix(word)
             .and_then(|n| n.trim().parse().ok())
@@ -139,7 +149,7 @@ impl Drop for Worker {
 impl Job<'_> {
     /// Readable when the job has ended (its status line is waiting).
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
-        self.worker.answers.get_ref().as_fd()
+        self.worker.answers.as_fd()
     }
 
     /// The job's status, once [`Job::exit_fd`] is readable.
