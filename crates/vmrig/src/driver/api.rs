@@ -73,6 +73,15 @@ fn seconds_arg(args: &Value, name: &str) -> Option<Duration> {
     args[name].as_f64().filter(|s| *s >= 0.0).map(Duration::from_secs_f64)
 }
 
+/// Argument `name` as a port number, `lowest` to 65535.
+fn port_arg(args: &Value, name: &str, lowest: u16) -> Result<u16, Failure> {
+    args[name]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p >= lowest)
+        .ok_or_else(|| Failure::Test(format!("`{name}` must be a port number ({lowest} to 65535)")))
+}
+
 fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<Value, Failure> {
     let args = &request.args;
     match request.method.as_str() {
@@ -274,13 +283,7 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             copy_from_vm(machine, &run.result_dir, &source, &target_dir, &log)?;
         }
         "forward_port" => {
-            let port = |name: &str| {
-                args[name].as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| Failure::Test(format!("`{name}` must be a port number (0 to 65535)")))
-            };
-            let (host_port, guest_port) = (port("host_port")?, port("guest_port")?);
-            if guest_port == 0 {
-                return Err(Failure::Test("`guest_port` must be a port number (1 to 65535)".into()));
-            }
+            let (host_port, guest_port) = (port_arg(args, "host_port", 0)?, port_arg(args, "guest_port", 1)?);
             return match machine.forward_port(host_port, guest_port) {
                 Ok(address) => Ok(json!(address.port())),
                 Err(error @ VmError::Listen { .. }) => Err(Failure::Test(crate::error::chain(&error))),
@@ -289,15 +292,13 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
         }
         "wait_for_shutdown" => {
             let _block = log.block(Some(&node), "waiting for the VM to power off");
-            let left = deadline.saturating_duration_since(Instant::now());
-            match machine.wait_for_exit(left) {
+            match machine.wait_for_exit(Duration::MAX) {
                 Err(VmError::ShutdownTimeout { .. }) => return Err(Failure::Test(format!("{node}: the VM did not power off"))),
                 other => other?,
             }
         }
         "wait_for_open_port" | "wait_for_closed_port" => {
-            let port = args["port"].as_u64().and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
-            let port = port.ok_or_else(|| Failure::Test("`port` must be a port number (1 to 65535)".into()))?;
+            let port = port_arg(args, "port", 1)?;
             let host = args["addr"].as_str().unwrap_or("localhost").to_string();
             let want_open = request.method == "wait_for_open_port";
             let state = if want_open { "open" } else { "closed" };
@@ -352,8 +353,7 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             // Waiting for a console is a use of the node: it starts.
             machine.start()?;
             let first = args["first"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
-            let wait = seconds_arg(args, "wait").unwrap_or_default().min(deadline.saturating_duration_since(Instant::now()));
-            return Ok(json!(machine.console_lines(first, wait)));
+            return Ok(json!(machine.console_lines(first, seconds_arg(args, "wait").unwrap_or_default())));
         }
         "console_log" => return Ok(Value::String(machine.console_lines(0, Duration::ZERO).join("\n"))),
         "send_monitor_command" => {

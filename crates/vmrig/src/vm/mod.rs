@@ -465,11 +465,13 @@ impl Machine {
         let _block = self.log.block(Some(&name), "shutting down");
         let asked = self.agent()?.power(false);
         asked.map_err(|e| self.agent_error(e))?;
-        self.wait_for_exit(self.within_deadline(SHUTDOWN_TIMEOUT))
+        self.wait_for_exit(SHUTDOWN_TIMEOUT)
     }
 
-    /// Waits until QEMU has exited.
+    /// Waits until QEMU has exited, for `timeout` at most (and no longer
+    /// than the run).
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<(), VmError> {
+        let timeout = self.within_deadline(timeout);
         let started = Instant::now();
         while self.is_running() {
             if started.elapsed() > timeout {
@@ -531,6 +533,7 @@ impl Machine {
     /// The console's lines from number `first` on (counting from 0 at the
     /// run's start), waiting up to `wait` for one to come if there is none.
     pub fn console_lines(&self, first: usize, wait: Duration) -> Vec<String> {
+        let wait = self.within_deadline(wait);
         let lines = self.console.lines();
         let (lines, _) = self
             .console
