@@ -23,6 +23,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use nix::sys::signal::{killpg, Signal};
 use nix::sys::stat::Mode;
 use nix::unistd::Pid;
+use vmrig_proto::shell_quote;
 
 /// Where the FIFOs and input files of commands live.
 const RUN_DIR: &str = "/run/vmrig-agent";
@@ -103,14 +104,14 @@ impl Worker {
         // writer has come and gone.
         let open = |path: &Path| File::options().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path);
         let (stdout, stderr) = (open(&out_path)?, open(&err_path)?);
-        let exports: String = env.iter().map(|(k, v)| format!("export {}={}; ", k, quote(v))).collect();
+        let exports: String = env.iter().map(|(k, v)| format!("export {}={}; ", k, shell_quote(v))).collect();
         let script = format!(
             "( exec <{} >{} 2>{}; cd -- {} || exit 127; {exports}eval {} ) & echo \"pid $!\"; wait $!; echo \"status $?\"\n",
-            quote(&input),
-            quote(&out_path.display().to_string()),
-            quote(&err_path.display().to_string()),
-            quote(cwd),
-            quote(line),
+            shell_quote(&input),
+            shell_quote(&out_path.display().to_string()),
+            shell_quote(&err_path.display().to_string()),
+            shell_quote(cwd),
+            shell_quote(line),
         );
         self.commands.write_all(script.as_bytes())?;
         let pid = self.answer("pid")?.ok_or_else(|| io::Error::other("the worker shell ended"))?;
@@ -169,19 +170,5 @@ impl Drop for Job<'_> {
         for file in &self.files {
             let _ = fs::remove_file(file);
         }
-    }
-}
-
-/// `text` as one single-quoted word for `bash`.
-fn quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn quoting_survives_single_quotes() {
-        assert_eq!(super::quote("it's"), r"'it'\''s'");
-        assert_eq!(super::quote(""), "''");
     }
 }

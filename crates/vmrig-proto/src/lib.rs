@@ -273,6 +273,12 @@ pub enum FrameError {
     Malformed(#[from] serde_json::Error),
 }
 
+/// `text` as one single-quoted word for `bash`: how the driver and the
+/// agent put paths and command lines into the shell commands they build.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
+}
+
 /// Writes one frame.
 pub fn write_frame(out: &mut impl Write, header: &impl Serialize, data: &[u8]) -> Result<(), FrameError> {
     let header = serde_json::to_vec(header)?;
@@ -339,6 +345,12 @@ mod tests {
         let (second, data): (Request, _) = read_frame(&mut reader).unwrap();
         assert_eq!((second, data.len()), (Request::Hello { nonce: 7 }, 0));
         assert!(reader.is_empty());
+    }
+
+    #[test]
+    fn shell_quoting_survives_single_quotes() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]

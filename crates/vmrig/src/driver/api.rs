@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmrig_proto::{Command, EntryKind, Program, SocketTarget};
+use vmrig_proto::{shell_quote, Command, EntryKind, Program, SocketTarget};
 
 use super::Run;
 use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
@@ -411,11 +411,6 @@ fn systemctl_command(query: &str, user: Option<&str>) -> String {
     }
 }
 
-/// `text` as one word for `bash`.
-fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
 /// When a wait of `limit` gives up: then, or at the run's deadline.
 fn give_up(limit: Duration, deadline: Instant) -> Instant {
     (Instant::now() + limit).min(deadline)
@@ -438,7 +433,7 @@ fn poll_until(give_up: Instant, pause: Duration, mut done: impl FnMut() -> Resul
 /// The unit's properties, or `None` while systemd cannot answer yet (the
 /// agent starts before systemd does).
 fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    let outcome = shell(machine, &systemctl_command(&format!("--no-pager show '{unit}'"), user), Some(Duration::from_secs(60)))?;
+    let outcome = shell(machine, &systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user), Some(Duration::from_secs(60)))?;
     if !outcome.succeeded() {
         return Ok(None);
     }
