@@ -30,7 +30,6 @@ use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::vm::{Accel, Machine, MachineConfig};
 
-
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -105,7 +104,6 @@ pub enum DriverError {
     Script(String),
 }
 
-
 /// Runs `spec` and reports whether it passed, or answers from the store
 /// when the same inputs passed before (unless `options.rebuild`).
 pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
@@ -165,6 +163,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
     let mut machines = BTreeMap::new();
+    let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
     for node in spec.nodes.values() {
         let boot = &boot_files[&node.name];
         let initrd = private.path().join(format!("{}.initrd", node.name));
@@ -172,6 +171,10 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
         let state_disk = state_dir.join(format!("{}.ext4", node.name));
         if !(options.keep_state && state_disk.exists()) {
             make_state_disk(&state_disk)?;
+        }
+        let nics = net::nics(spec, &node.name);
+        for nic in &nics {
+            vlans.entry(nic.vlan).or_default().push(nic.clone());
         }
         let config = MachineConfig {
             name: node.name.clone(),
@@ -184,19 +187,13 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
             rootfs_type: boot.rootfs_type().to_string(),
             state_disk,
             kernel_params: node.kernel_params.clone(),
-            nics: net::nics(spec, &node.name),
+            nics,
             socket_dir: private.path().to_path_buf(),
             console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
         };
         machines.insert(node.name.clone(), Machine::new(config, log.clone()));
     }
 
-    let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
-    for name in spec.nodes.keys() {
-        for nic in net::nics(spec, name) {
-            vlans.entry(nic.vlan).or_default().push(nic);
-        }
-    }
     let rules = SharedRules::default();
     let mut switches = Vec::new();
     for (vlan, ports) in vlans {
