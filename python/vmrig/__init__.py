@@ -13,10 +13,11 @@ import re
 import shlex
 import socket
 import sys
+import threading
 import time
 import traceback
 import unittest
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 Timeout = Union[None, int, float, datetime.timedelta]
 
@@ -36,6 +37,9 @@ DRIVER_GLOBALS = [
     "heal",
     "vlan",
     "vlans",
+    "machines",
+    "driver",
+    "os",
 ]
 
 
@@ -48,30 +52,42 @@ class InfrastructureError(Exception):
 
 
 class _Driver:
+    """The connection to the driver. Each thread of the script gets one of
+    its own, so that threads driving different machines are served side
+    by side and each gets its own answers."""
+
     def __init__(self, path: str) -> None:
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._socket.connect(path)
-        self._stream = self._socket.makefile("rwb")
-        self._next_id = 0
+        self._path = path
+        self._local = threading.local()
         #: The conditions of the `polling_condition` blocks being run.
         self.polling_conditions: List["PollingCondition"] = []
+
+    def _stream(self) -> Any:
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection.connect(self._path)
+            stream = self._local.stream = connection.makefile("rwb")
+            self._local.next_id = 0
+        return stream
 
     def check_polling_conditions(self) -> None:
         for condition in list(self.polling_conditions):
             condition.maybe_raise()
 
     def call(self, method: str, node: Optional[str] = None, **args: Any) -> Any:
-        self._next_id += 1
-        request = {"id": self._next_id, "method": method, "node": node, "args": args}
-        self._stream.write(json.dumps(request).encode() + b"\n")
-        self._stream.flush()
+        stream = self._stream()
+        self._local.next_id += 1
+        request = {"id": self._local.next_id, "method": method, "node": node, "args": args}
+        stream.write(json.dumps(request).encode() + b"\n")
+        stream.flush()
         while True:
-            line = self._stream.readline()
+            line = stream.readline()
             if not line:
                 raise InfrastructureError("the vmrig driver closed the connection")
             reply = json.loads(line)
             # A reply to a call abandoned at the prompt (Ctrl-C) comes first.
-            if reply.get("id") == self._next_id:
+            if reply.get("id") == self._local.next_id:
                 break
         error = reply.get("error")
         if error is None:
@@ -98,8 +114,10 @@ class Machine:
         #: The machine's first IPv4 and IPv6 addresses (None without a VLAN).
         self.ip: Optional[str] = node["ip"]
         self.ipv6: Optional[str] = node["ipv6"]
-        # Console lines already looked at by wait_for_console_text.
+        # Console lines already looked at by wait_for_console_text, and QMP
+        # events by wait_for_qmp_event.
         self._console_seen = 0
+        self._events_seen = 0
 
     def __repr__(self) -> str:
         return f"<Machine {self.name}>"
@@ -108,9 +126,29 @@ class Machine:
         self._driver.check_polling_conditions()
         return self._driver.call(method, self.name, **args)
 
-    def start(self) -> None:
-        """Boots the machine, without waiting for it to be up."""
-        self._call("start")
+    def log(self, msg: str) -> None:
+        """Writes a line about this machine in the run's log."""
+        self._driver.call("log", self.name, message=str(msg))
+
+    @contextlib.contextmanager
+    def nested(self, msg: str, attrs: Optional[Dict[str, str]] = None) -> Iterator[None]:
+        """A timed block of the log about this machine, closed by
+        "(finished: msg, in X seconds)"."""
+        block = self._driver.call("nested_start", self.name, message=str(msg))
+        try:
+            yield
+        finally:
+            self._driver.call("nested_end", self.name, id=block)
+
+    def start(self, allow_reboot: bool = False) -> None:
+        """Boots the machine, without waiting for it to be up. Unless
+        allow_reboot, a reboot the guest asks for itself powers it off,
+        as in NixOS (reboot() works either way)."""
+        self._call("start", allow_reboot=allow_reboot)
+
+    def is_up(self) -> bool:
+        """Whether the machine is booted and answering."""
+        return bool(self._call("is_up"))
 
     def shutdown(self) -> None:
         """Powers the machine off cleanly and waits until it is off."""
@@ -138,6 +176,11 @@ class Machine:
         """Runs a shell command; returns its exit status and stdout."""
         result = self._call("execute", command=command, timeout=_seconds(timeout))
         return result["status"], result["stdout"] if check_output else ""
+
+    def _execute_quietly(self, command: str) -> Tuple[int, str]:
+        """execute(), leaving nothing in the log: for what a person types."""
+        result = self._call("execute", command=command, timeout=None, quiet=True)
+        return result["status"], result["stdout"]
 
     def succeed(self, *commands: str, timeout: Timeout = None) -> str:
         """Runs each command, failing the test if one fails; returns their stdout."""
@@ -209,6 +252,47 @@ class Machine:
             if deadline is not None and time.monotonic() > deadline:
                 raise TestFailure(f"{self.name}: {regex!r} did not appear on the console within {limit} s")
 
+    def wait_for_qmp_event(self, event_filter: Callable[[Dict[str, Any]], bool], timeout: Timeout = 600) -> Dict[str, Any]:
+        """Waits for a QMP event for which event_filter returns True, and
+        returns it. Each call looks only at events no earlier call has
+        looked at (those it skips are gone, as in NixOS)."""
+        limit = _seconds(timeout) or 600.0
+        deadline = time.monotonic() + limit
+        while True:
+            events = self._call("qmp_events", first=self._events_seen, wait=1.0)
+            for event in events:
+                self._events_seen += 1
+                if event_filter(event):
+                    return event
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no matching QMP event within {limit} s")
+
+    def send_console(self, chars: str) -> None:
+        """Types chars on the machine's serial console (the kernel's
+        console, where the boot and the journal are printed)."""
+        self._call("send_console", chars=chars)
+
+    def get_tty_text(self, tty: Union[int, str]) -> str:
+        """The text of virtual terminal `tty`."""
+        return self._call("tty_text", tty=tty)
+
+    def wait_until_tty_matches(self, tty: Union[int, str], regexp: str, timeout: Timeout = 900) -> None:
+        """Waits until the text of virtual terminal `tty` matches regexp."""
+        limit = _seconds(timeout) or 900.0
+        deadline = time.monotonic() + limit
+        with self.nested(f"waiting for {regexp} to appear on tty {tty}"):
+            while True:
+                text = self.get_tty_text(tty)
+                if re.search(regexp, text):
+                    return
+                if time.monotonic() > deadline:
+                    raise TestFailure(f"{self.name}: {regexp!r} did not appear on tty {tty} within {limit} s; it shows:\n{text}")
+                time.sleep(1)
+
+    def dump_tty_contents(self, tty: Union[int, str]) -> None:
+        """Writes the text of virtual terminal `tty` to the run's log."""
+        self.log(f"tty {tty} shows:\n{self.get_tty_text(tty)}")
+
     def get_console_log(self) -> str:
         """Everything the machine's console printed in this run."""
         return self._call("console_log")
@@ -231,6 +315,12 @@ class Machine:
         self._call("copy_from_vm", source=str(source), target_dir=str(target_dir))
 
     copy_from_machine = copy_from_vm
+
+    def copy_from_host_via_shell(self, source: str, target: str) -> None:
+        """Copies a host file into the machine, creating target's directory
+        (vmrig copies over its agent in any case)."""
+        self.succeed(f"mkdir -p {shlex.quote(os.path.dirname(str(target)) or '/')}")
+        self.copy_from_host(source, target)
 
     def send_monitor_command(self, command: str) -> str:
         """Sends a command to QEMU's monitor; returns its output."""
@@ -259,7 +349,7 @@ class Machine:
                 f"cd {shlex.quote(directory)} 2>/dev/null\n{{ {line}\n}} 2>&1\n"
                 "__vmrig_status=$?; printf '\\0%s' \"$PWD\"; exit $__vmrig_status"
             )
-            status, output = self.execute(command, timeout=None)
+            status, output = self._execute_quietly(command)
             output, _, directory_now = output.rpartition("\0")
             directory = directory_now or directory
             sys.stdout.write(output)
@@ -267,9 +357,17 @@ class Machine:
                 print(f"(exit status {status})")
 
     def console_interact(self) -> None:
-        """Not available: a node's console is captured, not typed into;
-        shell_interact() gives a shell."""
-        raise TestFailure("console_interact() is not available: vmrig records consoles but does not type into them; use shell_interact()")
+        """Types each line read from the terminal on the machine's serial
+        console; what the console prints shows as `name # ...` lines.
+        Ctrl-D ends it. A node runs no login prompt on its console, so what
+        reads these lines is whatever the test started there."""
+        while True:
+            try:
+                line = input()
+            except EOFError:
+                print()
+                return
+            self.send_console(line + "\n")
 
     def send_key(self, key: str, delay: Optional[float] = 0.01, log: Optional[bool] = True) -> None:
         """Not available: vmrig nodes have no display or keyboard."""
@@ -305,16 +403,23 @@ class Vlan:
 
     def impair(
         self,
-        delay: Timeout = None,
-        jitter: Timeout = None,
-        loss: float = 0.0,
-        rate: Optional[int] = None,
+        delay: Union[Timeout, str] = None,
+        jitter: Union[Timeout, str] = None,
+        loss: Union[float, str] = 0.0,
+        rate: Union[int, str, None] = None,
     ) -> None:
-        """Degrades every link of the VLAN: `delay` and `jitter` per frame,
-        `loss` as a share of frames (0 to 1), `rate` in bits per second.
-        Called without arguments, restores a clean link."""
+        """Degrades every link of the VLAN: `delay` and `jitter` per frame
+        (seconds, a timedelta, or "200ms" as tc netem writes it), `loss` as
+        a share of frames (0 to 1, or "1%"), `rate` in bits per second (or
+        "10mbit"). Called without arguments, restores a clean link."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, datetime.timedelta):
+                return value.total_seconds()
+            return value if value is None or isinstance(value, (int, float, str)) else repr(value)
+
         self._driver.call(
-            "impair", vlan=self.number, delay=_seconds(delay), jitter=_seconds(jitter), loss=loss, rate=rate
+            "impair", vlan=self.number, delay=plain(delay), jitter=plain(jitter), loss=plain(loss), rate=plain(rate)
         )
 
 
@@ -450,6 +555,7 @@ def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
     namespace: Dict[str, Any] = dict(machines)
     if len(machines) == 1:
         namespace["machine"] = next(iter(machines.values()))
+    all_vlans = sorted({v for node in nodes for v in node["vlans"]})
 
     namespace.update(
         start_all=start_all,
@@ -464,11 +570,31 @@ def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
         partition=partition,
         heal=heal,
         vlan=vlan,
-        vlans=sorted({v for node in nodes for v in node["vlans"]}),
+        vlans=all_vlans,
+        machines=list(machines.values()),
+        os=os,
     )
+    namespace["driver"] = _DriverNames(namespace)
     namespace["__name__"] = "__vmrig_test__"
     assert set(DRIVER_GLOBALS) <= set(namespace)
     return namespace
+
+
+class _DriverNames:
+    """`driver`: what the NixOS driver object offers a script."""
+
+    def __init__(self, namespace: Dict[str, Any]) -> None:
+        self.machines: List[Machine] = namespace["machines"]
+        self.vlans: List[int] = namespace["vlans"]
+        self.start_all: Callable[[], None] = namespace["start_all"]
+        self.join_all: Callable[[], None] = namespace["join_all"]
+        self.subtest = namespace["subtest"]
+        self.polling_condition = namespace["polling_condition"]
+        self.serial_stdout_on: Callable[[], None] = namespace["serial_stdout_on"]
+        self.serial_stdout_off: Callable[[], None] = namespace["serial_stdout_off"]
+
+    def __repr__(self) -> str:
+        return "<vmrig driver>"
 
 
 def _compile(script: str, path: str, first_line: int) -> Any:

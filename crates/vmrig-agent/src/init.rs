@@ -90,13 +90,7 @@ fn boot() -> Result<Infallible, String> {
     for dir in ["/rw/upper", "/rw/work"] {
         fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
     }
-    mount_fs(
-        "overlay",
-        "/newroot",
-        "overlay",
-        MsFlags::empty(),
-        Some("lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work"),
-    )?;
+    mount_root_overlay()?;
 
     copy_tree(Path::new("/").join(INITRAMFS_OVERLAY_DIR).as_path(), Path::new("/newroot"))?;
     // Read now: the initramfs is out of reach once the new root is `/`.
@@ -130,6 +124,20 @@ fn boot() -> Result<Infallible, String> {
     println!("{HANDOVER_BANNER} (kernel uptime {uptime} s)");
     let program = CString::new(SYSTEMD).expect("no NUL in a constant");
     execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
+}
+
+/// Puts the writable layer over the image at `/newroot`, able to hand out
+/// file handles as a disk root would, so that the node can export its
+/// directories over NFS (overlayfs needs an index of copied-up files for
+/// that). A kernel or layer that cannot do it gets the plain overlay.
+fn mount_root_overlay() -> Result<(), String> {
+    const LAYERS: &str = "lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work";
+    let exportable = format!("{LAYERS},index=on,nfs_export=on");
+    if mount_fs("overlay", "/newroot", "overlay", MsFlags::empty(), Some(&exportable)).is_ok() {
+        return Ok(());
+    }
+    eprintln!("vmrig-init: the root cannot be exported over NFS here; mounting it without");
+    mount_fs("overlay", "/newroot", "overlay", MsFlags::empty(), Some(LAYERS))
 }
 
 /// Loads every module of the initramfs's load order, which already puts each

@@ -3,7 +3,8 @@
 //!
 //! Exit status: 0 success, 1 the test failed, 2 the definition or the
 //! command line is wrong, 3 the infrastructure failed (host tools, build,
-//! boot, QEMU).
+//! boot, QEMU); 128 + the signal's number when SIGINT, SIGTERM or SIGHUP
+//! stopped a run (130, 143, 129).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -203,6 +204,10 @@ fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Resul
         Outcome::Failed => {
             ui.say(format!("{}: FAILED", spec.name));
             Ok(ExitCode::from(EXIT_TEST_FAILED))
+        }
+        Outcome::Interrupted(signal) => {
+            ui.say(format!("{}: INTERRUPTED by {signal}; report in {}", spec.name, result_dir.display()));
+            Ok(ExitCode::from(crate::interrupt::exit_status(signal)))
         }
     }
 }

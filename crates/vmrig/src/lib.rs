@@ -8,7 +8,7 @@
 //! it as a [`vm`] and runs the test script against it, logging to the
 //! [`runlog`]; [`report`] writes the JUnit file and records a pass so that
 //! the same inputs need not run again; [`script`] checks the script
-//! beforehand. [`cli`] is the
+//! beforehand; [`interrupt`] notes the signals that stop a run. [`cli`] is the
 //! command line over all of it and [`ui`] is how build progress looks.
 
 pub mod cli;
@@ -16,6 +16,7 @@ pub mod driver;
 pub mod error;
 pub mod host;
 pub mod image;
+pub mod interrupt;
 pub mod net;
 pub mod nodeconfig;
 pub mod report;

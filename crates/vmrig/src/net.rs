@@ -106,6 +106,61 @@ pub struct Impairment {
     pub rate_bps: Option<u64>,
 }
 
+/// A time as `tc netem` writes it: a number and a unit (`200ms`, `1.5s`,
+/// `500us`).
+pub fn parse_time(text: &str) -> Option<Duration> {
+    let (number, unit) = split_unit(text)?;
+    let seconds = match unit {
+        "s" | "sec" | "secs" => number,
+        "ms" | "msec" | "msecs" => number / 1e3,
+        "us" | "usec" | "usecs" => number / 1e6,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// A share as a percentage (`1%`, `0.5%`), from 0 to 1.
+pub fn parse_percent(text: &str) -> Option<f64> {
+    let (number, unit) = split_unit(text)?;
+    (unit == "%" && (0.0..=100.0).contains(&number)).then_some(number / 100.0)
+}
+
+/// A rate as `tc` writes it, in bits per second: `bit`, `kbit`, `mbit`,
+/// `gbit` (and `kibit`… for powers of 1024), or bytes per second with
+/// `bps`, `kbps`, `mbps`, `gbps`.
+pub fn parse_rate(text: &str) -> Option<u64> {
+    let (number, unit) = split_unit(text)?;
+    let unit = unit.to_ascii_lowercase();
+    let (prefix, bits) = match (unit.strip_suffix("bit"), unit.strip_suffix("bps")) {
+        (Some(prefix), _) => (prefix.to_string(), 1.0),
+        (None, Some(prefix)) => (prefix.to_string(), 8.0),
+        (None, None) => return None,
+    };
+    let scale = match prefix.as_str() {
+        "" => 1.0,
+        "k" => 1e3,
+        "m" => 1e6,
+        "g" => 1e9,
+        "t" => 1e12,
+        "ki" => 1024.0,
+        "mi" => 1024.0 * 1024.0,
+        "gi" => 1024.0 * 1024.0 * 1024.0,
+        "ti" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    let rate = number * scale * bits;
+    (rate >= 1.0 && rate < u64::MAX as f64).then_some(rate.round() as u64)
+}
+
+/// `"1.5ms"` as `(1.5, "ms")`; `None` without a number or a unit.
+fn split_unit(text: &str) -> Option<(f64, &str)> {
+    let text = text.trim();
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    (number.is_finite() && number >= 0.0).then_some((number, unit.trim()))
+}
+
 impl Rules {
     fn passes(&self, from: u8, to: u8) -> bool {
         !self.blocked.contains(&from)
@@ -284,6 +339,28 @@ mod tests {
     fn receive(socket: &UnixDatagram) -> Option<Vec<u8>> {
         let mut buffer = vec![0; MAX_FRAME];
         socket.recv(&mut buffer).ok().map(|n| buffer[..n].to_vec())
+    }
+
+    #[test]
+    fn link_conditions_read_as_tc_writes_them() {
+        assert_eq!(parse_time("200ms"), Some(Duration::from_millis(200)));
+        assert_eq!(parse_time("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_time(" 500 us"), Some(Duration::from_micros(500)));
+        assert_eq!(parse_time("200"), None, "a time needs its unit");
+        assert_eq!(parse_time("200 fortnights"), None);
+        assert_eq!(parse_time("-1s"), None);
+        assert_eq!(parse_percent("1%"), Some(0.01));
+        assert_eq!(parse_percent("0.5 %"), Some(0.005));
+        assert_eq!(parse_percent("150%"), None);
+        assert_eq!(parse_percent("0.1"), None);
+        assert_eq!(parse_rate("10mbit"), Some(10_000_000));
+        assert_eq!(parse_rate("1Gbit"), Some(1_000_000_000));
+        assert_eq!(parse_rate("100kbit"), Some(100_000));
+        assert_eq!(parse_rate("1kibit"), Some(1024));
+        assert_eq!(parse_rate("1mbps"), Some(8_000_000), "bps is bytes per second, as in tc");
+        assert_eq!(parse_rate("10 mbit"), Some(10_000_000));
+        assert_eq!(parse_rate("fast"), None);
+        assert_eq!(parse_rate("10"), None);
     }
 
     #[test]

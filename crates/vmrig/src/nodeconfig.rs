@@ -67,6 +67,19 @@ pub const MASKED_GENERATORS: &[&str] = &[
     "systemd-getty-generator",
 ];
 
+/// Where the node's journald settings go.
+const JOURNALD_DROP_IN: &str = "/etc/systemd/journald.conf.d/vmrig.conf";
+
+/// As on a NixOS test node, every journal entry, at every level, is also
+/// printed on the serial console, so that services' logs are `node # …`
+/// lines of the run's log and `wait_for_console_text` sees them.
+const JOURNAL_TO_CONSOLE: &str = "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=debug\n";
+
+/// Targets a NixOS test node reaches at boot, and scripts wait for, that a
+/// stock Debian boot without a network manager never pulls in. The node's
+/// network is up before systemd starts, so both are true when reached.
+const BOOT_TARGETS: [&str; 2] = ["network.target", "network-online.target"];
+
 /// The layer's writer: an overlay tree rooted at [`INITRAMFS_OVERLAY_DIR`]
 /// whose parent directories are written once, before their children.
 struct Layer<W: Write> {
@@ -137,6 +150,10 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         }
         for generator in MASKED_GENERATORS {
             layer.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
+        }
+        layer.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
+        for target in BOOT_TARGETS {
+            layer.symlink(&format!("/etc/systemd/system/multi-user.target.wants/{target}"), &format!("/lib/systemd/system/{target}"))?;
         }
         for (name, service) in &node.services {
             let unit_path = format!("/etc/systemd/system/{name}.service");

@@ -47,7 +47,7 @@ impl From<VmError> for Failure {
 }
 
 /// Answers one request line.
-pub(super) fn handle(run: &mut Run<'_>, line: &str, deadline: Instant) -> String {
+pub(super) fn handle(run: &Run<'_>, line: &str, deadline: Instant) -> String {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(error) => {
@@ -82,7 +82,7 @@ fn port_arg(args: &Value, name: &str, lowest: u16) -> Result<u16, Failure> {
         .ok_or_else(|| Failure::Test(format!("`{name}` must be a port number ({lowest} to 65535)")))
 }
 
-fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<Value, Failure> {
+fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value, Failure> {
     let args = &request.args;
     match request.method.as_str() {
         "nodes" => {
@@ -103,17 +103,29 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 .collect())
         }
         "log" => {
-            run.log.line(string_arg(args, "message")?);
+            let message = string_arg(args, "message")?;
+            match request.node.as_deref() {
+                Some(node) => run.log.line(format!("{node}: {message}")),
+                None => run.log.line(message),
+            }
+            return Ok(Value::Null);
+        }
+        "nested_start" => {
+            let message = string_arg(args, "message")?;
+            let block = run.log.block(request.node.as_deref(), message);
+            let mut nested = run.nested.lock().unwrap_or_else(|p| p.into_inner());
+            let id = nested.keys().next_back().map_or(0, |last| last + 1);
+            nested.insert(id, block);
+            return Ok(json!(id));
+        }
+        "nested_end" => {
+            let id = args["id"].as_u64().ok_or_else(|| Failure::Infra("`id` must be a block number".into()))?;
+            run.nested.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             return Ok(Value::Null);
         }
         "impair" => {
             let vlan = args["vlan"].as_u64().and_then(|v| u8::try_from(v).ok()).ok_or_else(|| Failure::Infra("`vlan` must be a VLAN number".into()))?;
-            let impairment = crate::net::Impairment {
-                delay: seconds_arg(args, "delay").unwrap_or_default(),
-                jitter: seconds_arg(args, "jitter").unwrap_or_default(),
-                loss: args["loss"].as_f64().unwrap_or(0.0).clamp(0.0, 1.0),
-                rate_bps: args["rate"].as_u64(),
-            };
+            let impairment = impairment(args).map_err(Failure::Test)?;
             run.log.line(format!("vlan {vlan}: impairing links: {impairment:?}"));
             let mut rules = run.rules.lock().unwrap_or_else(|p| p.into_inner());
             if impairment == crate::net::Impairment::default() {
@@ -151,15 +163,15 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
             return Ok(Value::Null);
         }
         "subtest_start" => {
-            run.subtests.start(string_arg(args, "name")?, &run.log);
+            run.subtests().start(string_arg(args, "name")?, &run.log);
             return Ok(Value::Null);
         }
         "subtest_end" => {
-            run.subtests.end(args["failure"].as_str().map(str::to_string));
+            run.subtests().end(args["failure"].as_str().map(str::to_string));
             return Ok(Value::Null);
         }
         "script_failed" => {
-            run.subtests.failure = Some(string_arg(args, "message")?);
+            run.subtests().failure = Some(string_arg(args, "message")?);
             return Ok(Value::Null);
         }
         "serial_stdout" => {
@@ -168,8 +180,11 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
         }
         "start_all" => {
             let _block = run.log.block(None, "starting all VMs");
-            for machine in run.machines.values_mut() {
-                machine.start()?;
+            // Starting does not wait for a boot: the machines boot side by side.
+            for name in run.machines.keys() {
+                let mut machine = run.machine(name).expect("a listed machine");
+                let allow_reboot = machine.allows_reboot();
+                machine.start(allow_reboot)?;
             }
             return Ok(Value::Null);
         }
@@ -179,12 +194,39 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
         .node
         .as_deref()
         .ok_or_else(|| Failure::Infra(format!("`{}` needs a node", request.method)))?;
-    let machine = run
-        .machines
-        .get_mut(name)
-        .ok_or_else(|| Failure::Infra(format!("there is no node `{name}`")))?;
     let log = run.log.clone();
     let node = name.to_string();
+    // What waits on a machine's output rather than asks it anything does
+    // not hold the machine, so that another thread can drive it meanwhile.
+    match request.method.as_str() {
+        "console_lines" | "qmp_events" => {
+            let first = args["first"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+            let wait = seconds_arg(args, "wait").unwrap_or_default();
+            let (console, events, until) = {
+                let mut machine = locked(run, name)?;
+                // Waiting for a console is a use of the node: it starts.
+                let allow_reboot = machine.allows_reboot();
+                machine.start(allow_reboot)?;
+                (machine.console(), machine.events(), give_up(wait, machine.deadline().unwrap_or(deadline)))
+            };
+            return Ok(if request.method == "console_lines" { json!(console.since(first, until)) } else { json!(events.since(first, until)) });
+        }
+        "wait_for_shutdown" => {
+            let _block = log.block(Some(&node), "waiting for the VM to power off");
+            loop {
+                if !locked(run, name)?.is_running() {
+                    return Ok(Value::Null);
+                }
+                if Instant::now() >= deadline {
+                    return Err(Failure::Test(format!("{node}: the VM did not power off")));
+                }
+                std::thread::sleep(POLL_PAUSE);
+            }
+        }
+        _ => {}
+    }
+    let mut machine = locked(run, name)?;
+    let machine = &mut *machine;
     match request.method.as_str() {
         "block" | "unblock" => {
             let number = node_number(run, &node)?;
@@ -197,13 +239,29 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 rules.blocked.remove(&number);
             }
         }
-        "start" => machine.start()?,
+        "start" => machine.start(args["allow_reboot"].as_bool().unwrap_or(false))?,
+        "is_up" => return Ok(json!(machine.is_up())),
+        "send_console" => machine.send_console(string_arg(args, "chars")?.as_bytes())?,
+        "tty_text" => {
+            let tty = tty_arg(args)?;
+            let command = format!(
+                "test -e /dev/vcs{tty} -o -e /dev/tty{tty} || exit 200; cat /dev/tty{tty} </dev/null >/dev/null 2>&1 & sleep 0.1; kill $! 2>/dev/null; fold -w$(stty -F /dev/tty{tty} size | cut -d' ' -f2) /dev/vcs{tty}"
+            );
+            let outcome = shell(machine, &command, None)?;
+            return match outcome.status_code() {
+                0 => Ok(Value::String(text(&outcome.stdout))),
+                200 => Err(Failure::Test(format!("{node}: there is no virtual terminal tty{tty}: vmrig nodes are headless; their console is the serial line (wait_for_console_text, send_console)"))),
+                _ => Err(Failure::Test(format!("{node}: cannot read virtual terminal tty{tty}\n{}", output_report(&outcome)))),
+            };
+        }
         "shutdown" => machine.shutdown()?,
         "crash" => machine.crash()?,
         "reboot" => machine.reboot()?,
         "execute" => {
             let command = string_arg(args, "command")?;
-            let _block = log.block(Some(&node), format!("executing: {command}"));
+            // What a person types at shell_interact() is not logged.
+            let quiet = args["quiet"].as_bool().unwrap_or(false);
+            let _block = (!quiet).then(|| log.block(Some(&node), format!("executing: {command}")));
             let outcome = shell(machine, &command, seconds_arg(args, "timeout"))?;
             return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
         }
@@ -290,13 +348,6 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 Err(error) => Err(error.into()),
             };
         }
-        "wait_for_shutdown" => {
-            let _block = log.block(Some(&node), "waiting for the VM to power off");
-            match machine.wait_for_exit(Duration::MAX) {
-                Err(VmError::ShutdownTimeout { .. }) => return Err(Failure::Test(format!("{node}: the VM did not power off"))),
-                other => other?,
-            }
-        }
         "wait_for_open_port" | "wait_for_closed_port" => {
             let port = port_arg(args, "port", 1)?;
             let host = args["addr"].as_str().unwrap_or("localhost").to_string();
@@ -349,13 +400,7 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
                 return Err(Failure::Test(format!("{node}: unit {unit} is {state}, expected {wanted}")));
             }
         }
-        "console_lines" => {
-            // Waiting for a console is a use of the node: it starts.
-            machine.start()?;
-            let first = args["first"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
-            return Ok(json!(machine.console_lines(first, seconds_arg(args, "wait").unwrap_or_default())));
-        }
-        "console_log" => return Ok(Value::String(machine.console_lines(0, Duration::ZERO).join("\n"))),
+        "console_log" => return Ok(Value::String(machine.console().since(0, Instant::now()).join("\n"))),
         "send_monitor_command" => {
             let command = string_arg(args, "command")?;
             return Ok(Value::String(machine.monitor_command(&command)?));
@@ -363,6 +408,59 @@ fn dispatch(run: &mut Run<'_>, request: &Request, deadline: Instant) -> Result<V
         other => return Err(Failure::Infra(format!("unknown method `{other}`"))),
     }
     Ok(Value::Null)
+}
+
+/// The link conditions `vlan(n).impair(...)` asks for. Each argument takes
+/// what people write for it: seconds or a `tc netem` time (`"200ms"`), a
+/// share from 0 to 1 or a percentage (`"1%"`), bits per second or a `tc`
+/// rate (`"10mbit"`). Anything else is the test's mistake, told with the
+/// forms it could have used.
+fn impairment(args: &Value) -> Result<crate::net::Impairment, String> {
+    fn read<T>(args: &Value, name: &str, forms: &str, number: impl Fn(f64) -> Option<T>, text: impl Fn(&str) -> Option<T>) -> Result<Option<T>, String> {
+        let value = &args[name];
+        let parsed = match value {
+            Value::Null => return Ok(None),
+            Value::Number(n) => n.as_f64().and_then(&number),
+            Value::String(s) => text(s),
+            _ => None,
+        };
+        parsed.map(Some).ok_or_else(|| format!("impair(): `{name}` cannot be {value}; it takes {forms}"))
+    }
+    let time = |n: f64| Duration::try_from_secs_f64(n).ok();
+    let time_forms = "seconds (0.2, or a datetime.timedelta) or a time with its unit as tc netem writes it (\"200ms\", \"1.5s\", \"500us\")";
+    Ok(crate::net::Impairment {
+        delay: read(args, "delay", time_forms, time, crate::net::parse_time)?.unwrap_or_default(),
+        jitter: read(args, "jitter", time_forms, time, crate::net::parse_time)?.unwrap_or_default(),
+        loss: read(
+            args,
+            "loss",
+            "a share of frames from 0 to 1 (0.01) or a percentage (\"1%\")",
+            |n| (0.0..=1.0).contains(&n).then_some(n),
+            crate::net::parse_percent,
+        )?
+        .unwrap_or(0.0),
+        rate_bps: read(
+            args,
+            "rate",
+            "bits per second (10000000) or a rate as tc writes it (\"10mbit\", \"512kbit\", \"1gbit\", \"2mbps\" for bytes)",
+            |n| (n >= 1.0 && n.fract() == 0.0 && n < u64::MAX as f64).then_some(n as u64),
+            crate::net::parse_rate,
+        )?,
+    })
+}
+
+/// Machine `name`, locked for this request.
+fn locked<'r>(run: &'r Run<'_>, name: &str) -> Result<std::sync::MutexGuard<'r, Machine>, Failure> {
+    run.machine(name).ok_or_else(|| Failure::Infra(format!("there is no node `{name}`")))
+}
+
+/// Argument `tty`: a virtual terminal's number.
+fn tty_arg(args: &Value) -> Result<u32, Failure> {
+    let tty = match &args["tty"] {
+        Value::String(text) => text.parse().ok(),
+        other => other.as_u64().and_then(|n| u32::try_from(n).ok()),
+    };
+    tty.filter(|n| (1..=63).contains(n)).ok_or_else(|| Failure::Test(format!("`tty` must be a virtual terminal's number (1 to 63), not {}", args["tty"])))
 }
 
 /// The number of node `name`, as the switches know it.
@@ -451,7 +549,7 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
         let Some(info) = unit_info(machine, unit, user)? else { return Ok(false) };
         match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
             "active" => Ok(true),
-            "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\""))),
+            "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\"\n{}", unit_status(machine, unit, user)?))),
             "inactive" => {
                 let jobs = shell(machine, &systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
@@ -462,7 +560,7 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
                 if again.get("ActiveState").map(String::as_str) == Some("active") {
                     return Ok(true);
                 }
-                Err(Failure::Test(format!("{node}: unit {unit} is inactive and there are no pending jobs")))
+                Err(Failure::Test(format!("{node}: unit {unit} is inactive and there are no pending jobs\n{}", unit_status(machine, unit, user)?)))
             }
             _ => Ok(false),
         }
@@ -471,6 +569,14 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
         return Err(Failure::Test(format!("{node}: unit {unit} did not become active within {} s", limit.as_secs())));
     }
     Ok(())
+}
+
+/// What `systemctl status` says of a unit, with its last journal lines:
+/// why a unit did not come up, for the failure that reports it.
+fn unit_status(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<String, Failure> {
+    let query = format!("--no-pager --full --lines=25 status {}", shell_quote(unit));
+    let outcome = shell(machine, &format!("{} 2>&1", systemctl_command(&query, user)), Some(Duration::from_secs(60)))?;
+    Ok(text(&outcome.stdout).trim_end().to_string())
 }
 
 fn copy_from_host(machine: &mut Machine, source: &Path, target: &str) -> Result<(), Failure> {

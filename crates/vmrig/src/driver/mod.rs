@@ -12,11 +12,14 @@ mod api;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use crate::error::{file_error, FileError};
 use crate::host::{self, Agent, Kvm, PYTHON};
@@ -28,7 +31,8 @@ use crate::runlog::{Block, RunLog};
 use crate::spec::{TestSpec, RESULT_DIR};
 use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
-use crate::vm::{Accel, Machine, MachineConfig};
+use crate::interrupt;
+use crate::vm::{Accel, KillSwitch, Launcher, Machine, MachineConfig};
 
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -76,6 +80,8 @@ pub enum Outcome {
     Failed,
     /// The same inputs passed before: nothing ran.
     PassedBefore(RecordedPass),
+    /// A signal stopped the run.
+    Interrupted(Signal),
 }
 
 /// Errors of the driver layer: vmrig or the host failed, not the test.
@@ -162,6 +168,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     };
     fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
+    let launcher = Launcher::start();
     let mut machines = BTreeMap::new();
     let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
     for node in spec.nodes.values() {
@@ -191,7 +198,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
             socket_dir: private.path().to_path_buf(),
             console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
         };
-        machines.insert(node.name.clone(), Machine::new(config, log.clone()));
+        machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
     }
 
     let rules = SharedRules::default();
@@ -203,14 +210,15 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
         switches.push(switch);
     }
 
-    let mut run = Run {
+    let run = Run {
         spec,
         machines,
         rules,
         _switches: switches,
         log: log.clone(),
         result_dir: result_dir.clone(),
-        subtests: Subtests::default(),
+        subtests: Mutex::default(),
+        nested: Mutex::default(),
     };
     let timeout = match (options.timeout, options.interactive) {
         (Some(timeout), _) => timeout,
@@ -218,7 +226,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
         (None, false) => spec.timeout,
     };
     let outcome = run.run_script(private.path(), timeout, options.interactive);
-    let cases = std::mem::take(&mut run.subtests).into_cases(&spec.name, &outcome);
+    let cases = std::mem::take(&mut *run.subtests()).into_cases(&spec.name, &outcome);
     let cleanup = log.block(None, "cleanup");
     drop(run);
     drop(cleanup);
@@ -259,6 +267,7 @@ impl Subtests {
     fn into_cases(mut self, test: &str, outcome: &Result<Outcome, DriverError>) -> Vec<Case> {
         let failure = match outcome {
             Ok(Outcome::Passed { .. }) => None,
+            Ok(Outcome::Interrupted(signal)) => Some(format!("the run was interrupted by {signal}")),
             Ok(_) => Some(self.failure.take().unwrap_or_else(|| "the test failed".into())),
             Err(error) => Some(crate::error::chain(error)),
         };
@@ -357,10 +366,13 @@ fn resolve_accel(choice: AccelChoice, store: &Store, kernel: &Path, log: &RunLog
     }
 }
 
-/// A run in progress: the machines and where the report goes.
+/// A run in progress: the machines and where the report goes. Requests
+/// from the script's threads are served at once, each on a thread of its
+/// own, so everything here is shared: each machine is locked while one
+/// request uses it, and requests to different machines run side by side.
 pub(crate) struct Run<'a> {
     spec: &'a TestSpec,
-    machines: BTreeMap<String, Machine>,
+    machines: BTreeMap<String, Mutex<Machine>>,
     /// What the switches let through: `block()`, `partition()` and friends.
     rules: SharedRules,
     /// Dropped after the machines (field order), so no frame is lost
@@ -368,13 +380,36 @@ pub(crate) struct Run<'a> {
     _switches: Vec<Switch>,
     log: RunLog,
     result_dir: PathBuf,
-    subtests: Subtests,
+    subtests: Mutex<Subtests>,
+    /// The script's open `nested(...)` blocks, by number.
+    nested: Mutex<BTreeMap<u64, Block>>,
+}
+
+/// How the script's python3 ended, as the run saw it.
+enum ScriptEnd {
+    Exited(ExitStatus),
+    OutOfTime,
+    Interrupted(Signal),
 }
 
 impl Run<'_> {
+    fn subtests(&self) -> MutexGuard<'_, Subtests> {
+        self.subtests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Machine `name`, locked for one request.
+    fn machine(&self, name: &str) -> Option<MutexGuard<'_, Machine>> {
+        self.machines.get(name).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Every machine's kill switch.
+    fn kill_switches(&self) -> Vec<KillSwitch> {
+        self.machines.keys().filter_map(|name| self.machine(name)).map(|m| m.kill_switch()).collect()
+    }
+
     /// Runs the script in a child python3, serving its requests until it
-    /// ends or the time runs out.
-    fn run_script(&mut self, private: &Path, timeout: Duration, interactive: bool) -> Result<Outcome, DriverError> {
+    /// ends, the time runs out, or a signal stops the run.
+    fn run_script(&self, private: &Path, timeout: Duration, interactive: bool) -> Result<Outcome, DriverError> {
         let python_dir = private.join("python").join("vmrig");
         fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
@@ -383,6 +418,7 @@ impl Run<'_> {
         fs::write(&script_copy, &self.spec.script.text).map_err(file_error("write", &script_copy))?;
         let socket = private.join("driver.sock");
         let listener = UnixListener::bind(&socket).map_err(file_error("listen on", &socket))?;
+        listener.set_nonblocking(true).map_err(file_error("listen on", &socket))?;
 
         let mut command = Command::new(PYTHON.require()?);
         command
@@ -396,16 +432,24 @@ impl Run<'_> {
             .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
             .current_dir(&self.spec.dir);
         if interactive {
-            // The prompt is the terminal's; its output is not logged.
+            // The prompt is the terminal's, and so is Ctrl-C there: it
+            // interrupts the call at the prompt, not the session.
             command.env("VMRIG_INTERACTIVE", "1");
         } else {
-            command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            // A group of its own: a Ctrl-C at the terminal reaches vmrig
+            // alone, which then stops the script itself.
+            command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from));
         }
+        interrupt::catch();
         let started = Instant::now();
+        let deadline = started + timeout;
+        for machine in self.machines.keys().filter_map(|name| self.machine(name)).collect::<Vec<_>>().iter_mut() {
+            machine.set_deadline(deadline);
+        }
         let script_block = self.log.block(None, "running the test script");
         let mut python = command.spawn().map_err(|e| DriverError::Script(format!("cannot start python3: {e}")))?;
         // Interactive sessions have no pipes: their output is the terminal's.
@@ -417,72 +461,91 @@ impl Run<'_> {
             output_threads.push(forward_lines(stderr, self.log.clone()));
         }
 
-        listener.set_nonblocking(true).map_err(file_error("listen on", &socket))?;
-        let connection = loop {
-            match listener.accept() {
-                Ok((stream, _)) => break Some(stream),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if python.try_wait().ok().flatten().is_some() || started.elapsed() > timeout {
-                        break None;
+        let kill_switches = self.kill_switches();
+        let end = std::thread::scope(|scope| {
+            let mut end = loop {
+                match listener.accept() {
+                    // One connection per thread of the script.
+                    Ok((stream, _)) => {
+                        scope.spawn(move || self.serve(stream, deadline));
+                        continue;
                     }
-                    std::thread::sleep(Duration::from_millis(5));
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => self.log.line(format!("cannot accept a connection from the script: {e}")),
                 }
-                Err(e) => return Err(DriverError::Script(format!("cannot accept the script's connection: {e}"))),
+                let signal = interrupt::received().filter(|s| !(interactive && *s == Signal::SIGINT));
+                if let Some(signal) = signal {
+                    break ScriptEnd::Interrupted(signal);
+                }
+                match python.try_wait() {
+                    Ok(Some(status)) => break ScriptEnd::Exited(status),
+                    Ok(None) => {}
+                    Err(e) => self.log.line(format!("cannot watch the script's python3: {e}")),
+                }
+                if Instant::now() >= deadline {
+                    break ScriptEnd::OutOfTime;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            if let (ScriptEnd::Exited(_), Some(signal)) = (&end, interrupt::received()) {
+                // The signal also reached python3, which ended first.
+                if !interactive || signal != Signal::SIGINT {
+                    end = ScriptEnd::Interrupted(signal);
+                }
             }
-        };
-        let mut timed_out = false;
-        if let Some(stream) = connection {
-            stream.set_nonblocking(false).map_err(file_error("use", &socket))?;
-            let deadline = started + timeout;
-            for machine in self.machines.values_mut() {
-                machine.set_deadline(deadline);
+            match &end {
+                ScriptEnd::Interrupted(signal) => self.log.line(format!("interrupted by {signal}: stopping the script and every node")),
+                ScriptEnd::OutOfTime => self.log.line(format!("the test ran out of time ({} s)", timeout.as_secs())),
+                ScriptEnd::Exited(_) => {}
             }
-            timed_out = self.serve(stream, deadline);
-        }
-        if timed_out {
             let _ = python.kill();
-        }
-        let status = python.wait().map_err(|e| DriverError::Script(e.to_string()))?;
+            let _ = python.wait();
+            // Requests still in flight (from script threads python3 did
+            // not wait for) end when their machine does.
+            for switch in &kill_switches {
+                switch.pull();
+            }
+            end
+        });
         for thread in output_threads {
             let _ = thread.join();
         }
         drop(script_block);
-        if timed_out {
-            let message = format!("the test ran out of time ({} s)", timeout.as_secs());
-            self.log.line(&message);
-            self.subtests.failure = Some(message);
-            return Ok(Outcome::Failed);
+        match end {
+            ScriptEnd::Interrupted(signal) => Ok(Outcome::Interrupted(signal)),
+            ScriptEnd::OutOfTime => {
+                self.subtests().failure = Some(format!("the test ran out of time ({} s)", timeout.as_secs()));
+                Ok(Outcome::Failed)
+            }
+            ScriptEnd::Exited(status) => {
+                let duration = started.elapsed();
+                self.log.line(format!("test script finished in {:.2} s", duration.as_secs_f64()));
+                script_outcome(status, duration)
+            }
         }
-        let duration = started.elapsed();
-        self.log.line(format!("test script finished in {:.2} s", duration.as_secs_f64()));
-        script_outcome(status, duration)
     }
 
-    /// Answers the script's requests until it disconnects; returns whether
-    /// the deadline passed first.
-    fn serve(&mut self, stream: std::os::unix::net::UnixStream, deadline: Instant) -> bool {
-        let mut writer = match stream.try_clone() {
-            Ok(writer) => writer,
-            Err(_) => return false,
-        };
+    /// Answers one connection's requests until it closes or the deadline
+    /// passes.
+    fn serve(&self, stream: UnixStream, deadline: Instant) {
+        let Ok(mut writer) = stream.try_clone() else { return };
+        let _ = stream.set_nonblocking(false);
         let mut reader = BufReader::new(stream);
         let mut line = String::new();
         loop {
             line.clear();
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return true;
+                return;
             }
             let _ = reader.get_ref().set_read_timeout(Some(left));
             match reader.read_line(&mut line) {
-                Ok(0) => return false,
+                Ok(0) | Err(_) => return,
                 Ok(_) => {}
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return true,
-                Err(_) => return false,
             }
             let reply = api::handle(self, &line, deadline);
             if writeln!(writer, "{reply}").is_err() {
-                return false;
+                return;
             }
         }
     }

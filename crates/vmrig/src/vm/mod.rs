@@ -9,6 +9,7 @@
 
 pub mod agent;
 mod forward;
+mod launcher;
 pub mod qmp;
 
 use std::fs::File;
@@ -17,11 +18,14 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry};
+pub use launcher::Launcher;
+use serde_json::{json, Value};
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::{SocketTarget, AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
@@ -156,6 +160,8 @@ pub struct MachineConfig {
 
 struct Running {
     qemu: Child,
+    /// The serial console's input (`send_console`).
+    console_input: Option<ChildStdin>,
     qmp: Option<Qmp>,
     agent: Option<AgentClient>,
     boot_id: Option<String>,
@@ -168,31 +174,119 @@ struct Running {
 pub struct Machine {
     config: MachineConfig,
     log: RunLog,
+    launcher: Launcher,
     running: Option<Running>,
     forwards: Forwards,
-    console: Arc<Console>,
+    /// Every line the console printed in this run, across boots.
+    console: Arc<Feed<String>>,
+    /// Every QMP event QEMU sent in this run, across boots.
+    events: Arc<Feed<Value>>,
+    /// The running QEMU's pid, for [`KillSwitch`].
+    pid: Arc<AtomicU32>,
+    /// Whether a reboot the guest asks for restarts it (else QEMU exits,
+    /// as after `-no-reboot`).
+    allow_reboot: bool,
     /// The run's end: no command or wait of this machine outlives it.
     deadline: Option<Instant>,
 }
 
-/// Every line the node's console printed in this run, across its boots.
-#[derive(Default)]
-struct Console {
-    lines: Mutex<Vec<String>>,
+/// What a node's QEMU produced in this run, in order, shared with the
+/// threads that read it from QEMU and with anyone waiting for more.
+pub struct Feed<T> {
+    items: Mutex<Vec<T>>,
     grew: Condvar,
 }
 
-impl Console {
-    fn lines(&self) -> MutexGuard<'_, Vec<String>> {
-        self.lines.lock().unwrap_or_else(|p| p.into_inner())
+impl<T> Default for Feed<T> {
+    fn default() -> Self {
+        Self { items: Mutex::new(Vec::new()), grew: Condvar::new() }
+    }
+}
+
+impl<T: Clone> Feed<T> {
+    fn items(&self) -> MutexGuard<'_, Vec<T>> {
+        self.items.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, item: T) {
+        self.items().push(item);
+        self.grew.notify_all();
+    }
+
+    /// The items from number `first` on (counting from 0 at the run's
+    /// start), waiting until `until` for one to come if there is none.
+    pub fn since(&self, first: usize, until: Instant) -> Vec<T> {
+        let wait = until.saturating_duration_since(Instant::now());
+        let (items, _) = self
+            .grew
+            .wait_timeout_while(self.items(), wait, |items| items.len() <= first)
+            .unwrap_or_else(|p| p.into_inner());
+        items.get(first..).unwrap_or_default().to_vec()
+    }
+}
+
+/// Kills a machine's QEMU from any thread, without waiting for whoever is
+/// using the machine: how a run that is interrupted or out of time stops
+/// requests in flight.
+#[derive(Clone)]
+pub struct KillSwitch {
+    pid: Arc<AtomicU32>,
+}
+
+impl KillSwitch {
+    /// Sends SIGKILL to the QEMU running now, if any.
+    pub fn pull(&self) {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            // The machine reaps its child itself, so until it has, the pid
+            // cannot belong to another process.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
 impl Machine {
-    /// A machine that is not started yet.
-    pub fn new(config: MachineConfig, log: RunLog) -> Self {
+    /// A machine that is not started yet; its QEMU will be started by
+    /// `launcher`.
+    pub fn new(config: MachineConfig, log: RunLog, launcher: Launcher) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
-        Self { config, log, running: None, forwards, console: Arc::default(), deadline: None }
+        Self {
+            config,
+            log,
+            launcher,
+            running: None,
+            forwards,
+            console: Arc::default(),
+            events: Arc::default(),
+            pid: Arc::default(),
+            allow_reboot: false,
+            deadline: None,
+        }
+    }
+
+    /// The machine's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// A switch that kills this machine's QEMU from another thread.
+    pub fn kill_switch(&self) -> KillSwitch {
+        KillSwitch { pid: Arc::clone(&self.pid) }
+    }
+
+    /// The console's lines, to wait on without holding the machine.
+    pub fn console(&self) -> Arc<Feed<String>> {
+        Arc::clone(&self.console)
+    }
+
+    /// QEMU's QMP events, to wait on without holding the machine.
+    pub fn events(&self) -> Arc<Feed<Value>> {
+        Arc::clone(&self.events)
+    }
+
+    /// The run's deadline, if it has one.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
     }
 
     /// Makes every command and wait end by `deadline` at the latest.
@@ -218,6 +312,10 @@ impl Machine {
 
     fn qmp_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.qmp", self.config.name))
+    }
+
+    fn events_socket(&self) -> PathBuf {
+        self.config.socket_dir.join(format!("{}.events", self.config.name))
     }
 
     fn io_error(&self, path: &Path) -> impl FnOnce(io::Error) -> VmError {
@@ -269,7 +367,14 @@ impl Machine {
             .arg(format!("socket,id=tunnel,path={},server=on,wait=off", self.tunnel_socket().display()))
             .args(["-device", &format!("virtserialport,chardev=tunnel,name={TUNNEL_PORT}")])
             .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()));
+            .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()))
+            // A second monitor only for listening to events, so that
+            // waiting for one never holds up a command.
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", self.events_socket().display()));
+        if !self.allow_reboot {
+            command.arg("-no-reboot");
+        }
         for nic in &c.nics {
             command
                 .arg("-netdev")
@@ -287,21 +392,39 @@ impl Machine {
 
     /// Whether QEMU is running.
     pub fn is_running(&mut self) -> bool {
-        match &mut self.running {
+        let running = match &mut self.running {
             Some(running) => matches!(running.qemu.try_wait(), Ok(None)),
             None => false,
+        };
+        if !running {
+            self.pid.store(0, Ordering::SeqCst);
         }
+        running
+    }
+
+    /// Whether the guest may reboot itself (see [`Machine::start`]).
+    pub fn allows_reboot(&self) -> bool {
+        self.allow_reboot
+    }
+
+    /// Whether the machine is booted and its agent has answered.
+    pub fn is_up(&mut self) -> bool {
+        self.is_running() && self.running.as_ref().is_some_and(|r| r.agent.is_some())
     }
 
     /// Starts QEMU unless it runs; returns without waiting for the guest.
-    pub fn start(&mut self) -> Result<(), VmError> {
+    /// A guest that reboots itself is restarted when `allow_reboot`;
+    /// otherwise its QEMU exits, as the NixOS driver's does.
+    pub fn start(&mut self, allow_reboot: bool) -> Result<(), VmError> {
         if self.is_running() {
             return Ok(());
         }
         self.running = None;
+        self.allow_reboot = allow_reboot;
         self.log.line(format!("{}: starting vm", self.config.name));
         let nic_sockets = self.config.nics.iter().map(|nic| nic.node_socket(&self.config.socket_dir));
-        for socket in [self.agent_socket(), self.tunnel_socket(), self.qmp_socket()].into_iter().chain(nic_sockets) {
+        let own_sockets = [self.agent_socket(), self.tunnel_socket(), self.qmp_socket(), self.events_socket()];
+        for socket in own_sockets.into_iter().chain(nic_sockets) {
             let _ = std::fs::remove_file(socket);
         }
         let console = File::options()
@@ -310,19 +433,35 @@ impl Machine {
             .open(&self.config.console_log)
             .map_err(self.io_error(&self.config.console_log.clone()))?;
         let mut command = self.qemu_command();
-        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // A group of its own: a Ctrl-C at the terminal is vmrig's to act
+        // on, and must not kill the machines behind its back.
+        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         die_with_parent(&mut command);
-        let mut qemu = command.spawn().map_err(|source| VmError::Spawn { node: self.config.name.clone(), source })?;
+        let mut qemu = self.launcher.spawn(command).map_err(|source| VmError::Spawn { node: self.config.name.clone(), source })?;
+        self.pid.store(qemu.id(), Ordering::SeqCst);
         self.log.line(format!("{}: QEMU running (pid {})", self.config.name, qemu.id()));
         let stdout = qemu.stdout.take().expect("stdout is piped");
         spawn_console_reader(self.config.name.clone(), stdout, console, Arc::clone(&self.console), self.log.clone());
-        self.running = Some(Running { qemu, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
+        spawn_event_reader(self.events_socket(), qemu.id(), Arc::clone(&self.events));
+        let console_input = qemu.stdin.take();
+        self.running = Some(Running { qemu, console_input, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
         Ok(())
+    }
+
+    /// Types `text` on the serial console, as `send_console` does.
+    pub fn send_console(&mut self, text: &[u8]) -> Result<(), VmError> {
+        self.start(self.allow_reboot)?;
+        let input = self.running.as_mut().and_then(|r| r.console_input.as_mut());
+        let written = input.map_or(Err(io::ErrorKind::BrokenPipe.into()), |input| input.write_all(text).and_then(|()| input.flush()));
+        if written.is_err() && !self.is_running() {
+            return Err(self.exited_error());
+        }
+        written.map_err(self.io_error(Path::new("the serial console")))
     }
 
     /// The agent, starting the machine and waiting for its boot if needed.
     pub fn agent(&mut self) -> Result<&mut AgentClient, VmError> {
-        self.start()?;
+        self.start(self.allow_reboot)?;
         let connected = self.running.as_ref().is_some_and(|r| r.agent.is_some());
         if !connected {
             self.connect(None)?;
@@ -503,13 +642,27 @@ impl Machine {
         let boot = self.running.as_ref().and_then(|r| r.boot_id.clone());
         let name = self.config.name.clone();
         let _block = self.log.block(Some(&name), "rebooting");
+        if !self.allow_reboot {
+            self.set_reboot_action("reset")?;
+        }
         let asked = self.agent()?.power(true);
         asked.map_err(|e| self.agent_error(e))?;
         if let Some(running) = self.running.as_mut() {
             running.agent = None;
             running.tunnel = None;
         }
-        self.connect(boot.as_deref())
+        self.connect(boot.as_deref())?;
+        if !self.allow_reboot {
+            self.set_reboot_action("shutdown")?;
+        }
+        Ok(())
+    }
+
+    /// What QEMU does when the guest reboots: `reset` it, or `shutdown`.
+    fn set_reboot_action(&mut self, action: &str) -> Result<(), VmError> {
+        let node = self.config.name.clone();
+        self.qmp()?.execute("set-action", Some(json!({ "reboot": action }))).map_err(|source| VmError::Qmp { node, source })?;
+        Ok(())
     }
 
     /// The QMP session, opened on first use.
@@ -530,19 +683,6 @@ impl Machine {
         self.qmp()?.human_monitor_command(command_line).map_err(|source| VmError::Qmp { node, source })
     }
 
-    /// The console's lines from number `first` on (counting from 0 at the
-    /// run's start), waiting up to `wait` for one to come if there is none.
-    pub fn console_lines(&self, first: usize, wait: Duration) -> Vec<String> {
-        let wait = self.within_deadline(wait);
-        let lines = self.console.lines();
-        let (lines, _) = self
-            .console
-            .grew
-            .wait_timeout_while(lines, wait, |lines| lines.len() <= first)
-            .unwrap_or_else(|p| p.into_inner());
-        lines.get(first..).unwrap_or_default().to_vec()
-    }
-
     /// Asks the agent to connect to `target`: whether something accepted.
     pub fn connects(&mut self, target: SocketTarget) -> Result<bool, VmError> {
         let result = self.agent()?.connects(target);
@@ -555,6 +695,7 @@ impl Machine {
             let _ = running.qemu.kill();
             let _ = running.qemu.wait();
         }
+        self.pid.store(0, Ordering::SeqCst);
     }
 }
 
@@ -614,7 +755,7 @@ fn die_with_parent(command: &mut Command) {
 
 /// Copies the console to its log file, to the run log as `node # …`, and
 /// to the lines kept for the script.
-fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, console: Arc<Console>, log: RunLog) {
+fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, console: Arc<Feed<String>>, log: RunLog) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
@@ -622,9 +763,27 @@ fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut fi
             let _ = file.write_all(&line);
             let text = String::from_utf8_lossy(&line).trim_end_matches(['\n', '\r']).to_string();
             log.console_line(&name, &text);
-            console.lines().push(text);
-            console.grew.notify_all();
+            console.push(text);
             line.clear();
+        }
+    });
+}
+
+/// Listens on QEMU's event monitor at `socket` while QEMU (`pid`) runs,
+/// adding every event to `events`.
+fn spawn_event_reader(socket: PathBuf, pid: u32, events: Arc<Feed<Value>>) {
+    std::thread::spawn(move || {
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        let stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => break stream,
+                Err(_) if alive() => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => return,
+            }
+        };
+        let Ok(mut qmp) = Qmp::handshake(stream, Duration::from_secs(30)) else { return };
+        while let Ok(event) = qmp.next_event() {
+            events.push(event);
         }
     });
 }

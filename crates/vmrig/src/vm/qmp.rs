@@ -86,6 +86,18 @@ impl Qmp {
         }
     }
 
+    /// Waits for QEMU's next event, however long that takes; an error
+    /// once QEMU is gone.
+    pub fn next_event(&mut self) -> Result<Value, QmpError> {
+        self.reader.get_ref().set_read_timeout(None)?;
+        loop {
+            let message = self.read_message()?;
+            if message.get("event").is_some() {
+                return Ok(message);
+            }
+        }
+    }
+
     /// Runs a human monitor command and returns its output.
     pub fn human_monitor_command(&mut self, command_line: &str) -> Result<String, QmpError> {
         let output = self.execute("human-monitor-command", Some(json!({ "command-line": command_line })))?;
