@@ -105,6 +105,10 @@ def _seconds(timeout: Timeout) -> Optional[float]:
     return float(timeout)
 
 
+#: What a machine has besides its methods; `vmrig check` reads this.
+MACHINE_ATTRIBUTES = ["name", "ip", "ipv6"]
+
+
 class Machine:
     """One node of the test."""
 

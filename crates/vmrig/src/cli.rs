@@ -163,11 +163,22 @@ fn load(test: &Path) -> Result<TestSpec, Failure> {
 }
 
 fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
-    let spec = load(test)?;
-    let problems = crate::script::lint(&spec)?;
-    if !problems.is_empty() {
-        return Err(Failure::Invalid(Diagnostics(problems)));
+    // The script is checked even when the definition has mistakes, as long
+    // as the node names are known: every mistake is reported at once.
+    let (spec, mut problems, context) = match TestSpec::load_for_check(test) {
+        Ok(spec) => {
+            let context = spec.script_context();
+            (Some(spec), Vec::new(), Some(context))
+        }
+        Err((SpecError::Invalid(Diagnostics(problems)), context)) => (None, problems, context),
+        Err((error, _)) => return Err(error.into()),
+    };
+    if let Some(context) = &context {
+        problems.extend(crate::script::lint(context)?);
     }
+    let Some(spec) = spec.filter(|_| problems.is_empty()) else {
+        return Err(Failure::Invalid(Diagnostics(problems)));
+    };
     ui.say(format!(
         "{}: the definition is valid ({} node{})",
         spec.name,

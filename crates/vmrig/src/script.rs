@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use serde::Deserialize;
 
 use crate::host::{HostError, PYTHON};
-use crate::spec::{nearest, Diagnostic, SourceFile, TestSpec};
+use crate::spec::{nearest, Diagnostic, ScriptContext, SourceFile};
 
 /// The Python client every script imports (see `python/vmrig`), embedded.
 pub const PYTHON_CLIENT: &str = include_str!("../../../python/vmrig/__init__.py");
@@ -28,16 +28,22 @@ pub fn driver_globals() -> Vec<&'static str> {
         .collect()
 }
 
-/// Reads a script on stdin and prints, as JSON, its syntax error or the
-/// global names it reads without defining them.
-const FREE_NAMES_PY: &str = r#"
+/// Reads `{"script", "machines", "client"}` on stdin and prints, as JSON,
+/// the script's syntax error, or the global names it reads without
+/// defining them and the attributes it uses on a machine (a variable named
+/// after a node) that the client's `Machine` does not have.
+const LINT_PY: &str = r#"
 import ast, builtins, json, sys
-source = sys.stdin.read()
+given = json.load(sys.stdin)
 try:
-    tree = ast.parse(source)
+    tree = ast.parse(given["script"])
 except SyntaxError as error:
     print(json.dumps({"syntax": {"line": error.lineno or 1, "column": error.offset or 1, "message": error.msg}}))
     sys.exit(0)
+client = {}
+exec(compile(given["client"], "vmrig", "exec"), client)
+machine_names = set(dir(client["Machine"])) | set(client["MACHINE_ATTRIBUTES"])
+machine_names = sorted(n for n in machine_names if not n.startswith("_"))
 defined = set(dir(builtins))
 for node in ast.walk(tree):
     if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
@@ -53,12 +59,22 @@ for node in ast.walk(tree):
     elif type(node).__name__ in ("MatchAs", "MatchStar") and node.name:
         defined.add(node.name)
 free = {}
+attributes = []
 for node in ast.walk(tree):
     if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id not in defined:
         place = (node.lineno, node.col_offset + 1)
         if node.id not in free or place < free[node.id]:
             free[node.id] = place
-print(json.dumps({"free": sorted([{"name": n, "line": l, "column": c} for n, (l, c) in free.items()], key=lambda f: (f["line"], f["column"]))}))
+    elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in given["machines"] and node.value.id not in defined
+          and node.attr not in machine_names and node.end_lineno == node.lineno):
+        column = node.end_col_offset - len(node.attr) + 1
+        attributes.append({"name": node.attr, "machine": node.value.id, "line": node.lineno, "column": column})
+print(json.dumps({
+    "free": sorted([{"name": n, "line": l, "column": c} for n, (l, c) in free.items()], key=lambda f: (f["line"], f["column"])),
+    "attributes": sorted(attributes, key=lambda a: (a["line"], a["column"])),
+    "machine_names": machine_names,
+}))
 "#;
 
 #[derive(Deserialize)]
@@ -66,6 +82,12 @@ struct LintOutput {
     syntax: Option<Located>,
     #[serde(default)]
     free: Vec<Located>,
+    /// Unknown attributes of machines.
+    #[serde(default)]
+    attributes: Vec<Located>,
+    /// Every attribute a machine has.
+    #[serde(default)]
+    machine_names: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +98,8 @@ struct Located {
     message: String,
     #[serde(default)]
     name: String,
+    #[serde(default)]
+    machine: String,
 }
 
 /// Errors of the script layer.
@@ -89,21 +113,28 @@ pub enum ScriptError {
     Python(#[source] std::io::Error),
 }
 
-/// Every problem in `spec`'s script that can be found without running it.
-pub fn lint(spec: &TestSpec) -> Result<Vec<Diagnostic>, ScriptError> {
+/// Every problem in a script that can be found without running it.
+pub fn lint(context: &ScriptContext) -> Result<Vec<Diagnostic>, ScriptError> {
+    let script = &context.script;
+    let nodes = &context.nodes;
+    let mut machines = nodes.clone();
+    if nodes.len() == 1 {
+        machines.push("machine".into());
+    }
     let python = PYTHON.require()?;
     let mut child = Command::new(python)
-        .args(["-c", FREE_NAMES_PY])
+        .args(["-c", LINT_PY])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(ScriptError::Python)?;
+    let given = serde_json::json!({ "script": script.text, "machines": machines, "client": PYTHON_CLIENT });
     child
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(spec.script.text.as_bytes())
+        .write_all(given.to_string().as_bytes())
         .map_err(ScriptError::Python)?;
     let output = child.wait_with_output().map_err(ScriptError::Python)?;
     let parsed: LintOutput = serde_json::from_slice(&output.stdout).map_err(|e| {
@@ -112,52 +143,46 @@ pub fn lint(spec: &TestSpec) -> Result<Vec<Diagnostic>, ScriptError> {
     })?;
 
     let file = SourceFile {
-        path: spec.script.path.clone(),
-        text: std::fs::read_to_string(&spec.script.path).unwrap_or_default(),
+        path: script.path.clone(),
+        text: std::fs::read_to_string(&script.path).unwrap_or_default(),
     };
     let at = |found: &Located, message: String| {
-        let offset = file.line_offset(spec.script.first_line + found.line - 1);
+        let offset = file.line_offset(script.first_line + found.line - 1);
         let column_offset: usize = file.text[offset..]
             .chars()
             .take(found.column.saturating_sub(1))
             .map(char::len_utf8)
             .sum();
-        Diagnostic::new(&file, offset + column_offset..offset + column_offset, message)
+        let mut diagnostic = Diagnostic::new(&file, offset + column_offset..offset + column_offset, message);
+        diagnostic.width = found.name.chars().count().max(1);
+        diagnostic
     };
 
     if let Some(syntax) = &parsed.syntax {
         return Ok(vec![at(syntax, format!("the test script is not valid Python: {}", syntax.message))]);
     }
-    let nodes: Vec<String> = spec.nodes.values().map(|n| n.python_name()).collect();
-    let mut known: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    let mut known: Vec<&str> = machines.iter().map(String::as_str).collect();
     known.extend(driver_globals());
-    if spec.nodes.len() == 1 {
-        known.push("machine");
-    }
-    Ok(parsed
-        .free
-        .iter()
-        .filter(|f| !known.contains(&f.name.as_str()))
-        .map(|f| {
-            let width = f.name.chars().count();
-            let mut diagnostic = at(f, String::new());
-            diagnostic.width = width;
-            match nearest(&f.name, nodes.iter().map(String::as_str)) {
-                Some(node) => {
-                    diagnostic.message = format!("unknown node `{}` in the test script", f.name);
-                    diagnostic.with_help(format!("did you mean `{node}`?"))
-                }
-                None => {
-                    diagnostic.message = format!("the test script uses `{}`, which nothing defines", f.name);
-                    let help = match nearest(&f.name, known.iter().copied()) {
-                        Some(near) => format!("did you mean `{near}`?"),
-                        None => format!("the nodes are {}", nodes.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")),
-                    };
-                    diagnostic.with_help(help)
-                }
-            }
-        })
-        .collect())
+    let unknown_names = parsed.free.iter().filter(|f| !known.contains(&f.name.as_str())).map(|f| match nearest(&f.name, nodes.iter().map(String::as_str)) {
+        Some(node) => at(f, format!("unknown node `{}` in the test script", f.name)).with_help(format!("did you mean `{node}`?")),
+        None => {
+            let help = match nearest(&f.name, known.iter().copied()) {
+                Some(near) => format!("did you mean `{near}`?"),
+                None => format!("the nodes are {}", nodes.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")),
+            };
+            at(f, format!("the test script uses `{}`, which nothing defines", f.name)).with_help(help)
+        }
+    });
+    let unknown_attributes = parsed.attributes.iter().map(|a| {
+        let diagnostic = at(a, format!("machine `{}` has no method or attribute `{}`", a.machine, a.name));
+        match nearest(&a.name, parsed.machine_names.iter().map(String::as_str)) {
+            Some(near) => diagnostic.with_help(format!("did you mean `{near}`?")),
+            None => diagnostic,
+        }
+    });
+    let mut problems: Vec<Diagnostic> = unknown_names.chain(unknown_attributes).collect();
+    problems.sort_by_key(|d| (d.line, d.column));
+    Ok(problems)
 }
 
 #[cfg(test)]

@@ -88,3 +88,23 @@ fn a_missing_definition_is_a_usage_error() {
     assert_eq!(code, 2);
     assert!(output.contains("has no vmrig.toml"), "{output}");
 }
+
+#[test]
+fn a_broken_definition_still_gets_its_script_checked_down_to_machine_methods() {
+    let dir = tempfile::tempdir().unwrap();
+    let definition = "[nodes.server]\nfiles.\"/srv/app\" = { source = \"./missing\" }\n\n[nodes.client]\n\n[test]\nscript = '''\nclinet.succeed(\"true\")\nclient.wait_for_unti(\"app.service\")\nserver.log(server.name)\n'''\n";
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let toml = dir.path().join("vmrig.toml");
+
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    let expected = format!(
+        "error: `source` `./missing` does not exist (looked for {dir}/./missing)\n --> {toml}:2:31\n  |\n2 | files.\"/srv/app\" = {{ source = \"./missing\" }}\n  |                               ^^^^^^^^^^^\n\n\
+         error: unknown node `clinet` in the test script\n --> {toml}:8:1\n  |\n8 | clinet.succeed(\"true\")\n  | ^^^^^^\n  = help: did you mean `client`?\n\n\
+         error: machine `client` has no method or attribute `wait_for_unti`\n --> {toml}:9:8\n  |\n9 | client.wait_for_unti(\"app.service\")\n  |        ^^^^^^^^^^^^^\n  = help: did you mean `wait_for_unit`?\n\n\
+         3 errors in the test definition\n",
+        dir = dir.path().display(),
+        toml = toml.display(),
+    );
+    assert_eq!(output, expected);
+}

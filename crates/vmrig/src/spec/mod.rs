@@ -175,6 +175,16 @@ pub struct Script {
     pub first_line: usize,
 }
 
+/// What checking a script needs: the script, and the Python names of the
+/// nodes it may use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptContext {
+    /// The script.
+    pub script: Script,
+    /// The nodes' names as the script sees them, in name order.
+    pub nodes: Vec<String>,
+}
+
 /// Why a test definition could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -221,6 +231,12 @@ impl TestSpec {
     /// Reads and validates the test in `dir` (a directory holding
     /// `vmrig.toml`, or the definition file itself).
     pub fn load(dir: &Path) -> Result<Self, SpecError> {
+        Self::load_for_check(dir).map_err(|(error, _)| error)
+    }
+
+    /// [`TestSpec::load`], also giving, for a definition with mistakes,
+    /// what its script can be checked against, where that could be read.
+    pub fn load_for_check(dir: &Path) -> Result<Self, (SpecError, Option<ScriptContext>)> {
         let (dir, file) = if dir.is_file() {
             let parent = dir.parent().unwrap_or(Path::new("."));
             (parent.to_path_buf(), dir.to_path_buf())
@@ -228,13 +244,18 @@ impl TestSpec {
             (dir.to_path_buf(), dir.join(DEFINITION_FILE))
         };
         if !file.exists() {
-            return Err(SpecError::Missing(dir));
+            return Err((SpecError::Missing(dir), None));
         }
-        let source = SourceFile::read(&file).map_err(|source| SpecError::Read {
-            path: file.clone(),
-            source,
+        let source = SourceFile::read(&file).map_err(|source| {
+            let error = SpecError::Read { path: file.clone(), source };
+            (error, None)
         })?;
-        parse::parse(&source, &dir).map_err(SpecError::Invalid)
+        parse::parse(&source, &dir).map_err(|(diagnostics, context)| (SpecError::Invalid(diagnostics), context))
+    }
+
+    /// What the script is checked against.
+    pub fn script_context(&self) -> ScriptContext {
+        ScriptContext { script: self.script.clone(), nodes: self.nodes.values().map(Node::python_name).collect() }
     }
 }
 

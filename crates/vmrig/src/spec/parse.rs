@@ -11,8 +11,8 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::{
-    nearest, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script, Service,
-    ServiceFields, SourceFile, TestSpec, User,
+    nearest, python_identifier, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
+    ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User,
 };
 
 type Value<'i> = Spanned<DeValue<'i>>;
@@ -65,31 +65,38 @@ const DEFAULT_MEMORY_MIB: i64 = 512;
 /// Node numbers are the last byte of their addresses.
 const MAX_NODES: usize = 254;
 
-/// Parses and validates `source`, a definition for the test in `dir`.
-pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, Diagnostics> {
+/// Parses and validates `source`, a definition for the test in `dir`. A
+/// definition with mistakes still yields its script and node names where
+/// they can be read, so that the script can be checked too.
+pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, (Diagnostics, Option<ScriptContext>)> {
     let root = match DeTable::parse(&source.text) {
         Ok(root) => root,
         Err(error) => {
             let span = error.span().unwrap_or(0..0);
             let message = error.message().trim().to_string();
-            return Err(Diagnostics(vec![Diagnostic::new(
-                source,
-                span,
-                format!("this is not valid TOML: {message}"),
-            )]));
+            let diagnostic = Diagnostic::new(source, span, format!("this is not valid TOML: {message}"));
+            return Err((Diagnostics(vec![diagnostic]), None));
         }
     };
     let mut parser = Parser {
         source,
         dir,
         diagnostics: Vec::new(),
+        script: None,
     };
     let spec = parser.test(root.get_ref());
     let mut diagnostics = parser.diagnostics;
     diagnostics.dedup();
     match spec {
         Some(spec) if diagnostics.is_empty() => Ok(spec),
-        _ => Err(Diagnostics(diagnostics)),
+        _ => {
+            let nodes: Vec<String> = field(root.get_ref(), "nodes")
+                .and_then(|nodes| nodes.get_ref().as_table())
+                .map(|table| table.iter().map(|(name, _)| name.get_ref()).filter(|name| is_node_name(name)).map(|name| python_identifier(name)).collect())
+                .unwrap_or_default();
+            let context = parser.script.filter(|_| !nodes.is_empty()).map(|script| ScriptContext { script, nodes });
+            Err((Diagnostics(diagnostics), context))
+        }
     }
 }
 
@@ -97,6 +104,8 @@ struct Parser<'s> {
     source: &'s SourceFile,
     dir: &'s Path,
     diagnostics: Vec<Diagnostic>,
+    /// The script, once read.
+    script: Option<Script>,
 }
 
 fn field<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<&'a Value<'i>> {
@@ -272,6 +281,7 @@ impl Parser<'_> {
         }
         let nodes = self.nodes(root, defaults);
         let script = self.script(root);
+        self.script = script.clone();
 
         Some(TestSpec {
             name: name?,
