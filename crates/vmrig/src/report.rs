@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
@@ -21,11 +21,13 @@ use crate::store::{hash_file, key_of, Entry, Store, StoreError};
 /// Store entry kind of recorded passes.
 const RESULT_KIND: &str = "result";
 /// Bumped when what a key covers or what an entry holds changes.
-const RESULT_FORMAT: &str = "result-v1";
+const RESULT_FORMAT: &str = "result-v2";
 /// The file in `result/` naming the key of the run it reports.
 const KEY_FILE: &str = ".vmrig-key";
-/// The report files a recorded pass keeps.
-const KEPT_FILES: [&str; 2] = ["log.txt", "junit.xml"];
+/// Where in a recorded pass its report is kept: all of `result/` (log,
+/// JUnit file, consoles, packet captures, files copied out), so that a
+/// cached run's report is the report of the run that passed.
+const REPORT_DIR: &str = "report";
 
 /// One test case of the JUnit report: a subtest, or the whole script.
 #[derive(Debug, Clone, PartialEq)]
@@ -203,11 +205,25 @@ fn restore(entry: &Entry, result_dir: &Path, key: &str) -> Result<(), FileError>
         fs::remove_dir_all(result_dir).map_err(file_error("clear", result_dir))?;
     }
     fs::create_dir_all(result_dir).map_err(file_error("create", result_dir))?;
-    for name in KEPT_FILES {
-        let (from, to) = (entry.file(name), result_dir.join(name));
-        fs::copy(&from, &to).map_err(file_error("copy", &from))?;
-    }
+    copy_tree(&entry.file(REPORT_DIR), result_dir)?;
     mark(result_dir, key)
+}
+
+/// Copies the files and directories below `from` into `to`, but for the
+/// key file, which names a run rather than belonging to its report.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), FileError> {
+    fs::create_dir_all(to).map_err(file_error("create", to))?;
+    for entry in fs::read_dir(from).map_err(file_error("list", from))? {
+        let entry = entry.map_err(file_error("list", from))?;
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        let kind = entry.file_type().map_err(file_error("inspect", &source))?;
+        if kind.is_dir() {
+            copy_tree(&source, &target)?;
+        } else if kind.is_file() && entry.file_name() != KEY_FILE {
+            fs::copy(&source, &target).map_err(file_error("copy", &source))?;
+        }
+    }
+    Ok(())
 }
 
 /// Notes in `result_dir` that it reports the run of `key`.
@@ -216,14 +232,11 @@ pub fn mark(result_dir: &Path, key: &str) -> Result<(), FileError> {
     fs::write(&key_file, key).map_err(file_error("write", &key_file))
 }
 
-/// Records a pass under `key`, keeping the report's log and JUnit file.
+/// Records a pass under `key`, keeping its whole report.
 pub fn record_pass(store: &Store, key: &str, result_dir: &Path, duration: Duration) -> Result<(), StoreError> {
     let when = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     store.get_or_build(RESULT_KIND, key, |dir| {
-        for name in KEPT_FILES {
-            let (from, to): (PathBuf, PathBuf) = (result_dir.join(name), dir.join(name));
-            fs::copy(&from, &to).map_err(file_error("copy", &from))?;
-        }
+        copy_tree(result_dir, &dir.join(REPORT_DIR))?;
         Ok::<_, StoreError>(json!({ "when": when, "duration": duration.as_secs_f64() }))
     })?;
     Ok(())
@@ -286,6 +299,9 @@ mod tests {
         fs::create_dir_all(&result).unwrap();
         fs::write(result.join("log.txt"), "passing log").unwrap();
         fs::write(result.join("junit.xml"), "<testsuites/>").unwrap();
+        fs::create_dir_all(result.join("nodes/server")).unwrap();
+        fs::write(result.join("nodes/server/console.log"), "booted").unwrap();
+        fs::write(result.join("vlan1.pcap"), [0xd4, 0xc3, 0xb2, 0xa1]).unwrap();
         assert_eq!(recorded_pass(&store, "k1", &result).unwrap(), None);
         record_pass(&store, "k1", &result, Duration::from_millis(7930)).unwrap();
 
@@ -295,6 +311,8 @@ mod tests {
         let pass = recorded_pass(&store, "k1", &result).unwrap().expect("recorded");
         assert_eq!(pass.duration, Duration::from_millis(7930));
         assert_eq!(fs::read_to_string(result.join("log.txt")).unwrap(), "passing log");
+        assert_eq!(fs::read_to_string(result.join("nodes/server/console.log")).unwrap(), "booted");
+        assert_eq!(fs::read(result.join("vlan1.pcap")).unwrap(), [0xd4, 0xc3, 0xb2, 0xa1]);
         assert_eq!(fs::read_to_string(result.join(KEY_FILE)).unwrap(), "k1");
     }
 }

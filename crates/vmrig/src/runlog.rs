@@ -47,7 +47,8 @@ impl RunLog {
     fn write(&self, text: &str, on_stderr: bool) {
         let mut file = self.file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if on_stderr {
-            eprintln!("{text}");
+            // A closed stderr (a CI runner gone) must not end the run.
+            let _ = writeln!(io::stderr(), "{text}");
         }
         if let Some(file) = file.as_mut() {
             // Losing a line of the log file must not end the run.

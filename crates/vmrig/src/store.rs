@@ -426,23 +426,27 @@ fn files_match(dir: &Path, manifest: &Manifest) -> bool {
     })
 }
 
+/// Every file below `dir`, by its path relative to `dir` (`/`-separated),
+/// with its size and hash. The manifest itself is not among them.
 fn record_files(dir: &Path) -> Result<BTreeMap<String, FileRecord>, StoreError> {
     let mut files = BTreeMap::new();
-    for dirent in fs::read_dir(dir).map_err(file_error("list", dir))? {
-        let dirent = dirent.map_err(file_error("list", dir))?;
-        let path = dirent.path();
-        let metadata = dirent.metadata().map_err(file_error("inspect", &path))?;
-        if !metadata.is_file() {
-            continue;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for dirent in fs::read_dir(&current).map_err(file_error("list", &current))? {
+            let dirent = dirent.map_err(file_error("list", &current))?;
+            let path = dirent.path();
+            let metadata = dirent.metadata().map_err(file_error("inspect", &path))?;
+            if metadata.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            if !metadata.is_file() {
+                continue;
+            }
+            let blake3 = hash_file(&path).map_err(file_error("hash", &path))?;
+            let relative = path.strip_prefix(dir).expect("below dir").to_string_lossy().into_owned();
+            files.insert(relative, FileRecord { size: metadata.len(), blake3 });
         }
-        let blake3 = hash_file(&path).map_err(file_error("hash", &path))?;
-        files.insert(
-            dirent.file_name().to_string_lossy().into_owned(),
-            FileRecord {
-                size: metadata.len(),
-                blake3,
-            },
-        );
     }
     Ok(files)
 }

@@ -321,6 +321,23 @@ join_all()
     assert!(log.contains("machine # marker-while-quiet"), "the log file lacks a console line:\n{log}");
 }
 
+/// Every file below `dir` (but the key naming the run), with its contents.
+fn files_below(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        for entry in fs::read_dir(&current).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if entry.file_name() != ".vmrig-key" {
+                files.insert(path.strip_prefix(dir).unwrap().to_string_lossy().into_owned(), fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
 #[test]
 fn a_pass_is_recorded_and_answered_from_the_store_until_an_input_changes() {
     // A fresh definition, so that no earlier `cargo test` recorded it.
@@ -335,6 +352,7 @@ with subtest("boots"):
     machine.succeed("true")
 with subtest("reads its input"):
     machine.succeed("true")
+    machine.copy_from_vm("/etc/hostname", "copied")
 '''
 "#
     ));
@@ -348,6 +366,10 @@ with subtest("reads its input"):
     let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
     assert!(junit.contains(r#"tests="2" failures="0""#), "{junit}");
     assert!(junit.contains(r#"name="reads its input""#), "{junit}");
+    let report = files_below(&test.path().join("result"));
+    for kept in ["log.txt", "junit.xml", "nodes/machine/console.log", "vlan1.pcap", "copied/hostname"] {
+        assert!(report.contains_key(kept), "the run left no {kept}: {:?}", report.keys());
+    }
 
     let (code, output) = cached_run(&[]);
     assert_eq!(code, Some(0), "{output}");
@@ -359,8 +381,7 @@ with subtest("reads its input"):
     let (code, output) = cached_run(&[]);
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("(cached from "), "{output}");
-    assert_eq!(fs::read_to_string(test.path().join("result/junit.xml")).unwrap(), junit);
-    assert!(fs::read_to_string(test.path().join("result/log.txt")).unwrap().contains("subtest: reads its input"));
+    assert_eq!(files_below(&test.path().join("result")), report, "the cached report is not the passing run's");
 
     // Any file of the test directory is an input.
     fs::write(test.path().join("input.txt"), "new").unwrap();
@@ -449,4 +470,66 @@ fn an_interactive_session_drives_machines_typed_at_its_prompt() {
     assert!(output_text.contains("machine:/tmp# /tmp\n"), "{output_text}");
     assert!(output_text.contains("(exit status 1)"), "{output_text}");
     assert!(output_text.contains("machine: killing QEMU"), "the session left its machine running:\n{output_text}");
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // The parent's pid is the second field after the command's `(name)`.
+            stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)) == Some(pid.to_string().as_str())
+        })
+        .collect()
+}
+
+/// Whether process `pid` is gone (or dead, waiting to be reaped).
+fn gone(pid: u32) -> bool {
+    let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    state.is_empty() || state.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) == Some("Z")
+}
+
+#[test]
+fn sigint_and_sigterm_to_vmrig_alone_stop_the_run_and_report_it_interrupted() {
+    for (signal, name, status) in [(nix::sys::signal::Signal::SIGINT, "SIGINT", 130), (nix::sys::signal::Signal::SIGTERM, "SIGTERM", 143)] {
+        let test = machine_test("machine.succeed('true')\nmachine.succeed('sleep 600')\n");
+        let mut child = vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        // Read to the end, so that vmrig's stderr stays open.
+        let (lines, received) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).for_each(|line| drop(lines.send(line))));
+        let mut seen = String::new();
+        loop {
+            let line = received.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("the command never started:\n{seen}"));
+            seen.push_str(&line);
+            seen.push('\n');
+            // The command is running in the guest: the run is mid-command.
+            if line.contains("must succeed: sleep 600") {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let children = children_of(child.id());
+        assert!(children.len() >= 2, "expected QEMU and python3 among {children:?}:\n{seen}");
+
+        let signalled = Instant::now();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let exit = child.wait().unwrap();
+        assert!(signalled.elapsed() < Duration::from_secs(60), "{name} took {:?} to end the run", signalled.elapsed());
+        assert_eq!(exit.code(), Some(status), "{name}:\n{seen}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !children.iter().all(|&pid| gone(pid)) {
+            assert!(Instant::now() < deadline, "{name}: children {children:?} outlived vmrig");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+
+        let log = fs::read_to_string(test.path().join("result/log.txt")).unwrap();
+        assert!(log.contains(&format!("interrupted by {name}: stopping the script and every node")), "{log}");
+        assert!(log.contains("(finished: cleanup"), "{log}");
+        let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
+        assert!(junit.contains(&format!("the run was interrupted by {name}")), "{junit}");
+    }
 }
