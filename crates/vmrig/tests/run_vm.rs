@@ -469,6 +469,7 @@ fn an_interactive_session_drives_machines_typed_at_its_prompt() {
     assert!(output_text.contains("machine:/tmp# typed\n"), "{output_text}");
     assert!(output_text.contains("machine:/tmp# /tmp\n"), "{output_text}");
     assert!(output_text.contains("(exit status 1)"), "{output_text}");
+    assert!(!output_text.contains("__vmrig_status") && !output_text.contains("executing: cd"), "the shell's plumbing showed:\n{output_text}");
     assert!(output_text.contains("machine: killing QEMU"), "the session left its machine running:\n{output_text}");
 }
 
@@ -532,4 +533,108 @@ fn sigint_and_sigterm_to_vmrig_alone_stop_the_run_and_report_it_interrupted() {
         let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
         assert!(junit.contains(&format!("the run was interrupted by {name}")), "{junit}");
     }
+}
+
+#[test]
+fn nodes_behave_as_nixos_test_nodes_where_scripts_can_tell() {
+    let test = test_dir(
+        r#"
+[nodes.one.services.chatty]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/sh -c 'echo chatty-service-says-hello; exec sleep infinity'"
+
+[nodes.one.services.broken]
+exec_start = "/bin/sh -c 'echo broken-because-of-reasons >&2; exit 7'"
+
+[nodes.two]
+
+[test]
+script = '''
+import datetime, threading
+
+one.start(allow_reboot=True)
+start_all()
+for machine in machines:
+    machine.wait_for_unit("network.target")
+    machine.wait_for_unit("network-online.target")
+assert one.is_up() and two.is_up()
+
+with subtest("a service's log line reaches the console"):
+    one.wait_for_console_text("chatty-service-says-hello")
+
+with subtest("a failed unit says why"):
+    one.execute("systemctl start broken.service")
+    try:
+        one.wait_for_unit("broken.service", timeout=60)
+        raise AssertionError("wait_for_unit passed on a failed unit")
+    except Exception as error:
+        failure = str(error)
+    assert 'reached state "failed"' in failure, failure
+    assert "status=7" in failure and "broken-because-of-reasons" in failure, failure
+    print("the failure read:", failure)
+
+with subtest("threads drive machines side by side, each with its own answers"):
+    answers = {}
+    def drive(machine):
+        answers[machine.name] = [machine.succeed(f"echo {machine.name}-{i}").strip() for i in range(20)]
+    threads = [threading.Thread(target=drive, args=(m,)) for m in machines]
+    # One thread waits on one's console while another thread uses one.
+    waiter = threading.Thread(target=lambda: one.wait_for_console_text("typed-on-the-console"))
+    for thread in threads + [waiter]:
+        thread.start()
+    one.succeed("sleep 1; echo typed-on-the-console > /dev/ttyS0")
+    for thread in threads + [waiter]:
+        thread.join()
+    for machine in machines:
+        assert answers[machine.name] == [f"{machine.name}-{i}" for i in range(20)], answers
+
+with subtest("the NixOS driver's other calls"):
+    one.log("a line about one")
+    with two.nested("a block about two"):
+        two.succeed("true")
+    assert driver.machines == machines and os.path.isdir(".")
+    one.copy_from_host_via_shell("vmrig.toml", "/made/for/it/definition.toml")
+    one.succeed("grep -q chatty /made/for/it/definition.toml")
+    two.succeed("echo on-the-first-terminal > /dev/tty1")
+    two.wait_until_tty_matches("1", "on-the-first-terminal")
+    assert "on-the-first-terminal" in two.get_tty_text(1)
+    two.dump_tty_contents(1)
+    two.send_console("typed at the console\n")
+    events = []
+    listener = threading.Thread(target=lambda: events.append(two.wait_for_qmp_event(lambda e: e["event"] == "STOP", timeout=60)))
+    listener.start()
+    two.send_monitor_command("stop")
+    two.send_monitor_command("cont")
+    listener.join()
+    assert events and events[0]["event"] == "STOP", events
+    try:
+        two.get_tty_text(99)
+    except Exception as error:
+        print("no tty 99:", error)
+
+with subtest("link conditions as tc writes them"):
+    vlan(1).impair(delay="20ms", jitter=datetime.timedelta(milliseconds=5), loss="1%", rate="10mbit")
+    vlan(1).impair()
+    try:
+        vlan(1).impair(delay="200 parsecs")
+        raise AssertionError("a nonsense delay was taken")
+    except Exception as error:
+        print("impair refused:", error)
+
+with subtest("a guest's own reboot powers it off unless allowed"):
+    two.execute("systemctl reboot")
+    two.wait_for_shutdown()
+    assert not two.is_up()
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    let log = fs::read_to_string(test.path().join("result/log.txt")).unwrap();
+    assert!(log.lines().any(|l| l.starts_with("one # ") && l.contains("chatty-service-says-hello")), "{log}");
+    assert!(output.contains("one: a line about one"), "{output}");
+    assert!(output.contains("(finished: a block about two, in "), "{output}");
+    assert!(output.contains("tty 1 shows:"), "{output}");
+    assert!(output.contains("no tty 99: `tty` must be a virtual terminal's number (1 to 63)"), "{output}");
+    assert!(output.contains("impair refused: impair(): `delay` cannot be \"200 parsecs\"; it takes seconds"), "{output}");
 }
