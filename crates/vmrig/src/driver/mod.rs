@@ -1,11 +1,16 @@
-//! One run of a test: boot files for every node, the machines, the script
-//! in a child `python3`, the report folder, and cleanup.
+//! One run of a test, in four phases that a caller can take one at a time
+//! (a suite scheduler, a template builder): [`Prepared::new`] plans the
+//! images and hashes every input, [`Prepared::boot`] builds what is missing
+//! and sets up the machines and switches, [`Booted::script`] runs the script
+//! in a child `python3` and tears the machines down, [`Finished::report`]
+//! writes the JUnit file and records a pass. [`run`] takes all four.
 //!
-//! The script talks to the driver over a Unix socket, one JSON line per
-//! request and per reply ([`api`]). Machines are started on their first use
-//! (or by `start_all()`), always from this thread, which outlives them: their
-//! parent-death signal is tied to it. Whatever way the run ends, dropping
-//! the [`Run`] kills every QEMU it started.
+//! The script talks to the driver over a Unix socket, a connection per
+//! script thread, one JSON line per request and per reply ([`api`]).
+//! Machines are started on their first use (or by `start_all()`), by one
+//! launcher thread that outlives them: their parent-death signal is tied to
+//! it. Whatever way the run ends, dropping the [`Run`] kills every QEMU it
+//! started.
 
 mod api;
 
@@ -111,133 +116,210 @@ pub enum DriverError {
 }
 
 /// Runs `spec` and reports whether it passed, or answers from the store
-/// when the same inputs passed before (unless `options.rebuild`).
+/// when the same inputs passed before (unless `options.rebuild`): the four
+/// phases of a run, one after the other.
 pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Result<Outcome, DriverError> {
-    let requests = image::plan_for(spec)?;
-    let agent = Agent::locate()?;
-    let mut layers = BTreeMap::new();
-    for node in spec.nodes.values() {
-        let mut layer = Vec::new();
-        nodeconfig::write_layer(&mut layer, spec, node)?;
-        layers.insert(node.name.clone(), layer);
+    let prepared = Prepared::new(spec, options)?;
+    if let Some(pass) = prepared.recorded_pass(store)? {
+        return Ok(Outcome::PassedBefore(pass));
     }
-    let key = report::Inputs {
-        test_dir: &spec.dir,
-        layers: layers.values().map(Vec::as_slice).collect(),
-        image_keys: requests.iter().map(ImageRequest::key).collect(),
-        agent: &agent.bytes,
-    }
-    .key()?;
-    let result_dir = spec.dir.join(RESULT_DIR);
-    // A kept writable layer is an input the key does not cover, and an
-    // interactive session is no test run.
-    let cacheable = !options.keep_state && !options.interactive;
-    if cacheable && !options.rebuild {
-        if let Some(pass) = report::recorded_pass(store, &key, &result_dir)? {
-            return Ok(Outcome::PassedBefore(pass));
+    prepared.boot(store, ui)?.script().report(store)
+}
+
+/// A run's first phase done: its images planned, each node's own layer
+/// written, and the key of all its inputs. Nothing is built or booted.
+pub struct Prepared<'a> {
+    spec: &'a TestSpec,
+    options: &'a RunOptions,
+    requests: Vec<ImageRequest>,
+    agent: Agent,
+    /// Each node's layer, by node name.
+    layers: BTreeMap<String, Vec<u8>>,
+    key: String,
+    result_dir: PathBuf,
+}
+
+impl<'a> Prepared<'a> {
+    /// Plans `spec`'s images and hashes every input of its run.
+    pub fn new(spec: &'a TestSpec, options: &'a RunOptions) -> Result<Self, DriverError> {
+        let requests = image::plan_for(spec)?;
+        let agent = Agent::locate()?;
+        let mut layers = BTreeMap::new();
+        for node in spec.nodes.values() {
+            let mut layer = Vec::new();
+            nodeconfig::write_layer(&mut layer, spec, node)?;
+            layers.insert(node.name.clone(), layer);
         }
-    }
-
-    let boot_files = image::boot_files_for(&requests, &agent, store, ui)?;
-    if result_dir.exists() {
-        fs::remove_dir_all(&result_dir).map_err(file_error("clear", &result_dir))?;
-    }
-    for node in spec.nodes.keys() {
-        let dir = result_dir.join("nodes").join(node);
-        fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
-    }
-    let log_path = result_dir.join("log.txt");
-    let log = RunLog::create(&log_path).map_err(file_error("create", &log_path))?;
-
-    let any_boot = boot_files.values().next().expect("a test has nodes");
-    let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
-
-    // Sockets need short paths, so the run's private files live in /tmp.
-    sweep_dead_runs();
-    let private = tempfile::Builder::new()
-        .prefix(PRIVATE_PREFIX)
-        .tempdir()
-        .map_err(file_error("create a directory in", &std::env::temp_dir()))?;
-    let owner = private.path().join(OWNER_FILE);
-    fs::write(&owner, std::process::id().to_string()).map_err(file_error("write", &owner))?;
-    let state_dir = if options.keep_state {
-        let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
-        store.kept_state_dir(&key_of([canonical.as_os_str().as_encoded_bytes()]))
-    } else {
-        private.path().join("state")
-    };
-    fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
-
-    let launcher = Launcher::start();
-    let mut machines = BTreeMap::new();
-    let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
-    for node in spec.nodes.values() {
-        let boot = &boot_files[&node.name];
-        let initrd = private.path().join(format!("{}.initrd", node.name));
-        write_node_initrd(&initrd, boot, &layers[&node.name])?;
-        let state_disk = state_dir.join(format!("{}.ext4", node.name));
-        if !(options.keep_state && state_disk.exists()) {
-            make_state_disk(&state_disk)?;
+        let key = report::Inputs {
+            test_dir: &spec.dir,
+            layers: layers.values().map(Vec::as_slice).collect(),
+            image_keys: requests.iter().map(ImageRequest::key).collect(),
+            agent: &agent.bytes,
         }
-        let nics = net::nics(spec, &node.name);
-        for nic in &nics {
-            vlans.entry(nic.vlan).or_default().push(nic.clone());
+        .key()?;
+        let result_dir = spec.dir.join(RESULT_DIR);
+        Ok(Self { spec, options, requests, agent, layers, key, result_dir })
+    }
+
+    /// Whether a pass of this run is recorded, and answers a later one: a
+    /// kept writable layer is an input the key does not cover, and an
+    /// interactive session is no test run.
+    fn cacheable(&self) -> bool {
+        !self.options.keep_state && !self.options.interactive
+    }
+
+    /// The pass recorded for these inputs, if one is and the options let
+    /// it answer; its report is then back in `result/`.
+    pub fn recorded_pass(&self, store: &Store) -> Result<Option<RecordedPass>, DriverError> {
+        if !self.cacheable() || self.options.rebuild {
+            return Ok(None);
         }
-        let config = MachineConfig {
-            name: node.name.clone(),
-            memory_mib: node.memory_mib,
-            cpus: node.cpus,
-            accel,
-            kernel: boot.kernel(),
-            initrd,
-            rootfs: boot.rootfs(),
-            rootfs_type: boot.rootfs_type().to_string(),
-            state_disk,
-            kernel_params: node.kernel_params.clone(),
-            nics,
-            socket_dir: private.path().to_path_buf(),
-            console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+        Ok(report::recorded_pass(store, &self.key, &self.result_dir)?)
+    }
+
+    /// The second phase: builds the images the store lacks, clears
+    /// `result/`, picks the accelerator, and sets up every machine (not
+    /// started: a node boots on its first use) and every VLAN's switch.
+    pub fn boot(self, store: &Store, ui: Ui) -> Result<Booted<'a>, DriverError> {
+        let (spec, options, result_dir) = (self.spec, self.options, &self.result_dir);
+        let boot_files = image::boot_files_for(&self.requests, &self.agent, store, ui)?;
+        if result_dir.exists() {
+            fs::remove_dir_all(result_dir).map_err(file_error("clear", result_dir))?;
+        }
+        for node in spec.nodes.keys() {
+            let dir = result_dir.join("nodes").join(node);
+            fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
+        }
+        let log_path = result_dir.join("log.txt");
+        let log = RunLog::create(&log_path).map_err(file_error("create", &log_path))?;
+
+        let any_boot = boot_files.values().next().expect("a test has nodes");
+        let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
+
+        // Sockets need short paths, so the run's private files live in /tmp.
+        sweep_dead_runs();
+        let private = tempfile::Builder::new()
+            .prefix(PRIVATE_PREFIX)
+            .tempdir()
+            .map_err(file_error("create a directory in", &std::env::temp_dir()))?;
+        let owner = private.path().join(OWNER_FILE);
+        fs::write(&owner, std::process::id().to_string()).map_err(file_error("write", &owner))?;
+        let state_dir = if options.keep_state {
+            let canonical = spec.dir.canonicalize().unwrap_or_else(|_| spec.dir.clone());
+            store.kept_state_dir(&key_of([canonical.as_os_str().as_encoded_bytes()]))
+        } else {
+            private.path().join("state")
         };
-        machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
-    }
+        fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
-    let rules = SharedRules::default();
-    let mut switches = Vec::new();
-    for (vlan, ports) in vlans {
-        let socket = net::switch_socket(private.path(), vlan);
-        let capture = result_dir.join(format!("vlan{vlan}.pcap"));
-        let switch = Switch::start(private.path(), vlan, ports, rules.clone(), &capture).map_err(file_error("start the switch at", &socket))?;
-        switches.push(switch);
-    }
+        let launcher = Launcher::start();
+        let mut machines = BTreeMap::new();
+        let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
+        for node in spec.nodes.values() {
+            let boot = &boot_files[&node.name];
+            let initrd = private.path().join(format!("{}.initrd", node.name));
+            write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
+            let state_disk = state_dir.join(format!("{}.ext4", node.name));
+            if !(options.keep_state && state_disk.exists()) {
+                make_state_disk(&state_disk)?;
+            }
+            let nics = net::nics(spec, &node.name);
+            for nic in &nics {
+                vlans.entry(nic.vlan).or_default().push(nic.clone());
+            }
+            let config = MachineConfig {
+                name: node.name.clone(),
+                memory_mib: node.memory_mib,
+                cpus: node.cpus,
+                accel,
+                kernel: boot.kernel(),
+                initrd,
+                rootfs: boot.rootfs(),
+                rootfs_type: boot.rootfs_type().to_string(),
+                state_disk,
+                kernel_params: node.kernel_params.clone(),
+                nics,
+                socket_dir: private.path().to_path_buf(),
+                console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+            };
+            machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
+        }
 
-    let run = Run {
-        spec,
-        machines,
-        rules,
-        _switches: switches,
-        log: log.clone(),
-        result_dir: result_dir.clone(),
-        subtests: Mutex::default(),
-        nested: Mutex::default(),
-    };
-    let timeout = match (options.timeout, options.interactive) {
-        (Some(timeout), _) => timeout,
-        (None, true) => INTERACTIVE_TIMEOUT,
-        (None, false) => spec.timeout,
-    };
-    let outcome = run.run_script(private.path(), timeout, options.interactive);
-    let cases = std::mem::take(&mut *run.subtests()).into_cases(&spec.name, &outcome);
-    let cleanup = log.block(None, "cleanup");
-    drop(run);
-    drop(cleanup);
+        let rules = SharedRules::default();
+        let mut switches = Vec::new();
+        for (vlan, ports) in vlans {
+            let socket = net::switch_socket(private.path(), vlan);
+            let capture = result_dir.join(format!("vlan{vlan}.pcap"));
+            let switch = Switch::start(private.path(), vlan, ports, rules.clone(), &capture).map_err(file_error("start the switch at", &socket))?;
+            switches.push(switch);
+        }
 
-    let junit = result_dir.join("junit.xml");
-    fs::write(&junit, report::junit_xml(&spec.name, &cases)).map_err(file_error("write", &junit))?;
-    report::mark(&result_dir, &key)?;
-    if let (Ok(Outcome::Passed { duration }), true) = (&outcome, cacheable) {
-        report::record_pass(store, &key, &result_dir, *duration)?;
+        let run = Run {
+            spec,
+            machines,
+            rules,
+            _switches: switches,
+            log,
+            result_dir: result_dir.clone(),
+            subtests: Mutex::default(),
+            nested: Mutex::default(),
+        };
+        Ok(Booted { run, private, prepared: self })
     }
-    outcome
+}
+
+/// A run's second phase done: machines and switches set up, ready for
+/// the script.
+pub struct Booted<'a> {
+    /// Dropped first (field order): the machines end before their sockets'
+    /// directory goes.
+    run: Run<'a>,
+    private: tempfile::TempDir,
+    prepared: Prepared<'a>,
+}
+
+impl<'a> Booted<'a> {
+    /// The third phase: runs the script against the machines, then tears
+    /// every one of them down.
+    pub fn script(self) -> Finished<'a> {
+        let Self { run, private, prepared } = self;
+        let options = prepared.options;
+        let timeout = match (options.timeout, options.interactive) {
+            (Some(timeout), _) => timeout,
+            (None, true) => INTERACTIVE_TIMEOUT,
+            (None, false) => prepared.spec.timeout,
+        };
+        let outcome = run.run_script(private.path(), timeout, options.interactive);
+        let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome);
+        let cleanup = run.log.block(None, "cleanup");
+        drop(run);
+        drop(cleanup);
+        drop(private);
+        Finished { prepared, outcome, cases }
+    }
+}
+
+/// A run's third phase done: how the script ended, and its cases.
+pub struct Finished<'a> {
+    prepared: Prepared<'a>,
+    outcome: Result<Outcome, DriverError>,
+    cases: Vec<Case>,
+}
+
+impl Finished<'_> {
+    /// The last phase: writes `result/junit.xml`, marks the report with
+    /// the run's key, and records a pass in the store.
+    pub fn report(self, store: &Store) -> Result<Outcome, DriverError> {
+        let Self { prepared, outcome, cases } = self;
+        let result_dir = &prepared.result_dir;
+        let junit = result_dir.join("junit.xml");
+        fs::write(&junit, report::junit_xml(&prepared.spec.name, &cases)).map_err(file_error("write", &junit))?;
+        report::mark(result_dir, &prepared.key)?;
+        if let (Ok(Outcome::Passed { duration }), true) = (&outcome, prepared.cacheable()) {
+            report::record_pass(store, &prepared.key, result_dir, *duration)?;
+        }
+        outcome
+    }
 }
 
 /// The script's subtests, as JUnit cases, and why the script failed.
