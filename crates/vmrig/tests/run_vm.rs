@@ -599,7 +599,10 @@ with subtest("the NixOS driver's other calls"):
     two.wait_until_tty_matches("1", "on-the-first-terminal")
     assert "on-the-first-terminal" in two.get_tty_text(1)
     two.dump_tty_contents(1)
+    # Something on the guest reads its console: what is typed reaches it.
+    two.succeed("(head -n 1 /dev/ttyS0 | sed 's/^/heard: /' > /dev/ttyS0) >/dev/null 2>&1 &")
     two.send_console("typed at the console\n")
+    two.wait_for_console_text("heard: typed at the console", timeout=60)
     events = []
     listener = threading.Thread(target=lambda: events.append(two.wait_for_qmp_event(lambda e: e["event"] == "STOP", timeout=60)))
     listener.start()
@@ -637,4 +640,37 @@ with subtest("a guest's own reboot powers it off unless allowed"):
     assert!(output.contains("tty 1 shows:"), "{output}");
     assert!(output.contains("no tty 99: `tty` must be a virtual terminal's number (1 to 63)"), "{output}");
     assert!(output.contains("impair refused: impair(): `delay` cannot be \"200 parsecs\"; it takes seconds"), "{output}");
+}
+
+#[test]
+fn console_interact_types_the_terminals_lines_on_the_console() {
+    let test = machine_test("pass\n");
+    let mut session = std::process::Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("interactive")
+        .arg(test.path())
+        .env("VMRIG_STORE", common::store())
+        .env_remove("VMRIG_MIRROR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typing = session.stdin.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    let stderr = session.stderr.take().unwrap();
+    std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).for_each(|line| drop(lines.send(line))));
+    let reader = "machine.succeed(\"(head -n 1 /dev/ttyS0 | sed 's/^/heard: /' > /dev/ttyS0) >/dev/null 2>&1 &\")\n";
+    std::io::Write::write_all(&mut typing, format!("{reader}machine.console_interact()\ntyped-through-the-terminal\n").as_bytes()).unwrap();
+    let mut seen = String::new();
+    loop {
+        let line = received.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("the console never heard it:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("machine # heard: typed-through-the-terminal") {
+            break;
+        }
+    }
+    drop(typing); // Ctrl-D: ends console_interact(), then the session
+    let status = session.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{seen}");
 }
