@@ -108,7 +108,7 @@ fn boot() -> Result<Infallible, String> {
     chdir("/").map_err(fail("cannot enter /"))?;
     create_users(&users)?;
     set_hostname()?;
-    configure_network(&network)?;
+    configure_network(&network, NicsAre::Named)?;
     if Path::new(FIREWALL_RULES).exists() {
         run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
     }
@@ -162,7 +162,7 @@ fn load_modules() -> Result<(), String> {
 
 /// Copies `from` (the node's files and units, laid out as they go) over
 /// `to`, replacing what is there.
-fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
     let Ok(entries) = fs::read_dir(from) else { return Ok(()) };
     for entry in entries.flatten() {
         let source = entry.path();
@@ -191,7 +191,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
 
 /// Creates the node's users that do not exist yet (the writable layer
 /// keeps them across a reboot).
-fn create_users(list: &str) -> Result<(), String> {
+pub(crate) fn create_users(list: &str) -> Result<(), String> {
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in list.lines().filter(|l| !l.is_empty()) {
         let args: Vec<&str> = line.split('\t').collect();
@@ -205,7 +205,7 @@ fn create_users(list: &str) -> Result<(), String> {
 }
 
 /// Runs a program of the new root, failing if it fails.
-fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
+pub(crate) fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
     let status = std::process::Command::new(program)
         .args(args)
         .status()
@@ -219,7 +219,7 @@ fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
 
 /// Names the machine from `/etc/hostname` now, as systemd would later, so
 /// that commands the agent runs before systemd see the node's name.
-fn set_hostname() -> Result<(), String> {
+pub(crate) fn set_hostname() -> Result<(), String> {
     let name = fs::read_to_string("/etc/hostname").unwrap_or_default();
     let name = name.trim();
     if name.is_empty() {
@@ -228,24 +228,41 @@ fn set_hostname() -> Result<(), String> {
     nix::unistd::sethostname(name).map_err(|e| format!("cannot set the hostname to {name}: {e}"))
 }
 
+/// How the NICs a network list names are found.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NicsAre {
+    /// Booted with the node's own MACs.
+    Named,
+    /// Restored from a template: NIC number k still has the template's
+    /// k-th MAC, and is given the node's.
+    FromTemplate,
+}
+
 /// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by
 /// its MAC address, with its addresses; before systemd starts, so that
 /// every unit sees the network as it will stay. One `ip -batch` does it
 /// all: each process started costs tens of milliseconds under TCG.
-fn configure_network(list: &str) -> Result<(), String> {
+pub(crate) fn configure_network(list: &str, nics: NicsAre) -> Result<(), String> {
     let mut batch = String::from("link set dev lo up\n");
-    for line in list.lines() {
+    for (index, line) in list.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [mac, ipv4, ipv6] = fields.as_slice() else { continue };
+        let found_by = match nics {
+            NicsAre::Named => mac.to_string(),
+            NicsAre::FromTemplate => vmrig_proto::template_mac(index),
+        };
         let device = fs::read_dir("/sys/class/net")
             .map_err(|e| format!("cannot list network devices: {e}"))?
             .flatten()
-            .find(|d| fs::read_to_string(d.path().join("address")).is_ok_and(|a| a.trim() == *mac))
+            .find(|d| fs::read_to_string(d.path().join("address")).is_ok_and(|a| a.trim() == found_by))
             .map(|d| d.file_name().to_string_lossy().into_owned())
-            .ok_or_else(|| format!("no network device has MAC {mac}"))?;
+            .ok_or_else(|| format!("no network device has MAC {found_by}"))?;
         // Duplicate address detection only delays a link that is ours alone.
         let dad = format!("/proc/sys/net/ipv6/conf/{device}/accept_dad");
         fs::write(&dad, "0").map_err(|e| format!("cannot write {dad}: {e}"))?;
+        if nics == NicsAre::FromTemplate {
+            batch.push_str(&format!("link set dev {device} address {mac}\n"));
+        }
         batch.push_str(&format!(
             "address replace {ipv4} dev {device}\naddress replace {ipv6} dev {device}\nlink set dev {device} up\n"
         ));

@@ -5,6 +5,7 @@
 //! writable layer and the node's own files, then forks the agent that
 //! serves the driver and hands PID 1 over to systemd.
 
+mod identity;
 mod init;
 mod server;
 mod sockets;

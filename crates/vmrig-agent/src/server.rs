@@ -131,6 +131,17 @@ fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), 
             }
             Request::Connect(target) => write_frame(&mut output, &crate::sockets::probe(&target), &[])?,
             Request::ServeTunnel => write_frame(&mut output, &tunnel.serve(), &[])?,
+            Request::Become { layer, unix_nanos, entropy, machine_id } => {
+                let became = crate::identity::become_node(Path::new(&layer), unix_nanos, &entropy, &machine_id);
+                // The kept shell was started as the template: commands now
+                // get one started as this node.
+                *worker = None;
+                let reply = match became {
+                    Ok(()) => Reply::Ack,
+                    Err(message) => Reply::Error { message },
+                };
+                write_frame(&mut output, &reply, &[])?;
+            }
             Request::PowerOff | Request::Reboot => {
                 let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
                 write_frame(&mut output, &power(verb), &[])?;

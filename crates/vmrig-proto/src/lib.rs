@@ -77,6 +77,16 @@ pub const HANDOVER_BANNER: &str = "vmrig-init: starting systemd";
 /// The name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT: &str = "vmrig.agent";
 
+/// The MAC a template's NIC number `index` (from 0) has; a node restored
+/// from the template finds its NICs by them and gives each its own.
+pub fn template_mac(index: usize) -> String {
+    format!("52:54:00:ff:00:{:02x}", index + 1)
+}
+
+/// The target a template boots to: settled, before the packages' own
+/// services (which `multi-user.target` starts) have run.
+pub const TEMPLATE_TARGET: &str = "vmrig-template.target";
+
 /// Largest JSON header accepted.
 pub const MAX_HEADER: u32 = 256 * 1024;
 
@@ -155,6 +165,21 @@ pub enum Request {
     /// Serve forwarded connections on the port named
     /// [`tunnel::TUNNEL_PORT`] (see [`tunnel`]), unless already serving.
     ServeTunnel,
+    /// Make this guest, restored from a template, the node whose layer (a
+    /// newc cpio laid out as the initramfs's) was written to `layer`:
+    /// clock, random pool, machine-id, the layer's files, users, hostname,
+    /// addresses, firewall; then reload systemd, replay what early boot
+    /// did with the node's files, and start the default target.
+    Become {
+        /// Guest path of the layer, written beforehand with `WriteFile`.
+        layer: String,
+        /// The host's time, nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+        /// Fresh randomness from the host, hex, for the kernel's pool.
+        entropy: String,
+        /// The node's machine-id (32 lowercase hex digits).
+        machine_id: String,
+    },
 }
 
 /// A socket in the guest that `Connect` tries.

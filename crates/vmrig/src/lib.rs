@@ -7,7 +7,8 @@
 //! the run needs; [`driver`] gives each node its [`nodeconfig`] layer, boots
 //! it as a [`vm`] and runs the test script against it, logging to the
 //! [`runlog`]; [`report`] writes the JUnit file and records a pass so that
-//! the same inputs need not run again; [`script`] checks the script
+//! the same inputs need not run again; [`template`] saves booted
+//! guests that nodes start from; [`script`] checks the script
 //! beforehand; [`interrupt`] notes the signals that stop a run. [`cli`] is the
 //! command line over all of it and [`ui`] is how build progress looks.
 
@@ -24,5 +25,6 @@ pub mod runlog;
 pub mod script;
 pub mod spec;
 pub mod store;
+pub mod template;
 pub mod ui;
 pub mod vm;

@@ -11,7 +11,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 
-use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS, TEMPLATE_TARGET};
 
 use crate::image::CpioWriter;
 use crate::net;
@@ -80,6 +80,48 @@ const JOURNAL_TO_CONSOLE: &str = "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/
 /// network is up before systemd starts, so both are true when reached.
 const BOOT_TARGETS: [&str; 2] = ["network.target", "network-online.target"];
 
+/// The target a template boots to: everything of a boot up to
+/// `basic.target`, and none of the services `multi-user.target` starts,
+/// which a node's files may configure.
+const TEMPLATE_TARGET_UNIT: &str = "[Unit]\nDescription=vmrig template: settled, before the packages' services\nRequires=basic.target\nAfter=basic.target\nAllowIsolate=yes\n";
+
+/// The layer a template boots with: what every test guest gets, nothing
+/// of a node's own.
+pub fn template_layer() -> Vec<u8> {
+    let mut layer = Layer { cpio: CpioWriter::new(Vec::new()), dirs: BTreeSet::new() };
+    (|| -> io::Result<Vec<u8>> {
+        layer.test_node_settings()?;
+        layer.cpio.finish()
+    })()
+    .expect("writing to memory cannot fail")
+}
+
+/// The guest paths below which a node's files change what only early boot
+/// reads, and that a node restored from a template cannot replay: such a
+/// node boots cold. (What early boot did that can be done again, sysctl,
+/// tmpfiles, modules, journald and udev settings, is replayed.)
+pub const UNREPLAYABLE_PATHS: &[&str] = &[
+    "/etc/fstab",
+    "/etc/modprobe.d",
+    "/etc/systemd/system.conf",
+    "/etc/systemd/system.conf.d",
+    "/etc/systemd/system-generators",
+    "/etc/machine-id",
+    "/etc/initramfs-tools",
+];
+
+/// Why `node` cannot start from a template, if it cannot: which of its
+/// files touches what only early boot reads.
+pub fn early_boot_files(node: &Node) -> Option<String> {
+    node.files.keys().find_map(|path| {
+        let path = path.trim_end_matches('/');
+        UNREPLAYABLE_PATHS
+            .iter()
+            .find(|early| early.starts_with(&format!("{path}/")) || path == **early || path.starts_with(&format!("{early}/")))
+            .map(|early| format!("its file {path} changes {early}, which only early boot reads"))
+    })
+}
+
 /// The layer's writer: an overlay tree rooted at [`INITRAMFS_OVERLAY_DIR`]
 /// whose parent directories are written once, before their children.
 struct Layer<W: Write> {
@@ -88,6 +130,23 @@ struct Layer<W: Write> {
 }
 
 impl<W: Write> Layer<W> {
+    /// What every guest of a test gets, node or template: the units and
+    /// generators masked, the journal on the console, the boot targets a
+    /// NixOS test node reaches, and the target a template boots to.
+    fn test_node_settings(&mut self) -> io::Result<()> {
+        for unit in MASKED_UNITS {
+            self.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
+        }
+        for generator in MASKED_GENERATORS {
+            self.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
+        }
+        self.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
+        for target in BOOT_TARGETS {
+            self.symlink(&format!("/etc/systemd/system/multi-user.target.wants/{target}"), &format!("/lib/systemd/system/{target}"))?;
+        }
+        self.file(&format!("/etc/systemd/system/{TEMPLATE_TARGET}"), 0o644, TEMPLATE_TARGET_UNIT.as_bytes())
+    }
+
     fn parents(&mut self, archive_path: &str) -> io::Result<()> {
         let mut prefix = String::new();
         let parts: Vec<&str> = archive_path.split('/').collect();
@@ -145,16 +204,7 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
         layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
-        for unit in MASKED_UNITS {
-            layer.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
-        }
-        for generator in MASKED_GENERATORS {
-            layer.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
-        }
-        layer.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
-        for target in BOOT_TARGETS {
-            layer.symlink(&format!("/etc/systemd/system/multi-user.target.wants/{target}"), &format!("/lib/systemd/system/{target}"))?;
-        }
+        layer.test_node_settings()?;
         for (name, service) in &node.services {
             let unit_path = format!("/etc/systemd/system/{name}.service");
             let (text, wanted_by) = match service {

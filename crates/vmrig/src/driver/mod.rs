@@ -37,14 +37,12 @@ use crate::spec::{TestSpec, RESULT_DIR};
 use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::interrupt;
-use crate::vm::{Accel, KillSwitch, Launcher, Machine, MachineConfig};
+use crate::spec::{BootMode, Node};
+use crate::template::{self, Shape, Template};
+use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore};
 
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// Size of a node's writable layer. The file is sparse: only what the guest
-/// writes takes room.
-const STATE_DISK_BYTES: u64 = 8 << 30;
 
 /// Which accelerator the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -213,6 +211,7 @@ impl<'a> Prepared<'a> {
         fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
         let launcher = Launcher::start();
+        let mut templates: BTreeMap<(String, Shape), Option<Template>> = BTreeMap::new();
         let mut machines = BTreeMap::new();
         let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
         for node in spec.nodes.values() {
@@ -220,10 +219,41 @@ impl<'a> Prepared<'a> {
             let initrd = private.path().join(format!("{}.initrd", node.name));
             write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
             let state_disk = state_dir.join(format!("{}.ext4", node.name));
-            if !(options.keep_state && state_disk.exists()) {
-                make_state_disk(&state_disk)?;
-            }
+            let kept_layer = options.keep_state && state_disk.exists();
             let nics = net::nics(spec, &node.name);
+            let template = match cold_boot_reason(node, kept_layer) {
+                Some(Some(reason)) => {
+                    log.line(format!("{}: booting cold: {reason}", node.name));
+                    None
+                }
+                Some(None) => None,
+                None => {
+                    let shape = Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel };
+                    let found = templates.entry((boot.image.manifest.key.clone(), shape)).or_insert_with(|| {
+                        template::get_or_build(store, boot, shape, private.path(), &log, &launcher)
+                            .inspect_err(|error| log.line(format!("cannot make a template to start nodes from, so they boot cold: {}", crate::error::chain(error))))
+                            .ok()
+                    });
+                    found.as_ref()
+                }
+            };
+            let first_start = match template {
+                Some(template) => {
+                    template.copy_layer(&state_disk)?;
+                    FirstStart::Restore(Restore {
+                        state: template.state(),
+                        initrd: template.initrd(),
+                        console_log: template.console_log(),
+                        layer: self.layers[&node.name].clone(),
+                    })
+                }
+                None => {
+                    if !kept_layer {
+                        crate::vm::make_state_disk(&state_disk)?;
+                    }
+                    FirstStart::Cold
+                }
+            };
             for nic in &nics {
                 vlans.entry(nic.vlan).or_default().push(nic.clone());
             }
@@ -241,6 +271,7 @@ impl<'a> Prepared<'a> {
                 nics,
                 socket_dir: private.path().to_path_buf(),
                 console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+                first_start,
             };
             machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
         }
@@ -366,6 +397,27 @@ impl Subtests {
     }
 }
 
+/// The environment variable that makes every node boot cold (`cold`), as
+/// `boot = "cold"` would, for a whole suite.
+pub const BOOT_ENV: &str = "VMRIG_BOOT";
+
+/// Why `node` boots cold rather than from a template: `None` when it may
+/// start from one, `Some(None)` when the test or the environment asked for
+/// cold boots, `Some(Some(reason))` when a template cannot give what a cold
+/// boot would, which the run says.
+fn cold_boot_reason(node: &Node, kept_layer: bool) -> Option<Option<String>> {
+    if node.boot == BootMode::Cold || std::env::var(BOOT_ENV).is_ok_and(|v| v == "cold") {
+        return Some(None);
+    }
+    if !node.kernel_params.is_empty() {
+        return Some(Some("it has kernel_params, and a template booted without them".into()));
+    }
+    if kept_layer {
+        return Some(Some("its writable layer is kept from an earlier run (--keep-state)".into()));
+    }
+    nodeconfig::early_boot_files(node).map(Some)
+}
+
 /// The name prefix of runs' private directories in the temporary directory.
 const PRIVATE_PREFIX: &str = "vmrig-";
 /// The file in a private directory naming the process that owns it.
@@ -393,24 +445,6 @@ fn write_node_initrd(path: &Path, boot: &BootFiles, layer: &[u8]) -> Result<(), 
     fs::copy(&base, path).map_err(file_error("copy", &base))?;
     let mut file = File::options().append(true).open(path).map_err(file_error("open", path))?;
     Ok(file.write_all(layer).map_err(file_error("write", path))?)
-}
-
-/// A fresh, sparse ext4 image for a node's writable layer.
-fn make_state_disk(path: &Path) -> Result<(), DriverError> {
-    let file = File::create(path).map_err(file_error("create", path))?;
-    file.set_len(STATE_DISK_BYTES).map_err(file_error("size", path))?;
-    drop(file);
-    let mkfs = host::MKFS_EXT4.require()?;
-    let output = Command::new(mkfs)
-        .args(["-q", "-F", "-L", "vmrig-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
-        .arg(path)
-        .output()
-        .map_err(file_error("format", path))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
-        return Err(FileError::new("format", path, io::Error::other(stderr)).into());
-    }
-    Ok(())
 }
 
 /// The accelerator to use. The `auto` probe boots a kernel under KVM, which

@@ -70,6 +70,20 @@ pub struct Node {
     pub kernel_params: Vec<String>,
     /// Extra `/etc/hosts` entries: address → names.
     pub extra_hosts: BTreeMap<String, Vec<String>>,
+    /// How the node starts (`boot`).
+    pub boot: BootMode,
+    /// Whether the node's own table (or `[defaults]`) set `boot`.
+    pub boot_given: bool,
+}
+
+/// How a node starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// Restored from a template of its image and shape where that gives
+    /// what a cold boot would; else a cold boot, saying why.
+    Fast,
+    /// A whole boot, kernel to default target.
+    Cold,
 }
 
 /// Where a guest file's content comes from.

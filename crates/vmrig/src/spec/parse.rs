@@ -11,13 +11,13 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::{
-    nearest, python_identifier, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
+    nearest, python_identifier, BootMode, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
     ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User,
 };
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["name", "distro", "mirror", "timeout", "defaults", "nodes", "test"];
+const TOP_KEYS: &[&str] = &["name", "distro", "mirror", "timeout", "boot", "defaults", "nodes", "test"];
 const NODE_KEYS: &[&str] = &[
     "packages",
     "memory",
@@ -29,6 +29,7 @@ const NODE_KEYS: &[&str] = &[
     "users",
     "kernel_params",
     "extra_hosts",
+    "boot",
 ];
 const FILE_KEYS: &[&str] = &["source", "exclude", "mode", "text"];
 const SERVICE_KEYS: &[&str] = &[
@@ -45,6 +46,7 @@ const SERVICE_KEYS: &[&str] = &[
     "requires",
     "unit",
 ];
+const BOOT_MODES: &[&str] = &["fast", "cold"];
 const SERVICE_TYPES: &[&str] = &["simple", "exec", "forking", "oneshot", "dbus", "notify", "idle"];
 const RESTART_POLICIES: &[&str] = &[
     "no",
@@ -279,7 +281,14 @@ impl Parser<'_> {
         if let Some(defaults) = defaults {
             self.known_keys(defaults, NODE_KEYS, "`defaults`");
         }
-        let nodes = self.nodes(root, defaults);
+        let boot = field(root, "boot").map(|v| self.boot_mode(v));
+        let mut nodes = self.nodes(root, defaults);
+        // A test's `boot` is every node's that does not say otherwise.
+        if let (Some(Some(mode)), Some(nodes)) = (boot, nodes.as_mut()) {
+            for node in nodes.values_mut().filter(|n| !n.boot_given) {
+                node.boot = mode;
+            }
+        }
         let script = self.script(root);
         self.script = script.clone();
 
@@ -386,6 +395,10 @@ impl Parser<'_> {
             Some(v) => self.extra_hosts(v),
             None => Some(BTreeMap::new()),
         };
+        let boot = match field(table, "boot") {
+            Some(v) => self.boot_mode(v).map(Some),
+            None => Some(None),
+        };
 
         if !ok {
             return None;
@@ -402,7 +415,16 @@ impl Parser<'_> {
             users: users?,
             kernel_params: kernel_params?,
             extra_hosts: extra_hosts?,
+            boot: boot?.unwrap_or(BootMode::Fast),
+            boot_given: boot?.is_some(),
         })
+    }
+
+    fn boot_mode(&mut self, value: &Value<'_>) -> Option<BootMode> {
+        match self.choice(value, "`boot`", BOOT_MODES)?.as_str() {
+            "cold" => Some(BootMode::Cold),
+            _ => Some(BootMode::Fast),
+        }
     }
 
     fn packages(&mut self, value: &Value<'_>, node: &str) -> Option<Vec<String>> {

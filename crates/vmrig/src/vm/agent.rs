@@ -233,6 +233,13 @@ impl AgentClient {
         self.expect_ack()
     }
 
+    /// Sends `Become` (built by the caller) and waits for the guest to be
+    /// the node.
+    pub fn become_node(&mut self, request: &Request) -> Result<(), AgentError> {
+        self.send(request, &[])?;
+        self.expect_ack()
+    }
+
     /// Asks the guest to power off (`reboot: false`) or to reboot.
     pub fn power(&mut self, reboot: bool) -> Result<(), AgentError> {
         self.send(if reboot { &Request::Reboot } else { &Request::PowerOff }, &[])?;

@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::{SocketTarget, AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
+use crate::error::{file_error, FileError};
 use crate::host::QEMU;
 use crate::runlog::RunLog;
 use forward::{BootTunnel, Forwards};
@@ -118,7 +119,7 @@ fn stderr_suffix(stderr: &str) -> String {
 }
 
 /// Which accelerator QEMU uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Accel {
     /// Hardware virtualisation.
     Kvm,
@@ -156,6 +157,35 @@ pub struct MachineConfig {
     pub socket_dir: PathBuf,
     /// Where the console is recorded.
     pub console_log: PathBuf,
+    /// How the machine's first start goes; every later start is a cold
+    /// boot from its own writable layer.
+    pub first_start: FirstStart,
+}
+
+/// How a machine starts the first time.
+#[derive(Debug, Clone)]
+pub enum FirstStart {
+    /// A whole boot.
+    Cold,
+    /// A boot as a template: generic NICs on no network, to the template
+    /// target, nothing of a node's own.
+    AsTemplate,
+    /// The saved state of a template, restored and made this node.
+    Restore(Restore),
+}
+
+/// What restoring a template needs.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// The template's memory and device state.
+    pub state: PathBuf,
+    /// The initramfs the template booted with (the restored machine must
+    /// be built as the saved one was).
+    pub initrd: PathBuf,
+    /// The template's boot messages, shown first on the node's console.
+    pub console_log: PathBuf,
+    /// The node's own layer, which the agent applies once restored.
+    pub layer: Vec<u8>,
 }
 
 struct Running {
@@ -186,6 +216,13 @@ pub struct Machine {
     /// Whether a reboot the guest asks for restarts it (else QEMU exits,
     /// as after `-no-reboot`).
     allow_reboot: bool,
+    /// How the next start goes: the first as configured, then cold.
+    next_start: FirstStart,
+    /// Whether the running QEMU was restored from a template.
+    restored: bool,
+    /// The thread making a restored machine this node (see
+    /// [`become_node`]), until a request first needs the machine's agent.
+    identity: Option<std::thread::JoinHandle<Result<(AgentClient, String), AgentError>>>,
     /// The run's end: no command or wait of this machine outlives it.
     deadline: Option<Instant>,
 }
@@ -251,6 +288,7 @@ impl Machine {
     pub fn new(config: MachineConfig, log: RunLog, launcher: Launcher) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
         Self {
+            next_start: config.first_start.clone(),
             config,
             log,
             launcher,
@@ -260,6 +298,8 @@ impl Machine {
             events: Arc::default(),
             pid: Arc::default(),
             allow_reboot: false,
+            restored: false,
+            identity: None,
             deadline: None,
         }
     }
@@ -324,8 +364,8 @@ impl Machine {
         move |source| VmError::Io { node, path, source }
     }
 
-    /// The QEMU command line for this node.
-    pub fn qemu_command(&self) -> Command {
+    /// The QEMU command line for this node, started as `how` says.
+    pub fn qemu_command(&self, how: &FirstStart) -> Command {
         let c = &self.config;
         let mut command = Command::new(QEMU.program);
         let (accel, cpu) = match c.accel {
@@ -344,6 +384,13 @@ impl Machine {
             append.push(' ');
             append.push_str(param);
         }
+        if matches!(how, FirstStart::AsTemplate | FirstStart::Restore(_)) {
+            append.push_str(&format!(" systemd.unit={}", vmrig_proto::TEMPLATE_TARGET));
+        }
+        let initrd = match how {
+            FirstStart::Restore(restore) => &restore.initrd,
+            _ => &c.initrd,
+        };
         command
             .args(["-machine", "microvm,rtc=on", "-accel", accel, "-cpu", cpu])
             .args(["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()])
@@ -351,7 +398,7 @@ impl Machine {
             .arg("-kernel")
             .arg(&c.kernel)
             .arg("-initrd")
-            .arg(&c.initrd)
+            .arg(initrd)
             .args(["-append", &append])
             .arg("-drive")
             .arg(format!("id=root,file={},format=raw,if=none,readonly=on", c.rootfs.display()))
@@ -375,17 +422,25 @@ impl Machine {
         if !self.allow_reboot {
             command.arg("-no-reboot");
         }
-        for nic in &c.nics {
-            command
-                .arg("-netdev")
-                .arg(format!(
-                    "dgram,id=vlan{},local.type=unix,local.path={},remote.type=unix,remote.path={}",
-                    nic.vlan,
+        for (index, nic) in c.nics.iter().enumerate() {
+            // A template's NICs are on no network; a node restored from it
+            // keeps the template's MACs until its agent gives it its own.
+            let netdev = match how {
+                FirstStart::AsTemplate => format!("hubport,id=nic{index},hubid={index}"),
+                _ => format!(
+                    "dgram,id=nic{index},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                     nic.node_socket(&c.socket_dir).display(),
                     crate::net::switch_socket(&c.socket_dir, nic.vlan).display()
-                ))
-                .arg("-device")
-                .arg(format!("virtio-net-device,netdev=vlan{},mac={}", nic.vlan, nic.mac()));
+                ),
+            };
+            let mac = match how {
+                FirstStart::Cold => nic.mac(),
+                FirstStart::AsTemplate | FirstStart::Restore(_) => vmrig_proto::template_mac(index),
+            };
+            command.arg("-netdev").arg(netdev).arg("-device").arg(format!("virtio-net-device,netdev=nic{index},mac={mac}"));
+        }
+        if matches!(how, FirstStart::Restore(_)) {
+            command.args(["-incoming", "defer"]);
         }
         command
     }
@@ -432,7 +487,16 @@ impl Machine {
             .append(true)
             .open(&self.config.console_log)
             .map_err(self.io_error(&self.config.console_log.clone()))?;
-        let mut command = self.qemu_command();
+        let mut how = std::mem::replace(&mut self.next_start, FirstStart::Cold);
+        if allow_reboot && matches!(how, FirstStart::Restore(_)) {
+            // The guest would reboot into the template's initramfs.
+            self.log.line(format!("{}: booting cold instead of from its template: start(allow_reboot=True) lets the guest reboot itself", self.config.name));
+            how = FirstStart::Cold;
+        }
+        if let FirstStart::Restore(restore) = &how {
+            self.show_template_console(&restore.console_log);
+        }
+        let mut command = self.qemu_command(&how);
         // A group of its own: a Ctrl-C at the terminal is vmrig's to act
         // on, and must not kill the machines behind its back.
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
@@ -445,7 +509,91 @@ impl Machine {
         spawn_event_reader(self.events_socket(), qemu.id(), Arc::clone(&self.events));
         let console_input = qemu.stdin.take();
         self.running = Some(Running { qemu, console_input, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
+        self.restored = false;
+        if let FirstStart::Restore(restore) = how {
+            if let Err(error) = self.restore(&restore) {
+                self.log.line(format!("{}: booting cold: restoring its template failed: {}", self.config.name, crate::error::chain(&error)));
+                self.kill();
+                // A fresh layer: the template's copy is no cold boot's.
+                let disk = self.config.state_disk.clone();
+                make_state_disk(&disk).map_err(|e| VmError::Io { node: self.config.name.clone(), path: disk, source: io::Error::other(crate::error::chain(&e)) })?;
+                return self.start(allow_reboot);
+            }
+            self.restored = true;
+            // The node becomes itself at once, as a cold boot configures
+            // itself, while the caller goes on.
+            let request = become_request()
+                .map_err(|e| VmError::Io { node: self.config.name.clone(), path: PathBuf::from("/dev/urandom"), source: e })?;
+            let (name, socket, log) = (self.config.name.clone(), self.agent_socket(), self.log.clone());
+            let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
+            let timeout = self.within_deadline(BOOT_TIMEOUT);
+            self.identity = Some(std::thread::spawn(move || become_node(&name, &socket, pid, &restore.layer, &request, timeout, &log)));
+        }
         Ok(())
+    }
+
+    /// Loads the template's saved state into the QEMU just started with
+    /// `-incoming defer`, and lets it run.
+    fn restore(&mut self, restore: &Restore) -> Result<(), VmError> {
+        let node = self.config.name.clone();
+        let qmp_error = |source| VmError::Qmp { node: node.clone(), source };
+        let uri = format!("exec:cat {}", vmrig_proto::shell_quote(&restore.state.to_string_lossy()));
+        self.qmp()?.execute("migrate-incoming", Some(json!({ "uri": uri }))).map_err(qmp_error)?;
+        let started = Instant::now();
+        loop {
+            let status = self.qmp()?.execute("query-migrate", None).map_err(qmp_error)?;
+            match status["status"].as_str() {
+                Some("completed") => break,
+                Some("failed" | "cancelled") => {
+                    let why = status["error-desc"].as_str().unwrap_or("QEMU gives no reason").to_string();
+                    return Err(VmError::Qmp { node, source: QmpError::Refused { command: "migrate-incoming".into(), message: why } });
+                }
+                _ if started.elapsed() > BOOT_TIMEOUT => return Err(VmError::ShutdownTimeout { node, timeout: BOOT_TIMEOUT }),
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        // The state loads paused.
+        self.qmp()?.execute("cont", None).map_err(qmp_error)?;
+        self.log.line(format!("{node}: restored from its template ({:.2} s after QEMU started)", self.running.as_ref().map_or(0.0, |r| r.started.elapsed().as_secs_f64())));
+        Ok(())
+    }
+
+    /// Shows the template's boot messages first on the node's console,
+    /// marked as such, as a cold boot would have printed its own.
+    fn show_template_console(&self, template_console: &Path) {
+        let text = std::fs::read_to_string(template_console).unwrap_or_default();
+        let mut file = File::options().create(true).append(true).open(&self.config.console_log).ok();
+        let lines = std::iter::once("[vmrig] the boot messages of the template this node is restored from:".to_string())
+            .chain(text.lines().map(str::to_string))
+            .chain(std::iter::once("[vmrig] restored from the template here".to_string()));
+        for line in lines {
+            if let Some(file) = file.as_mut() {
+                let _ = writeln!(file, "{line}");
+            }
+            self.log.console_line(&self.config.name, &line);
+            self.console.push(line);
+        }
+    }
+
+    /// Saves the running machine's memory and device state to `path` and
+    /// stops it: what a template is made of.
+    pub fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
+        let node = self.config.name.clone();
+        let qmp_error = |source| VmError::Qmp { node: node.clone(), source };
+        self.qmp()?.execute("stop", None).map_err(qmp_error)?;
+        let uri = format!("exec:cat > {}", vmrig_proto::shell_quote(&path.to_string_lossy()));
+        self.qmp()?.execute("migrate", Some(json!({ "uri": uri }))).map_err(qmp_error)?;
+        loop {
+            let status = self.qmp()?.execute("query-migrate", None).map_err(qmp_error)?;
+            match status["status"].as_str() {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
+                    let why = status["error-desc"].as_str().unwrap_or("QEMU gives no reason").to_string();
+                    return Err(VmError::Qmp { node, source: QmpError::Refused { command: "migrate".into(), message: why } });
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 
     /// Types `text` on the serial console, as `send_console` does.
@@ -474,6 +622,20 @@ impl Machine {
     fn connect(&mut self, previous_boot: Option<&str>) -> Result<(), VmError> {
         let name = self.config.name.clone();
         let _block = self.log.block(Some(&name), "waiting for the VM to finish booting");
+        if let Some(identity) = self.identity.take() {
+            let (client, boot_id) = match identity.join().expect("the identity thread does not panic") {
+                Ok(connected) => connected,
+                Err(_) if !self.is_running() => return Err(self.exited_error()),
+                Err(source) => return Err(VmError::Agent { node: name, source }),
+            };
+            let running = self.running.as_mut().expect("started");
+            running.agent = Some(client);
+            running.boot_id = Some(boot_id);
+            if !self.forwards.is_empty() {
+                self.open_tunnel()?;
+            }
+            return Ok(());
+        }
         let socket = self.agent_socket();
         let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
         let deadline = Instant::now() + boot_timeout;
@@ -636,9 +798,18 @@ impl Machine {
         self.wait_for_exit(Duration::from_secs(10))
     }
 
-    /// Reboots the guest and waits for the new boot's agent.
+    /// Reboots the guest and waits for the new boot's agent. A machine
+    /// restored from a template reboots cold, from its own layer.
     pub fn reboot(&mut self) -> Result<(), VmError> {
         self.agent()?;
+        if self.restored {
+            let name = self.config.name.clone();
+            let _block = self.log.block(Some(&name), "rebooting (cold, from its own writable layer)");
+            self.shutdown()?;
+            let allow_reboot = self.allow_reboot;
+            self.start(allow_reboot)?;
+            return self.agent().map(drop);
+        }
         let boot = self.running.as_ref().and_then(|r| r.boot_id.clone());
         let name = self.config.name.clone();
         let _block = self.log.block(Some(&name), "rebooting");
@@ -671,7 +842,18 @@ impl Machine {
         let socket = self.qmp_socket();
         let running = self.running.as_mut().ok_or_else(|| VmError::Exited { node: node.clone(), status: "not started".into(), stderr: String::new() })?;
         if running.qmp.is_none() {
-            let stream = UnixStream::connect(&socket).map_err(|e| VmError::Qmp { node: node.clone(), source: QmpError::Io(e) })?;
+            // QEMU creates the socket a moment after it starts.
+            let pid = running.qemu.id();
+            let waited = Instant::now();
+            let stream = loop {
+                match UnixStream::connect(&socket) {
+                    Ok(stream) => break stream,
+                    Err(_) if waited.elapsed() < Duration::from_secs(30) && Path::new(&format!("/proc/{pid}")).exists() => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => return Err(VmError::Qmp { node: node.clone(), source: QmpError::Io(e) }),
+                }
+            };
             running.qmp = Some(Qmp::handshake(stream, Duration::from_secs(30)).map_err(|source| VmError::Qmp { node, source })?);
         }
         Ok(running.qmp.as_mut().expect("set above"))
@@ -706,6 +888,61 @@ impl Drop for Machine {
         }
         self.kill();
     }
+}
+
+/// Size of a node's writable layer. The file is sparse: only what the guest
+/// writes takes room.
+const STATE_DISK_BYTES: u64 = 8 << 30;
+
+/// A fresh, sparse ext4 image for a node's writable layer.
+pub fn make_state_disk(path: &Path) -> Result<(), FileError> {
+    let file = File::create(path).map_err(file_error("create", path))?;
+    file.set_len(STATE_DISK_BYTES).map_err(file_error("size", path))?;
+    drop(file);
+    let mkfs = crate::host::MKFS_EXT4.require().map_err(|e| FileError::new("format", path, io::Error::other(e.to_string())))?;
+    let output = Command::new(mkfs)
+        .args(["-q", "-F", "-L", "vmrig-state", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(path)
+        .output()
+        .map_err(file_error("format", path))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+        return Err(FileError::new("format", path, io::Error::other(stderr)));
+    }
+    Ok(())
+}
+
+/// Where a restored machine's layer is written for its agent.
+const BECOME_LAYER: &str = "/run/vmrig-node-layer.cpio";
+
+/// The `Become` request for a node: the host's time, fresh randomness and
+/// a new machine-id.
+fn become_request() -> io::Result<vmrig_proto::Request> {
+    let unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut random = [0u8; 80];
+    File::open("/dev/urandom")?.read_exact(&mut random)?;
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(vmrig_proto::Request::Become { layer: BECOME_LAYER.into(), unix_nanos, entropy: hex(&random[..64]), machine_id: hex(&random[64..]) })
+}
+
+/// Makes the guest just restored from a template (QEMU `pid`, agent at
+/// `socket`) node `name`: writes its layer, then asks the agent to become
+/// it (see the agent's `identity` module); returns the connection and the
+/// boot id. The clock in `request` is set as late as can be.
+fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], request: &vmrig_proto::Request, timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
+    let started = Instant::now();
+    let alive = || Path::new(&format!("/proc/{pid}")).exists();
+    let mut client = AgentClient::connect(socket, timeout, alive).map_err(|e| AgentError::Frame(vmrig_proto::FrameError::Io(e)))?;
+    let boot_id = client.hello(timeout)?;
+    let _block = log.block(Some(name), "becoming this node");
+    let mut request = request.clone();
+    if let vmrig_proto::Request::Become { unix_nanos, .. } = &mut request {
+        *unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    }
+    client.write_file(BECOME_LAYER, 0o600, layer)?;
+    client.become_node(&request)?;
+    log.line(format!("{name}: connected to the agent and became the node ({:.2} s after the restore)", started.elapsed().as_secs_f64()));
+    Ok((client, boot_id))
 }
 
 /// Kernel parameters that give a TCG guest a clock it can trust.

@@ -34,6 +34,11 @@ pub fn text(output: &Output) -> String {
 /// that hangs fails after ten minutes rather than holding the suite for
 /// the default hour.
 pub fn run(dir: &Path) -> (Option<i32>, String) {
-    let output = vmrig_run(dir).args(["--timeout", "600"]).output().unwrap();
+    run_command(&mut vmrig_run(dir))
+}
+
+/// Runs `command` (a `vmrig run` built here) as [`run`] does.
+pub fn run_command(command: &mut Command) -> (Option<i32>, String) {
+    let output = command.args(["--timeout", "600"]).output().unwrap();
     (output.status.code(), text(&output))
 }

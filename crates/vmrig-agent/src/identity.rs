@@ -1,0 +1,160 @@
+//! Making a guest restored from a template into one node (`Become`).
+//!
+//! A template is a generic guest of an image, saved once it had settled and
+//! before its packages' services started. Every node restored from it is
+//! the same machine until it is told otherwise, so in this order:
+//!
+//! 1. the clock is set from the host's (the snapshot's is stale);
+//! 2. the kernel's random pool gets the host's fresh randomness and is
+//!    reseeded at once, so that two nodes never draw the same numbers;
+//! 3. a fresh machine-id, and journald restarted to write under it;
+//! 4. the node's layer (the cpio a cold boot gets in its initramfs) is
+//!    unpacked and applied as `/init` applies it: files and units, users,
+//!    hostname, NICs (found by the template's MACs and given the node's),
+//!    addresses, firewall;
+//! 5. systemd reloads its units, journald starts over, and what early boot
+//!    did with files the layer changed is done again (sysctl, tmpfiles,
+//!    modules, udev rules);
+//! 6. the default target is started, as a boot would have.
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+
+use crate::init::{configure_network, copy_tree, create_users, run_program, set_hostname, NicsAre};
+
+/// Where the layer is unpacked.
+const UNPACKED: &str = "/run/vmrig-layer";
+
+/// What early boot did with the node's files that can be done again, and
+/// the guest paths whose files it reads: a layer that writes below one of
+/// the paths has it done again.
+const REPLAYED: &[(&[&str], &[&str])] = &[
+    (&["/etc/sysctl.d/", "/etc/sysctl.conf", "/usr/lib/sysctl.d/"], &["/usr/bin/systemctl", "restart", "systemd-sysctl.service"]),
+    // The unit refuses a manual start: what it runs, then.
+    (&["/etc/tmpfiles.d/", "/usr/lib/tmpfiles.d/"], &["/usr/bin/systemd-tmpfiles", "--create", "--remove", "--boot", "--exclude-prefix=/dev"]),
+    (&["/etc/modules-load.d/", "/etc/modules", "/usr/lib/modules-load.d/"], &["/usr/bin/systemctl", "restart", "systemd-modules-load.service"]),
+    (&["/etc/udev/rules.d/", "/usr/lib/udev/rules.d/"], &["/usr/bin/systemctl", "restart", "systemd-udev-trigger.service"]),
+];
+
+/// `ioctl` numbers of `/dev/urandom` (linux/random.h).
+const RNDADDENTROPY: nix::libc::c_ulong = 0x4008_5203;
+const RNDRESEEDCRNG: nix::libc::c_ulong = 0x5207;
+
+/// Makes this guest the node whose layer is at `layer`.
+pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str) -> Result<(), String> {
+    set_clock(unix_nanos)?;
+    reseed(entropy)?;
+    if machine_id.len() != 32 || !machine_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("`{machine_id}` is no machine-id"));
+    }
+    fs::write("/etc/machine-id", format!("{machine_id}\n")).map_err(|e| format!("cannot write /etc/machine-id: {e}"))?;
+
+    let _ = fs::remove_dir_all(UNPACKED);
+    let mut archive = Vec::new();
+    File::open(layer).and_then(|mut f| f.read_to_end(&mut archive)).map_err(|e| format!("cannot read {}: {e}", layer.display()))?;
+    let written = unpack_cpio(&archive, Path::new(UNPACKED))?;
+    let _ = fs::remove_file(layer);
+    let unpacked = Path::new(UNPACKED);
+    copy_tree(&unpacked.join(INITRAMFS_OVERLAY_DIR), Path::new("/"))?;
+    create_users(&fs::read_to_string(unpacked.join(INITRAMFS_USERS)).unwrap_or_default())?;
+    set_hostname()?;
+    configure_network(&fs::read_to_string(unpacked.join(INITRAMFS_NETWORK)).unwrap_or_default(), NicsAre::FromTemplate)?;
+    if Path::new(FIREWALL_RULES).exists() {
+        run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
+    }
+    let _ = fs::remove_dir_all(UNPACKED);
+
+    run_program("/usr/bin/systemctl", &["daemon-reload"])?;
+    // journald names its files by machine-id, and reads its settings only
+    // as it starts: it starts over, under the new id and the node's settings.
+    run_program("/usr/bin/systemctl", &["restart", "systemd-journald.service"])?;
+    for (inputs, command) in REPLAYED {
+        if written.iter().any(|path| inputs.iter().any(|input| path.starts_with(input))) {
+            run_program(command[0], &command[1..])?;
+        }
+    }
+    run_program("/usr/bin/systemctl", &["start", "--no-block", "default.target"])
+}
+
+fn set_clock(unix_nanos: u64) -> Result<(), String> {
+    let time = nix::sys::time::TimeSpec::new((unix_nanos / 1_000_000_000) as i64, (unix_nanos % 1_000_000_000) as i64);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, time).map_err(|e| format!("cannot set the clock: {e}"))
+}
+
+/// Mixes `entropy` (hex) into the kernel's pool, credited, and reseeds the
+/// generator from it now rather than at its next scheduled reseed.
+fn reseed(entropy: &str) -> Result<(), String> {
+    let bytes: Vec<u8> = (0..entropy.len() / 2)
+        .map(|i| u8::from_str_radix(&entropy[2 * i..2 * i + 2], 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "the entropy is not hex".to_string())?;
+    if bytes.len() < 32 {
+        return Err("too little entropy".into());
+    }
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut request = Vec::with_capacity(8 + bytes.len());
+    request.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
+    request.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+    request.extend_from_slice(&bytes);
+    let urandom = File::open("/dev/urandom").map_err(|e| format!("cannot open /dev/urandom: {e}"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&urandom);
+    // SAFETY: `request` is a complete rand_pool_info that outlives the call,
+    // and RNDRESEEDCRNG takes no argument.
+    let results = unsafe { [nix::libc::ioctl(fd, RNDADDENTROPY, request.as_ptr()), nix::libc::ioctl(fd, RNDRESEEDCRNG)] };
+    if results.iter().any(|r| *r != 0) {
+        return Err(format!("cannot reseed the random pool: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Unpacks a newc cpio into `into`; returns the guest paths it holds below
+/// the overlay directory (as `/etc/...`), for knowing what early boot must
+/// see again.
+fn unpack_cpio(archive: &[u8], into: &Path) -> Result<Vec<String>, String> {
+    let bad = || "the layer is not a newc cpio archive".to_string();
+    let field = |header: &[u8], index: usize| -> Result<usize, String> {
+        let text = std::str::from_utf8(&header[6 + 8 * index..14 + 8 * index]).map_err(|_| bad())?;
+        usize::from_str_radix(text, 16).map_err(|_| bad())
+    };
+    let pad = |n: usize| (n + 3) & !3;
+    let overlay = format!("{INITRAMFS_OVERLAY_DIR}/");
+    let mut written = Vec::new();
+    let mut at = 0;
+    loop {
+        let header = archive.get(at..at + 110).ok_or_else(bad)?;
+        if &header[..6] != b"070701" {
+            return Err(bad());
+        }
+        let (mode, size, name_size) = (field(header, 1)? as u32, field(header, 6)?, field(header, 11)?);
+        let name_end = at + 110 + name_size;
+        let name = archive.get(at + 110..name_end - 1).ok_or_else(bad)?;
+        let name = std::str::from_utf8(name).map_err(|_| bad())?.to_string();
+        let data_start = pad(name_end);
+        let data = archive.get(data_start..data_start + size).ok_or_else(bad)?;
+        at = pad(data_start + size);
+        if name == "TRAILER!!!" {
+            return Ok(written);
+        }
+        if name.split('/').any(|part| part == "..") {
+            return Err(format!("the layer names `{name}`"));
+        }
+        let path = into.join(&name);
+        let made = match mode & 0o170000 {
+            0o040000 => fs::create_dir_all(&path).and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))),
+            0o120000 => {
+                let target = std::str::from_utf8(data).map_err(|_| bad())?;
+                let _ = fs::remove_file(&path);
+                std::os::unix::fs::symlink(target, &path)
+            }
+            _ => fs::write(&path, data).and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777))),
+        };
+        made.map_err(|e| format!("cannot unpack {}: {e}", path.display()))?;
+        if let Some(guest) = name.strip_prefix(&overlay) {
+            written.push(format!("/{guest}"));
+        }
+    }
+}
