@@ -12,8 +12,9 @@
 //!    unpacked and applied as `/init` applies it: files and units, users,
 //!    hostname, NICs (found by the template's MACs and given the node's),
 //!    addresses, firewall;
-//! 5. systemd reloads its units, journald starts over, and what early boot
-//!    did with files the layer changed is done again (sysctl, tmpfiles,
+//! 5. systemd reloads its units (skipping generators that had nothing to
+//!    say), journald starts over under the new id, and what early boot did
+//!    with files the layer changed is done again (sysctl, tmpfiles,
 //!    modules, udev rules);
 //! 6. the default target is started, as a boot would have.
 
@@ -21,6 +22,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
@@ -44,14 +46,17 @@ const REPLAYED: &[(&[&str], &[&str])] = &[
 const RNDADDENTROPY: nix::libc::c_ulong = 0x4008_5203;
 const RNDRESEEDCRNG: nix::libc::c_ulong = 0x5207;
 
-/// Makes this guest the node whose layer is at `layer`.
+/// Makes this guest the node whose layer is at `layer`, and prints on the
+/// console how long each step took.
 pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str) -> Result<(), String> {
+    let mut steps = Steps::default();
     set_clock(unix_nanos)?;
     reseed(entropy)?;
     if machine_id.len() != 32 || !machine_id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("`{machine_id}` is no machine-id"));
     }
     fs::write("/etc/machine-id", format!("{machine_id}\n")).map_err(|e| format!("cannot write /etc/machine-id: {e}"))?;
+    steps.done("identity");
 
     let _ = fs::remove_dir_all(UNPACKED);
     let mut archive = Vec::new();
@@ -60,24 +65,98 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     let _ = fs::remove_file(layer);
     let unpacked = Path::new(UNPACKED);
     copy_tree(&unpacked.join(INITRAMFS_OVERLAY_DIR), Path::new("/"))?;
+    steps.done("files");
     create_users(&fs::read_to_string(unpacked.join(INITRAMFS_USERS)).unwrap_or_default())?;
     set_hostname()?;
     configure_network(&fs::read_to_string(unpacked.join(INITRAMFS_NETWORK)).unwrap_or_default(), NicsAre::FromTemplate)?;
+    steps.done("users, hostname, network");
     if Path::new(FIREWALL_RULES).exists() {
         run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
     }
     let _ = fs::remove_dir_all(UNPACKED);
+    steps.done("firewall");
 
-    run_program("/usr/bin/systemctl", &["daemon-reload"])?;
+    let skipped = skip_idle_generators(&written);
+    let reloaded = run_program("/usr/bin/systemctl", &["daemon-reload"]);
+    for mask in skipped {
+        let _ = fs::remove_file(mask);
+    }
+    reloaded?;
+    steps.done("daemon-reload");
     // journald names its files by machine-id, and reads its settings only
     // as it starts: it starts over, under the new id and the node's settings.
     run_program("/usr/bin/systemctl", &["restart", "systemd-journald.service"])?;
+    steps.done("journald");
     for (inputs, command) in REPLAYED {
         if written.iter().any(|path| inputs.iter().any(|input| path.starts_with(input))) {
             run_program(command[0], &command[1..])?;
+            steps.done(command.last().copied().unwrap_or_default());
         }
     }
-    run_program("/usr/bin/systemctl", &["start", "--no-block", "default.target"])
+    run_program("/usr/bin/systemctl", &["start", "--no-block", "default.target"])?;
+    steps.done("default target queued");
+    eprintln!("vmrig-agent: became this node in {}", steps);
+    Ok(())
+}
+
+/// Where runtime masks of generators go (`/run` comes before `/lib`).
+const RUNTIME_GENERATORS: &str = "/run/systemd/system-generators";
+
+/// Masks, for the coming reload, the generators that made nothing when
+/// the template booted and whose inputs the layer cannot have changed
+/// (each costs a process start, well over 100 ms under TCG, and a reload
+/// throws away the output of a generator it does not run, so only those
+/// with none are skipped). Returns the masks, to be removed after.
+fn skip_idle_generators(written: &[String]) -> Vec<std::path::PathBuf> {
+    let wrote_below = |dir: &str| written.iter().any(|path| path.starts_with(dir));
+    // The kernel command line is the template's.
+    let mut idle = vec!["systemd-debug-generator", "systemd-run-generator"];
+    if !Path::new("/etc/rc.local").exists() {
+        idle.push("systemd-rc-local-generator");
+    }
+    let sysv_made_nothing = fs::read_dir("/run/systemd/generator.late").map_or(true, |mut d| d.next().is_none());
+    if sysv_made_nothing && !wrote_below("/etc/init.d/") {
+        idle.push("systemd-sysv-generator");
+    }
+    if fs::create_dir_all(RUNTIME_GENERATORS).is_err() {
+        return Vec::new();
+    }
+    idle.iter()
+        .map(|name| Path::new(RUNTIME_GENERATORS).join(name))
+        .filter(|mask| !mask.exists() && std::os::unix::fs::symlink("/dev/null", mask).is_ok())
+        .collect()
+}
+
+/// How long each step of becoming a node took.
+struct Steps {
+    started: Instant,
+    last: Instant,
+    taken: Vec<(String, Duration)>,
+}
+
+impl Default for Steps {
+    fn default() -> Self {
+        let now = Instant::now();
+        Self { started: now, last: now, taken: Vec::new() }
+    }
+}
+
+impl Steps {
+    fn done(&mut self, step: &str) {
+        let now = Instant::now();
+        self.taken.push((step.to_string(), now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for Steps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} s:", self.last.duration_since(self.started).as_secs_f64())?;
+        for (step, taken) in &self.taken {
+            write!(f, " {step} {:.2},", taken.as_secs_f64())?;
+        }
+        Ok(())
+    }
 }
 
 fn set_clock(unix_nanos: u64) -> Result<(), String> {

@@ -146,6 +146,8 @@ assert machine.succeed("cat /root/marker") == "kept\n"
     assert!(output.contains("rebooting (cold, from its own writable layer)"), "{output}");
     let console = fs::read_to_string(test.path().join("result/nodes/machine/console.log")).unwrap();
     assert!(console.starts_with("[vmrig] the boot messages of the template this node is restored from:"), "{console}");
+    let template_part = console.split("[vmrig] restored from the template here").next().unwrap();
+    assert!(template_part.contains(vmrig_proto::HANDOVER_BANNER), "the template's boot messages are missing:\n{console}");
 
     fs::write(test.path().join("vmrig.toml"), fs::read_to_string(test.path().join("vmrig.toml")).unwrap().replace("[nodes.machine]", "boot = \"cold\"\n[nodes.machine]")).unwrap();
     let (code, output) = common::run(test.path());

@@ -561,7 +561,8 @@ impl Machine {
     /// Shows the template's boot messages first on the node's console,
     /// marked as such, as a cold boot would have printed its own.
     fn show_template_console(&self, template_console: &Path) {
-        let text = std::fs::read_to_string(template_console).unwrap_or_default();
+        // A console can print bytes that are not UTF-8.
+        let text = std::fs::read(template_console).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
         let mut file = File::options().create(true).append(true).open(&self.config.console_log).ok();
         let lines = std::iter::once("[vmrig] the boot messages of the template this node is restored from:".to_string())
             .chain(text.lines().map(str::to_string))
