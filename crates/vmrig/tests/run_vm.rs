@@ -449,16 +449,7 @@ fn the_global_timeout_cuts_a_command_short() {
 #[test]
 fn an_interactive_session_drives_machines_typed_at_its_prompt() {
     let test = machine_test("print('the script ran on', machine.succeed('hostname').strip())\n");
-    let mut session = std::process::Command::new(env!("CARGO_BIN_EXE_vmrig"))
-        .arg("interactive")
-        .arg(test.path())
-        .env("VMRIG_STORE", common::store())
-        .env_remove("VMRIG_MIRROR")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut session = interactive_session(test.path());
     let typed = "machine.succeed('echo typed > /tmp/typed')\ntest_script()\nmachine.shell_interact()\ncd /tmp\ncat typed\npwd\nfalse\n";
     std::io::Write::write_all(&mut session.stdin.take().unwrap(), typed.as_bytes()).unwrap();
     let output = session.wait_with_output().unwrap();
@@ -471,6 +462,42 @@ fn an_interactive_session_drives_machines_typed_at_its_prompt() {
     assert!(output_text.contains("(exit status 1)"), "{output_text}");
     assert!(!output_text.contains("__vmrig_status") && !output_text.contains("executing: cd"), "the shell's plumbing showed:\n{output_text}");
     assert!(output_text.contains("machine: killing QEMU"), "the session left its machine running:\n{output_text}");
+}
+
+/// `vmrig interactive DIR` with the shared store, its streams piped.
+fn interactive_session(dir: &Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vmrig"))
+        .arg("interactive")
+        .arg(dir)
+        .env("VMRIG_STORE", common::store())
+        .env_remove("VMRIG_MIRROR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The lines `stream` carries, as they come. A thread reads it to its end,
+/// so that the writer never meets a closed pipe.
+fn lines_of(stream: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || BufReader::new(stream).lines().map_while(Result::ok).for_each(|line| drop(lines.send(line))));
+    received
+}
+
+/// Waits (ten minutes at most) for a line holding `needle`; returns the
+/// lines seen up to it.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, needle: &str) -> String {
+    let mut seen = String::new();
+    loop {
+        let line = lines.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("no line with {needle:?} came:\n{seen}"));
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains(needle) {
+            return seen;
+        }
+    }
 }
 
 /// The processes whose parent is `pid`.
@@ -498,20 +525,8 @@ fn sigint_and_sigterm_to_vmrig_alone_stop_the_run_and_report_it_interrupted() {
     for (signal, name, status) in [(nix::sys::signal::Signal::SIGINT, "SIGINT", 130), (nix::sys::signal::Signal::SIGTERM, "SIGTERM", 143)] {
         let test = machine_test("machine.succeed('true')\nmachine.succeed('sleep 600')\n");
         let mut child = vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-        // Read to the end, so that vmrig's stderr stays open.
-        let (lines, received) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).for_each(|line| drop(lines.send(line))));
-        let mut seen = String::new();
-        loop {
-            let line = received.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("the command never started:\n{seen}"));
-            seen.push_str(&line);
-            seen.push('\n');
-            // The command is running in the guest: the run is mid-command.
-            if line.contains("must succeed: sleep 600") {
-                break;
-            }
-        }
+        // Once this is logged, the command runs in the guest: mid-command.
+        let seen = wait_for_line(&lines_of(child.stderr.take().unwrap()), "must succeed: sleep 600");
         std::thread::sleep(Duration::from_secs(1));
         let children = children_of(child.id());
         assert!(children.len() >= 2, "expected QEMU and python3 among {children:?}:\n{seen}");
@@ -645,31 +660,12 @@ with subtest("a guest's own reboot powers it off unless allowed"):
 #[test]
 fn console_interact_types_the_terminals_lines_on_the_console() {
     let test = machine_test("pass\n");
-    let mut session = std::process::Command::new(env!("CARGO_BIN_EXE_vmrig"))
-        .arg("interactive")
-        .arg(test.path())
-        .env("VMRIG_STORE", common::store())
-        .env_remove("VMRIG_MIRROR")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut session = interactive_session(test.path());
     let mut typing = session.stdin.take().unwrap();
-    let (lines, received) = std::sync::mpsc::channel();
-    let stderr = session.stderr.take().unwrap();
-    std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).for_each(|line| drop(lines.send(line))));
+    let lines = lines_of(session.stderr.take().unwrap());
     let reader = "machine.succeed(\"(head -n 1 /dev/ttyS0 | sed 's/^/heard: /' > /dev/ttyS0) >/dev/null 2>&1 &\")\n";
     std::io::Write::write_all(&mut typing, format!("{reader}machine.console_interact()\ntyped-through-the-terminal\n").as_bytes()).unwrap();
-    let mut seen = String::new();
-    loop {
-        let line = received.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("the console never heard it:\n{seen}"));
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.contains("machine # heard: typed-through-the-terminal") {
-            break;
-        }
-    }
+    let seen = wait_for_line(&lines, "machine # heard: typed-through-the-terminal");
     drop(typing); // Ctrl-D: ends console_interact(), then the session
     let status = session.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{seen}");
