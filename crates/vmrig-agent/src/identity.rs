@@ -12,10 +12,12 @@
 //!    unpacked and applied as `/init` applies it: files and units, users,
 //!    hostname, NICs (found by the template's MACs and given the node's),
 //!    addresses, firewall;
-//! 5. systemd reloads its units (skipping generators that had nothing to
-//!    say), journald starts over under the new id, and what early boot did
-//!    with files the layer changed is done again (sysctl, tmpfiles,
-//!    modules, udev rules);
+//! 5. systemd reloads its units if the layer changed one it had loaded
+//!    (the template never loads `multi-user.target` nor what it wants, so
+//!    a node's services are read when first needed; a reload skips the
+//!    generators that had nothing to say), journald starts over under the
+//!    new id, and what early boot did with files the layer changed is done
+//!    again (sysctl, tmpfiles, modules, udev rules);
 //! 6. the default target is started, as a boot would have.
 
 use std::fs::{self, File};
@@ -61,10 +63,14 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     let _ = fs::remove_dir_all(UNPACKED);
     let mut archive = Vec::new();
     File::open(layer).and_then(|mut f| f.read_to_end(&mut archive)).map_err(|e| format!("cannot read {}: {e}", layer.display()))?;
-    let written = unpack_cpio(&archive, Path::new(UNPACKED))?;
+    let in_layer = unpack_cpio(&archive, Path::new(UNPACKED))?;
     let _ = fs::remove_file(layer);
     let unpacked = Path::new(UNPACKED);
-    copy_tree(&unpacked.join(INITRAMFS_OVERLAY_DIR), Path::new("/"))?;
+    // What the layer changes: the rest (masks, settings every guest has)
+    // the template had already.
+    let overlay = unpacked.join(INITRAMFS_OVERLAY_DIR);
+    let written: Vec<String> = in_layer.into_iter().filter(|path| differs(&overlay, path)).collect();
+    copy_tree(&overlay, Path::new("/"))?;
     steps.done("files");
     create_users(&fs::read_to_string(unpacked.join(INITRAMFS_USERS)).unwrap_or_default())?;
     set_hostname()?;
@@ -76,13 +82,20 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     let _ = fs::remove_dir_all(UNPACKED);
     steps.done("firewall");
 
-    let skipped = skip_idle_generators(&written);
-    let reloaded = run_program("/usr/bin/systemctl", &["daemon-reload"]);
-    for mask in skipped {
-        let _ = fs::remove_file(mask);
+    // Units the template never loaded (multi-user.target and the services
+    // it wants, among them) are read from disk when first needed; only a
+    // unit it had loaded keeps what it read then, until a reload.
+    if changes_loaded_units(&written)? {
+        let skipped = skip_idle_generators(&written);
+        let reloaded = run_program("/usr/bin/systemctl", &["daemon-reload"]);
+        for mask in skipped {
+            let _ = fs::remove_file(mask);
+        }
+        reloaded?;
+        steps.done("daemon-reload");
+    } else {
+        steps.done("no unit to reload");
     }
-    reloaded?;
-    steps.done("daemon-reload");
     // journald names its files by machine-id, and reads its settings only
     // as it starts: it starts over, under the new id and the node's settings.
     run_program("/usr/bin/systemctl", &["restart", "systemd-journald.service"])?;
@@ -97,6 +110,40 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     steps.done("default target queued");
     eprintln!("vmrig-agent: became this node in {}", steps);
     Ok(())
+}
+
+/// Whether `changed` (the layer's guest paths the template did not have
+/// as they are) holds a unit file, drop-in or dependency directory of a
+/// unit systemd has loaded, or looked for and not found.
+fn changes_loaded_units(changed: &[String]) -> Result<bool, String> {
+    const UNIT_DIRS: [&str; 4] = ["/etc/systemd/system/", "/run/systemd/system/", "/lib/systemd/system/", "/usr/lib/systemd/system/"];
+    let touched: Vec<&str> = changed
+        .iter()
+        .filter_map(|path| UNIT_DIRS.iter().find_map(|dir| path.strip_prefix(dir)))
+        .filter_map(|rest| rest.split('/').next())
+        .map(|entry| [".d", ".wants", ".requires", ".upholds"].iter().find_map(|s| entry.strip_suffix(s)).unwrap_or(entry))
+        .collect();
+    if touched.is_empty() {
+        return Ok(false);
+    }
+    let listed = std::process::Command::new("/usr/bin/systemctl")
+        .args(["list-units", "--all", "--plain", "--no-legend", "--full", "--no-pager"])
+        .output()
+        .map_err(|e| format!("cannot run systemctl: {e}"))?;
+    let loaded = String::from_utf8_lossy(&listed.stdout);
+    Ok(!listed.status.success() || loaded.lines().filter_map(|l| l.split_whitespace().next()).any(|unit| touched.contains(&unit)))
+}
+
+/// Whether the layer's file at guest `path` (below `overlay`) differs from
+/// what the root holds there: content, link target, or absence.
+fn differs(overlay: &Path, path: &str) -> bool {
+    let (new, old) = (overlay.join(path.trim_start_matches('/')), Path::new(path));
+    match (fs::symlink_metadata(&new), fs::symlink_metadata(old)) {
+        (Ok(n), Ok(o)) if n.file_type().is_symlink() && o.file_type().is_symlink() => fs::read_link(&new).ok() != fs::read_link(old).ok(),
+        (Ok(n), Ok(o)) if n.is_file() && o.is_file() => n.len() != o.len() || fs::read(&new).ok() != fs::read(old).ok(),
+        (Ok(n), Ok(o)) => n.is_dir() != o.is_dir() || !n.is_dir(),
+        _ => true,
+    }
 }
 
 /// Where runtime masks of generators go (`/run` comes before `/lib`).
