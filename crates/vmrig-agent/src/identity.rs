@@ -284,3 +284,42 @@ fn unpack_cpio(archive: &[u8], into: &Path) -> Result<Vec<String>, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn a_layer_packed_by_cpio_unpacks_with_its_modes_links_and_guest_paths() {
+        let source = tempfile::tempdir().unwrap();
+        let root = source.path().join(INITRAMFS_OVERLAY_DIR);
+        fs::create_dir_all(root.join("etc/app")).unwrap();
+        fs::write(root.join("etc/app/config"), "key = value\n").unwrap();
+        fs::set_permissions(root.join("etc/app/config"), fs::Permissions::from_mode(0o640)).unwrap();
+        std::os::unix::fs::symlink("/dev/null", root.join("etc/masked.service")).unwrap();
+        fs::write(source.path().join(INITRAMFS_NETWORK), "52:54:00:12:01:01 192.168.1.1/24 2001:db8:1::1/64\n").unwrap();
+
+        let mut cpio = Command::new("cpio")
+            .args(["-o", "-H", "newc", "--quiet"])
+            .current_dir(source.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let names = format!("vmrig\n{INITRAMFS_OVERLAY_DIR}\n{INITRAMFS_OVERLAY_DIR}/etc\n{INITRAMFS_OVERLAY_DIR}/etc/app\n{INITRAMFS_OVERLAY_DIR}/etc/app/config\n{INITRAMFS_OVERLAY_DIR}/etc/masked.service\n{INITRAMFS_NETWORK}\n");
+        cpio.stdin.take().unwrap().write_all(names.as_bytes()).unwrap();
+        let archive = cpio.wait_with_output().unwrap().stdout;
+
+        let target = tempfile::tempdir().unwrap();
+        let guest_paths = unpack_cpio(&archive, target.path()).unwrap();
+        assert_eq!(guest_paths, ["/etc", "/etc/app", "/etc/app/config", "/etc/masked.service"]);
+        let unpacked = target.path().join(INITRAMFS_OVERLAY_DIR);
+        assert_eq!(fs::read_to_string(unpacked.join("etc/app/config")).unwrap(), "key = value\n");
+        assert_eq!(fs::metadata(unpacked.join("etc/app/config")).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(fs::read_link(unpacked.join("etc/masked.service")).unwrap(), Path::new("/dev/null"));
+        assert!(fs::read_to_string(target.path().join(INITRAMFS_NETWORK)).unwrap().starts_with("52:54:00:12:01:01 "));
+        assert!(unpack_cpio(b"not an archive", target.path()).is_err());
+    }
+}
