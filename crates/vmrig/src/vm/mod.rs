@@ -304,11 +304,6 @@ impl Machine {
         }
     }
 
-    /// The machine's name.
-    pub fn name(&self) -> &str {
-        &self.config.name
-    }
-
     /// A switch that kills this machine's QEMU from another thread.
     pub fn kill_switch(&self) -> KillSwitch {
         KillSwitch { pid: Arc::clone(&self.pid) }
@@ -522,12 +517,10 @@ impl Machine {
             self.restored = true;
             // The node becomes itself at once, as a cold boot configures
             // itself, while the caller goes on.
-            let request = become_request()
-                .map_err(|e| VmError::Io { node: self.config.name.clone(), path: PathBuf::from("/dev/urandom"), source: e })?;
             let (name, socket, log) = (self.config.name.clone(), self.agent_socket(), self.log.clone());
             let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
             let timeout = self.within_deadline(BOOT_TIMEOUT);
-            self.identity = Some(std::thread::spawn(move || become_node(&name, &socket, pid, &restore.layer, &request, timeout, &log)));
+            self.identity = Some(std::thread::spawn(move || become_node(&name, &socket, pid, &restore.layer, timeout, &log)));
         }
         Ok(())
     }
@@ -916,8 +909,8 @@ pub fn make_state_disk(path: &Path) -> Result<(), FileError> {
 /// Where a restored machine's layer is written for its agent.
 const BECOME_LAYER: &str = "/run/vmrig-node-layer.cpio";
 
-/// The `Become` request for a node: the host's time, fresh randomness and
-/// a new machine-id.
+/// The `Become` request for a node: the host's time now, fresh randomness
+/// and a new machine-id.
 fn become_request() -> io::Result<vmrig_proto::Request> {
     let unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mut random = [0u8; 80];
@@ -929,19 +922,17 @@ fn become_request() -> io::Result<vmrig_proto::Request> {
 /// Makes the guest just restored from a template (QEMU `pid`, agent at
 /// `socket`) node `name`: writes its layer, then asks the agent to become
 /// it (see the agent's `identity` module); returns the connection and the
-/// boot id. The clock in `request` is set as late as can be.
-fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], request: &vmrig_proto::Request, timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
+/// boot id.
+fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
     let started = Instant::now();
     let alive = || Path::new(&format!("/proc/{pid}")).exists();
-    let mut client = AgentClient::connect(socket, timeout, alive).map_err(|e| AgentError::Frame(vmrig_proto::FrameError::Io(e)))?;
+    let io = |e| AgentError::Frame(vmrig_proto::FrameError::Io(e));
+    let mut client = AgentClient::connect(socket, timeout, alive).map_err(io)?;
     let boot_id = client.hello(timeout)?;
     let _block = log.block(Some(name), "becoming this node");
-    let mut request = request.clone();
-    if let vmrig_proto::Request::Become { unix_nanos, .. } = &mut request {
-        *unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    }
     client.write_file(BECOME_LAYER, 0o600, layer)?;
-    client.become_node(&request)?;
+    // Built last, so that the clock it carries is as fresh as can be.
+    client.become_node(&become_request().map_err(io)?)?;
     log.line(format!("{name}: connected to the agent and became the node ({:.2} s after the restore)", started.elapsed().as_secs_f64()));
     Ok((client, boot_id))
 }
