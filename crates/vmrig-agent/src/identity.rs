@@ -26,9 +26,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
-use crate::init::{configure_network, copy_tree, create_users, run_program, set_hostname, NicsAre};
+use crate::init::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
 
 /// Where the layer is unpacked.
 const UNPACKED: &str = "/run/vmrig-layer";
@@ -76,9 +76,7 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     set_hostname()?;
     configure_network(&fs::read_to_string(unpacked.join(INITRAMFS_NETWORK)).unwrap_or_default(), NicsAre::FromTemplate)?;
     steps.done("users, hostname, network");
-    if Path::new(FIREWALL_RULES).exists() {
-        run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
-    }
+    load_firewall()?;
     let _ = fs::remove_dir_all(UNPACKED);
     steps.done("firewall");
 

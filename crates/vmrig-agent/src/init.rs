@@ -109,9 +109,7 @@ fn boot() -> Result<Infallible, String> {
     create_users(&users)?;
     set_hostname()?;
     configure_network(&network, NicsAre::Named)?;
-    if Path::new(FIREWALL_RULES).exists() {
-        run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
-    }
+    load_firewall()?;
 
     // SAFETY: we are single-threaded here (PID 1 has started no thread), so
     // the child may run any code.
@@ -215,6 +213,14 @@ pub(crate) fn run_program(program: &str, args: &[&str]) -> Result<(), String> {
     } else {
         Err(format!("{program} {} failed: {status}", args.join(" ")))
     }
+}
+
+/// Loads the node's nftables ruleset, where its layer has one.
+pub(crate) fn load_firewall() -> Result<(), String> {
+    if Path::new(FIREWALL_RULES).exists() {
+        run_program("/usr/sbin/nft", &["-f", FIREWALL_RULES])?;
+    }
+    Ok(())
 }
 
 /// Names the machine from `/etc/hostname` now, as systemd would later, so

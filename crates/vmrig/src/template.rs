@@ -174,8 +174,7 @@ fn settle(machine: &mut Machine) -> Result<(), TemplateError> {
     );
     let give_up = Instant::now() + SETTLE_TIMEOUT;
     loop {
-        let command = vmrig_proto::Command { program: vmrig_proto::Program::Shell(check.clone()), env: Vec::new(), cwd: None, timeout_ms: Some(60_000) };
-        let outcome = machine.exec(command)?;
+        let outcome = machine.shell(&check, Some(Duration::from_secs(60)))?;
         if outcome.succeeded() {
             return Ok(());
         }

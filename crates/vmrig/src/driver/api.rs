@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmrig_proto::{shell_quote, Command, EntryKind, Program, SocketTarget};
+use vmrig_proto::{shell_quote, EntryKind, SocketTarget};
 
 use super::Run;
 use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
@@ -181,10 +181,8 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
         "start_all" => {
             let _block = run.log.block(None, "starting all VMs");
             // Starting does not wait for a boot: the machines boot side by side.
-            for name in run.machines.keys() {
-                let mut machine = run.machine(name).expect("a listed machine");
-                let allow_reboot = machine.allows_reboot();
-                machine.start(allow_reboot)?;
+            for mut machine in run.each_machine() {
+                machine.ensure_running()?;
             }
             return Ok(Value::Null);
         }
@@ -202,26 +200,21 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
         "console_lines" | "qmp_events" => {
             let first = args["first"].as_u64().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
             let wait = seconds_arg(args, "wait").unwrap_or_default();
-            let (console, events, until) = {
+            let (console, events) = {
                 let mut machine = locked(run, name)?;
                 // Waiting for a console is a use of the node: it starts.
-                let allow_reboot = machine.allows_reboot();
-                machine.start(allow_reboot)?;
-                (machine.console(), machine.events(), give_up(wait, machine.deadline().unwrap_or(deadline)))
+                machine.ensure_running()?;
+                (machine.console(), machine.events())
             };
+            let until = give_up(wait, deadline);
             return Ok(if request.method == "console_lines" { json!(console.since(first, until)) } else { json!(events.since(first, until)) });
         }
         "wait_for_shutdown" => {
             let _block = log.block(Some(&node), "waiting for the VM to power off");
-            loop {
-                if !locked(run, name)?.is_running() {
-                    return Ok(Value::Null);
-                }
-                if Instant::now() >= deadline {
-                    return Err(Failure::Test(format!("{node}: the VM did not power off")));
-                }
-                std::thread::sleep(POLL_PAUSE);
+            if !poll_until(deadline, POLL_PAUSE, || Ok(!locked(run, name)?.is_running()))? {
+                return Err(Failure::Test(format!("{node}: the VM did not power off")));
             }
+            return Ok(Value::Null);
         }
         _ => {}
     }
@@ -247,7 +240,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             let command = format!(
                 "test -e /dev/vcs{tty} -o -e /dev/tty{tty} || exit 200; cat /dev/tty{tty} </dev/null >/dev/null 2>&1 & sleep 0.1; kill $! 2>/dev/null; fold -w$(stty -F /dev/tty{tty} size | cut -d' ' -f2) /dev/vcs{tty}"
             );
-            let outcome = shell(machine, &command, None)?;
+            let outcome = machine.shell(&command, None)?;
             return match outcome.status_code() {
                 0 => Ok(Value::String(text(&outcome.stdout))),
                 200 => Err(Failure::Test(format!("{node}: there is no virtual terminal tty{tty}: vmrig nodes are headless; their console is the serial line (wait_for_console_text, send_console)"))),
@@ -262,7 +255,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             // What a person types at shell_interact() is not logged.
             let quiet = args["quiet"].as_bool().unwrap_or(false);
             let _block = (!quiet).then(|| log.block(Some(&node), format!("executing: {command}")));
-            let outcome = shell(machine, &command, seconds_arg(args, "timeout"))?;
+            let outcome = machine.shell(&command, seconds_arg(args, "timeout"))?;
             return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
         }
         "succeed" | "fail" => {
@@ -273,7 +266,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
                 let command = command.as_str().ok_or_else(|| Failure::Infra("commands must be strings".into()))?;
                 let verb = if want_success { "must succeed" } else { "must fail" };
                 let _block = log.block(Some(&node), format!("{verb}: {command}"));
-                let outcome = shell(machine, command, seconds_arg(args, "timeout"))?;
+                let outcome = machine.shell(command, seconds_arg(args, "timeout"))?;
                 if outcome.succeeded() != want_success {
                     return Err(Failure::Test(command_failure(&node, command, &outcome, want_success)));
                 }
@@ -291,7 +284,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             let mut last = None;
             let done = poll_until(until, RETRY_PAUSE, || {
                 let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                let outcome = shell(machine, &command, Some(left))?;
+                let outcome = machine.shell(&command, Some(left))?;
                 let done = outcome.succeeded() == want_success;
                 last = Some(outcome);
                 Ok(done)
@@ -325,7 +318,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
                 "systemctl" => string_arg(args, "query")?,
                 verb => format!("{} {}", verb.trim_end_matches("_job"), shell_quote(&string_arg(args, "unit")?)),
             };
-            let outcome = shell(machine, &systemctl_command(&query, args["user"].as_str()), None)?;
+            let outcome = machine.shell(&systemctl_command(&query, args["user"].as_str()), None)?;
             return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
         }
         "copy_from_host" => {
@@ -378,7 +371,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
             let _block = log.block(Some(&node), format!("waiting for file {path}"));
             let test = format!("test -e {}", shell_quote(&path));
-            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(shell(machine, &test, None)?.succeeded()))? {
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(machine.shell(&test, None)?.succeeded()))? {
                 return Err(Failure::Test(format!("{node}: file {path} did not appear within {} s", limit.as_secs())));
             }
         }
@@ -472,16 +465,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn shell(machine: &mut Machine, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, Failure> {
-    let command = Command {
-        program: Program::Shell(command.to_string()),
-        env: Vec::new(),
-        cwd: None,
-        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-    };
-    Ok(machine.exec(command)?)
-}
-
 fn output_report(outcome: &ExecOutcome) -> String {
     let stdout = text(&outcome.stdout);
     let stderr = text(&outcome.stderr);
@@ -531,7 +514,7 @@ fn poll_until(give_up: Instant, pause: Duration, mut done: impl FnMut() -> Resul
 /// The unit's properties, or `None` while systemd cannot answer yet (the
 /// agent starts before systemd does).
 fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    let outcome = shell(machine, &systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user), Some(Duration::from_secs(60)))?;
+    let outcome = machine.shell(&systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user), Some(Duration::from_secs(60)))?;
     if !outcome.succeeded() {
         return Ok(None);
     }
@@ -551,7 +534,7 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
             "active" => Ok(true),
             "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\"\n{}", unit_status(machine, unit, user)?))),
             "inactive" => {
-                let jobs = shell(machine, &systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
+                let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
                     return Ok(false);
                 }
@@ -575,7 +558,7 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
 /// why a unit did not come up, for the failure that reports it.
 fn unit_status(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<String, Failure> {
     let query = format!("--no-pager --full --lines=25 status {}", shell_quote(unit));
-    let outcome = shell(machine, &format!("{} 2>&1", systemctl_command(&query, user)), Some(Duration::from_secs(60)))?;
+    let outcome = machine.shell(&format!("{} 2>&1", systemctl_command(&query, user)), Some(Duration::from_secs(60)))?;
     Ok(text(&outcome.stdout).trim_end().to_string())
 }
 

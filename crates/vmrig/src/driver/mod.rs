@@ -222,11 +222,11 @@ impl<'a> Prepared<'a> {
             let kept_layer = options.keep_state && state_disk.exists();
             let nics = net::nics(spec, &node.name);
             let template = match cold_boot_reason(node, kept_layer) {
-                Some(Some(reason)) => {
+                Some(ColdBoot::Because(reason)) => {
                     log.line(format!("{}: booting cold: {reason}", node.name));
                     None
                 }
-                Some(None) => None,
+                Some(ColdBoot::Asked) => None,
                 None => {
                     let shape = Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel };
                     let found = templates.entry((boot.image.manifest.key.clone(), shape)).or_insert_with(|| {
@@ -401,21 +401,27 @@ impl Subtests {
 /// `boot = "cold"` would, for a whole suite.
 pub const BOOT_ENV: &str = "VMRIG_BOOT";
 
-/// Why `node` boots cold rather than from a template: `None` when it may
-/// start from one, `Some(None)` when the test or the environment asked for
-/// cold boots, `Some(Some(reason))` when a template cannot give what a cold
-/// boot would, which the run says.
-fn cold_boot_reason(node: &Node, kept_layer: bool) -> Option<Option<String>> {
+/// Why a node boots cold rather than from a template.
+enum ColdBoot {
+    /// The test or the environment asked for cold boots.
+    Asked,
+    /// A template cannot give what a cold boot would; the run says why.
+    Because(String),
+}
+
+/// Why `node` boots cold, if it does; `None` when it may start from a
+/// template.
+fn cold_boot_reason(node: &Node, kept_layer: bool) -> Option<ColdBoot> {
     if node.boot == BootMode::Cold || std::env::var(BOOT_ENV).is_ok_and(|v| v == "cold") {
-        return Some(None);
+        return Some(ColdBoot::Asked);
     }
     if !node.kernel_params.is_empty() {
-        return Some(Some("it has kernel_params, and a template booted without them".into()));
+        return Some(ColdBoot::Because("it has kernel_params, and a template booted without them".into()));
     }
     if kept_layer {
-        return Some(Some("its writable layer is kept from an earlier run (--keep-state)".into()));
+        return Some(ColdBoot::Because("its writable layer is kept from an earlier run (--keep-state)".into()));
     }
-    nodeconfig::early_boot_files(node).map(Some)
+    nodeconfig::early_boot_files(node).map(ColdBoot::Because)
 }
 
 /// The name prefix of runs' private directories in the temporary directory.
@@ -518,9 +524,9 @@ impl Run<'_> {
         self.machines.get(name).map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Every machine's kill switch.
-    fn kill_switches(&self) -> Vec<KillSwitch> {
-        self.machines.keys().filter_map(|name| self.machine(name)).map(|m| m.kill_switch()).collect()
+    /// Every machine, each locked in turn.
+    fn each_machine(&self) -> impl Iterator<Item = MutexGuard<'_, Machine>> {
+        self.machines.values().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Runs the script in a child python3, serving its requests until it
@@ -563,7 +569,7 @@ impl Run<'_> {
         interrupt::catch();
         let started = Instant::now();
         let deadline = started + timeout;
-        for machine in self.machines.keys().filter_map(|name| self.machine(name)).collect::<Vec<_>>().iter_mut() {
+        for mut machine in self.each_machine() {
             machine.set_deadline(deadline);
         }
         let script_block = self.log.block(None, "running the test script");
@@ -577,7 +583,7 @@ impl Run<'_> {
             output_threads.push(forward_lines(stderr, self.log.clone()));
         }
 
-        let kill_switches = self.kill_switches();
+        let kill_switches: Vec<KillSwitch> = self.each_machine().map(|m| m.kill_switch()).collect();
         let end = std::thread::scope(|scope| {
             let mut end = loop {
                 match listener.accept() {

@@ -6,7 +6,6 @@
 
 use std::io;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, SocketTarget, Stream, MAX_DATA};
@@ -91,22 +90,13 @@ fn with_deadline(result: Result<(Reply, Vec<u8>), FrameError>, wait: Duration) -
 }
 
 impl AgentClient {
-    /// Connects to the socket QEMU serves at `path`, waiting for it to
-    /// appear while `alive` says QEMU runs.
-    pub fn connect(path: &Path, wait: Duration, alive: impl Fn() -> bool) -> io::Result<Self> {
-        let started = Instant::now();
-        loop {
-            match UnixStream::connect(path) {
-                Ok(stream) => {
-                    // A guest that stops reading must not block the driver
-                    // forever once the socket's buffer is full.
-                    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-                    return Ok(Self { stream, nonce: 0 });
-                }
-                Err(error) if started.elapsed() > wait || !alive() => return Err(error),
-                Err(_) => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
+    /// A client on `stream`, connected to the socket QEMU serves for the
+    /// agent's port.
+    pub fn new(stream: UnixStream) -> io::Result<Self> {
+        // A guest that stops reading must not block the driver forever
+        // once the socket's buffer is full.
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+        Ok(Self { stream, nonce: 0 })
     }
 
     fn send(&mut self, request: &Request, data: &[u8]) -> Result<(), AgentError> {

@@ -319,11 +319,6 @@ impl Machine {
         Arc::clone(&self.events)
     }
 
-    /// The run's deadline, if it has one.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.deadline
-    }
-
     /// Makes every command and wait end by `deadline` at the latest.
     pub fn set_deadline(&mut self, deadline: Instant) {
         self.deadline = Some(deadline);
@@ -452,11 +447,6 @@ impl Machine {
         running
     }
 
-    /// Whether the guest may reboot itself (see [`Machine::start`]).
-    pub fn allows_reboot(&self) -> bool {
-        self.allow_reboot
-    }
-
     /// Whether the machine is booted and its agent has answered.
     pub fn is_up(&mut self) -> bool {
         self.is_running() && self.running.as_ref().is_some_and(|r| r.agent.is_some())
@@ -528,25 +518,12 @@ impl Machine {
     /// Loads the template's saved state into the QEMU just started with
     /// `-incoming defer`, and lets it run.
     fn restore(&mut self, restore: &Restore) -> Result<(), VmError> {
-        let node = self.config.name.clone();
-        let qmp_error = |source| VmError::Qmp { node: node.clone(), source };
         let uri = format!("exec:cat {}", vmrig_proto::shell_quote(&restore.state.to_string_lossy()));
-        self.qmp()?.execute("migrate-incoming", Some(json!({ "uri": uri }))).map_err(qmp_error)?;
-        let started = Instant::now();
-        loop {
-            let status = self.qmp()?.execute("query-migrate", None).map_err(qmp_error)?;
-            match status["status"].as_str() {
-                Some("completed") => break,
-                Some("failed" | "cancelled") => {
-                    let why = status["error-desc"].as_str().unwrap_or("QEMU gives no reason").to_string();
-                    return Err(VmError::Qmp { node, source: QmpError::Refused { command: "migrate-incoming".into(), message: why } });
-                }
-                _ if started.elapsed() > BOOT_TIMEOUT => return Err(VmError::ShutdownTimeout { node, timeout: BOOT_TIMEOUT }),
-                _ => std::thread::sleep(Duration::from_millis(5)),
-            }
-        }
+        self.qmp_execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+        self.wait_for_migration("migrate-incoming")?;
         // The state loads paused.
-        self.qmp()?.execute("cont", None).map_err(qmp_error)?;
+        self.qmp_execute("cont", None)?;
+        let node = &self.config.name;
         self.log.line(format!("{node}: restored from its template ({:.2} s after QEMU started)", self.running.as_ref().map_or(0.0, |r| r.started.elapsed().as_secs_f64())));
         Ok(())
     }
@@ -572,27 +549,40 @@ impl Machine {
     /// Saves the running machine's memory and device state to `path` and
     /// stops it: what a template is made of.
     pub fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
-        let node = self.config.name.clone();
-        let qmp_error = |source| VmError::Qmp { node: node.clone(), source };
-        self.qmp()?.execute("stop", None).map_err(qmp_error)?;
+        self.qmp_execute("stop", None)?;
         let uri = format!("exec:cat > {}", vmrig_proto::shell_quote(&path.to_string_lossy()));
-        self.qmp()?.execute("migrate", Some(json!({ "uri": uri }))).map_err(qmp_error)?;
+        self.qmp_execute("migrate", Some(json!({ "uri": uri })))?;
+        self.wait_for_migration("migrate")
+    }
+
+    /// Waits until the migration `command` started has completed, for as
+    /// long as a boot may take at most; QEMU's reason when it failed.
+    fn wait_for_migration(&mut self, command: &str) -> Result<(), VmError> {
+        let node = self.config.name.clone();
+        let started = Instant::now();
         loop {
-            let status = self.qmp()?.execute("query-migrate", None).map_err(qmp_error)?;
+            let status = self.qmp_execute("query-migrate", None)?;
             match status["status"].as_str() {
                 Some("completed") => return Ok(()),
                 Some("failed" | "cancelled") => {
                     let why = status["error-desc"].as_str().unwrap_or("QEMU gives no reason").to_string();
-                    return Err(VmError::Qmp { node, source: QmpError::Refused { command: "migrate".into(), message: why } });
+                    return Err(VmError::Qmp { node, source: QmpError::Refused { command: command.into(), message: why } });
                 }
-                _ => std::thread::sleep(Duration::from_millis(20)),
+                _ if started.elapsed() > BOOT_TIMEOUT => return Err(VmError::ShutdownTimeout { node, timeout: BOOT_TIMEOUT }),
+                _ => std::thread::sleep(Duration::from_millis(5)),
             }
         }
     }
 
+    /// Starts QEMU unless it runs, as it was last started (a first start
+    /// does not let the guest reboot itself).
+    pub fn ensure_running(&mut self) -> Result<(), VmError> {
+        self.start(self.allow_reboot)
+    }
+
     /// Types `text` on the serial console, as `send_console` does.
     pub fn send_console(&mut self, text: &[u8]) -> Result<(), VmError> {
-        self.start(self.allow_reboot)?;
+        self.ensure_running()?;
         let input = self.running.as_mut().and_then(|r| r.console_input.as_mut());
         let written = input.map_or(Err(io::ErrorKind::BrokenPipe.into()), |input| input.write_all(text).and_then(|()| input.flush()));
         if written.is_err() && !self.is_running() {
@@ -603,7 +593,7 @@ impl Machine {
 
     /// The agent, starting the machine and waiting for its boot if needed.
     pub fn agent(&mut self) -> Result<&mut AgentClient, VmError> {
-        self.start(self.allow_reboot)?;
+        self.ensure_running()?;
         let connected = self.running.as_ref().is_some_and(|r| r.agent.is_some());
         if !connected {
             self.connect(None)?;
@@ -634,8 +624,7 @@ impl Machine {
         let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
         let deadline = Instant::now() + boot_timeout;
         let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
-        let alive = || Path::new(&format!("/proc/{pid}")).exists();
-        let mut client = match AgentClient::connect(&socket, boot_timeout, alive) {
+        let mut client = match connect_to_qemu(&socket, pid, boot_timeout).and_then(AgentClient::new) {
             Ok(client) => client,
             Err(_) => return Err(self.exited_error()),
         };
@@ -733,6 +722,17 @@ impl Machine {
         result.map_err(|e| self.agent_error(e))
     }
 
+    /// Runs shell `command` on the node, within `timeout` and the run's
+    /// deadline.
+    pub fn shell(&mut self, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, VmError> {
+        self.exec(vmrig_proto::Command {
+            program: vmrig_proto::Program::Shell(command.to_string()),
+            env: Vec::new(),
+            cwd: None,
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        })
+    }
+
     /// Writes a file in the guest.
     pub fn write_file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<(), VmError> {
         let result = self.agent()?.write_file(path, mode, contents);
@@ -825,9 +825,13 @@ impl Machine {
 
     /// What QEMU does when the guest reboots: `reset` it, or `shutdown`.
     fn set_reboot_action(&mut self, action: &str) -> Result<(), VmError> {
+        self.qmp_execute("set-action", Some(json!({ "reboot": action }))).map(drop)
+    }
+
+    /// Runs QMP `command` with `arguments`; QEMU's `return` value.
+    fn qmp_execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmError> {
         let node = self.config.name.clone();
-        self.qmp()?.execute("set-action", Some(json!({ "reboot": action }))).map_err(|source| VmError::Qmp { node, source })?;
-        Ok(())
+        self.qmp()?.execute(command, arguments).map_err(|source| VmError::Qmp { node, source })
     }
 
     /// The QMP session, opened on first use.
@@ -836,18 +840,8 @@ impl Machine {
         let socket = self.qmp_socket();
         let running = self.running.as_mut().ok_or_else(|| VmError::Exited { node: node.clone(), status: "not started".into(), stderr: String::new() })?;
         if running.qmp.is_none() {
-            // QEMU creates the socket a moment after it starts.
-            let pid = running.qemu.id();
-            let waited = Instant::now();
-            let stream = loop {
-                match UnixStream::connect(&socket) {
-                    Ok(stream) => break stream,
-                    Err(_) if waited.elapsed() < Duration::from_secs(30) && Path::new(&format!("/proc/{pid}")).exists() => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) => return Err(VmError::Qmp { node: node.clone(), source: QmpError::Io(e) }),
-                }
-            };
+            let stream = connect_to_qemu(&socket, running.qemu.id(), Duration::from_secs(30))
+                .map_err(|e| VmError::Qmp { node: node.clone(), source: QmpError::Io(e) })?;
             running.qmp = Some(Qmp::handshake(stream, Duration::from_secs(30)).map_err(|source| VmError::Qmp { node, source })?);
         }
         Ok(running.qmp.as_mut().expect("set above"))
@@ -906,6 +900,20 @@ pub fn make_state_disk(path: &Path) -> Result<(), FileError> {
     Ok(())
 }
 
+/// Connects to the Unix socket that QEMU `pid` serves at `path`, which it
+/// creates a moment after it starts: waits for it up to `wait`, and no
+/// longer than QEMU runs.
+fn connect_to_qemu(path: &Path, pid: u32, wait: Duration) -> io::Result<UnixStream> {
+    let started = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(error) if started.elapsed() > wait || !Path::new(&format!("/proc/{pid}")).exists() => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
 /// Where a restored machine's layer is written for its agent.
 const BECOME_LAYER: &str = "/run/vmrig-node-layer.cpio";
 
@@ -925,9 +933,8 @@ fn become_request() -> io::Result<vmrig_proto::Request> {
 /// boot id.
 fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
     let started = Instant::now();
-    let alive = || Path::new(&format!("/proc/{pid}")).exists();
     let io = |e| AgentError::Frame(vmrig_proto::FrameError::Io(e));
-    let mut client = AgentClient::connect(socket, timeout, alive).map_err(io)?;
+    let mut client = connect_to_qemu(socket, pid, timeout).and_then(AgentClient::new).map_err(io)?;
     let boot_id = client.hello(timeout)?;
     let _block = log.block(Some(name), "becoming this node");
     client.write_file(BECOME_LAYER, 0o600, layer)?;
@@ -1002,14 +1009,7 @@ fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut fi
 /// adding every event to `events`.
 fn spawn_event_reader(socket: PathBuf, pid: u32, events: Arc<Feed<Value>>) {
     std::thread::spawn(move || {
-        let alive = || Path::new(&format!("/proc/{pid}")).exists();
-        let stream = loop {
-            match UnixStream::connect(&socket) {
-                Ok(stream) => break stream,
-                Err(_) if alive() => std::thread::sleep(Duration::from_millis(5)),
-                Err(_) => return,
-            }
-        };
+        let Ok(stream) = connect_to_qemu(&socket, pid, Duration::MAX) else { return };
         let Ok(mut qmp) = Qmp::handshake(stream, Duration::from_secs(30)) else { return };
         while let Ok(event) = qmp.next_event() {
             events.push(event);
