@@ -1,12 +1,8 @@
 //! The command line: parses arguments, calls the library, prints the outcome
-//! and maps it to vmrig's exit status.
-//!
-//! Exit status: 0 success, 1 the test failed, 2 the definition or the
-//! command line is wrong, 3 the infrastructure failed (host tools, build,
-//! boot, QEMU); 128 + the signal's number when SIGINT, SIGTERM or SIGHUP
-//! stopped a run (130, 143, 129).
+//! and maps it to vmrig's exit status (listed in [`crate::error`]).
 
 use std::fs;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,16 +12,12 @@ use clap::{Parser, Subcommand};
 use crate::driver::{self, AccelChoice, DriverError, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
 use crate::image::{self, ImageError};
-use crate::spec::{Diagnostics, SpecError, TestSpec, RESULT_DIR};
+use crate::error::{EXIT_INFRA, EXIT_TEST_FAILED, EXIT_USAGE};
+use crate::spec::{Diagnostics, SpecError, TestSpec, DEFINITION_FILE, RESULT_DIR};
+use crate::suite::{self, Partition, SuiteError, SuiteOptions};
 use crate::store::{Provenance, Store, StoreError};
 use crate::ui::Ui;
 
-/// Exit status when the test failed.
-pub const EXIT_TEST_FAILED: u8 = 1;
-/// Exit status when the definition or the command line is wrong.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit status when the infrastructure failed.
-pub const EXIT_INFRA: u8 = 3;
 
 #[derive(Parser)]
 #[command(name = "vmrig", version, about = "Declarative multi-machine integration tests on real QEMU virtual machines")]
@@ -41,10 +33,22 @@ enum Commands {
         /// The test directory (holding vmrig.toml).
         test: PathBuf,
     },
-    /// Build what is missing, boot the nodes, and run the test script.
+    /// Build what is missing, boot the nodes, and run the test script; given
+    /// several tests (or directories holding them), run them as a suite.
     Run {
-        /// The test directory (holding vmrig.toml).
-        test: PathBuf,
+        /// Test directories (holding vmrig.toml), or directories holding
+        /// tests: every directory below with a vmrig.toml.
+        #[arg(required = true, value_name = "PATH")]
+        tests: Vec<PathBuf>,
+        #[command(flatten)]
+        selection: Selection,
+        /// Run at most N tests at once (default: as many as the host's
+        /// cores and memory hold).
+        #[arg(short = 'j', long, value_name = "N")]
+        jobs: Option<NonZeroUsize>,
+        /// Start no more tests once one has failed.
+        #[arg(long)]
+        fail_fast: bool,
         /// Accelerator: KVM if a probe shows it works (auto), or one of them.
         #[arg(long, value_enum, default_value = "auto")]
         accel: AccelChoice,
@@ -57,9 +61,19 @@ enum Commands {
         /// Run even if the same inputs passed before.
         #[arg(long)]
         rebuild: bool,
-        /// Also write the JUnit report (result/junit.xml) to this path.
+        /// Also write the JUnit report to this path (a suite's: one file
+        /// with a testsuite per test).
         #[arg(long, value_name = "PATH")]
         junit: Option<PathBuf>,
+    },
+    /// List the tests `run` would run with the same paths and selection,
+    /// one per line.
+    List {
+        /// Test directories, or directories holding tests.
+        #[arg(required = true, value_name = "PATH")]
+        tests: Vec<PathBuf>,
+        #[command(flatten)]
+        selection: Selection,
     },
     /// A Python prompt with the test's machines defined and not started:
     /// start_all(), <machine>.shell_interact(), test_script().
@@ -90,6 +104,15 @@ enum Commands {
     Doctor,
 }
 
+/// Which of the tests found to take.
+#[derive(clap::Args)]
+struct Selection {
+    /// Only part K of N of the tests (e.g. 2/3), split by a hash of each
+    /// test's path, so that N CI jobs share a suite.
+    #[arg(long, value_name = "K/N")]
+    partition: Option<Partition>,
+}
+
 /// A failure, with the exit status it maps to.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
@@ -107,6 +130,8 @@ enum Failure {
     Script(#[from] crate::script::ScriptError),
     #[error(transparent)]
     Driver(#[from] DriverError),
+    #[error(transparent)]
+    Suite(#[from] SuiteError),
     #[error("cannot write the JUnit report to {}", .path.display())]
     Junit { path: PathBuf, source: std::io::Error },
 }
@@ -114,9 +139,10 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Spec(_) | Self::Invalid(_) => EXIT_USAGE,
-            Self::Image(ImageError::UnknownPackages { .. }) | Self::Driver(DriverError::Image(ImageError::UnknownPackages { .. })) => EXIT_USAGE,
-            Self::Image(_) | Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Driver(_) | Self::Junit { .. } => EXIT_INFRA,
+            Self::Spec(_) | Self::Invalid(_) | Self::Suite(SuiteError::NoTests(_)) => EXIT_USAGE,
+            Self::Image(error) => error.exit_status(),
+            Self::Driver(error) => error.exit_status(),
+            Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Junit { .. } => EXIT_INFRA,
         }
     }
 }
@@ -127,12 +153,17 @@ pub fn main() -> ExitCode {
     let ui = Ui::detect();
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
-        Commands::Run { test, accel, keep_state, timeout, rebuild, junit } => {
-            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, interactive: false };
-            run(&test, ui, &options, junit.as_deref())
+        Commands::Run { tests, selection, jobs, fail_fast, accel, keep_state, timeout, rebuild, junit } => {
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, interactive: false, log_to_file_only: false };
+            match (tests.as_slice(), selection.partition) {
+                // One test named alone runs as it always has.
+                ([test], None) if test.is_file() || test.join(DEFINITION_FILE).is_file() => run(test, ui, &options, junit.as_deref()),
+                _ => run_suite(&tests, selection, ui, &options, SuiteOptions { jobs, fail_fast, junit }),
+            }
         }
+        Commands::List { tests, selection } => list(&tests, selection),
         Commands::Interactive { test, accel, keep_state } => {
-            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, interactive: true };
+            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, interactive: true, log_to_file_only: false };
             interactive(&test, ui, &options)
         }
         Commands::Build { test } => build(&test, ui),
@@ -221,6 +252,20 @@ fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Resul
             Ok(ExitCode::from(crate::interrupt::exit_status(signal)))
         }
     }
+}
+
+fn run_suite(paths: &[PathBuf], selection: Selection, ui: Ui, options: &RunOptions, suite_options: SuiteOptions) -> Result<ExitCode, Failure> {
+    let tests = suite::select(paths, selection.partition)?;
+    let store = Store::open(Store::default_location()?)?;
+    let reports = suite::run(&tests, &store, ui, options, &suite_options)?;
+    Ok(ExitCode::from(suite::exit_status(&reports)))
+}
+
+fn list(paths: &[PathBuf], selection: Selection) -> Result<ExitCode, Failure> {
+    for test in suite::select(paths, selection.partition)? {
+        println!("{}", test.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn interactive(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {

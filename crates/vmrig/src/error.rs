@@ -1,9 +1,22 @@
 //! What every layer's errors share: the one shape of a failed filesystem
-//! operation (what was being done, to which path, and the cause), and the
-//! one way an error is told to a person, with its causes.
+//! operation (what was being done, to which path, and the cause), the one
+//! way an error is told to a person, with its causes, and the exit
+//! statuses that tell a shell what went wrong.
+//!
+//! Exit status: 0 success, 1 a test failed, 2 a definition or the command
+//! line is wrong, 3 the infrastructure failed (host tools, build, boot,
+//! QEMU); 128 + the signal's number when SIGINT, SIGTERM or SIGHUP stopped
+//! a run (130, 143, 129).
 
 use std::io;
 use std::path::{Path, PathBuf};
+
+/// Exit status when a test failed.
+pub const EXIT_TEST_FAILED: u8 = 1;
+/// Exit status when a definition or the command line is wrong.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status when the infrastructure failed.
+pub const EXIT_INFRA: u8 = 3;
 
 /// A filesystem operation that failed.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,8 @@
 //! [`runlog`]; [`report`] writes the JUnit file and records a pass so that
 //! the same inputs need not run again; [`template`] saves booted
 //! guests that nodes start from; [`script`] checks the script
-//! beforehand; [`interrupt`] notes the signals that stop a run. [`cli`] is the
+//! beforehand; [`interrupt`] notes the signals that stop a run. [`suite`] runs many tests side by side
+//! through the driver's phases. [`cli`] is the
 //! command line over all of it and [`ui`] is how build progress looks.
 
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod runlog;
 pub mod script;
 pub mod spec;
 pub mod store;
+pub mod suite;
 pub mod template;
 pub mod ui;
 pub mod vm;

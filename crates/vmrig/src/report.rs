@@ -42,10 +42,36 @@ pub struct Case {
 
 /// The JUnit XML for test `name` and its cases.
 pub fn junit_xml(name: &str, cases: &[Case]) -> String {
+    junit_document([testsuite_xml(name, cases)])
+}
+
+/// A JUnit document holding `suites` (each a `<testsuite>` element, from
+/// [`testsuite_xml`] or [`testsuites_in`]).
+pub fn junit_document(suites: impl IntoIterator<Item = impl AsRef<str>>) -> String {
+    let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n");
+    for suite in suites {
+        xml.push_str(suite.as_ref());
+    }
+    xml.push_str("</testsuites>\n");
+    xml
+}
+
+/// The `<testsuite>` elements of a JUnit document that vmrig wrote, as
+/// they are; `None` if `document` is not one.
+pub fn testsuites_in(document: &str) -> Option<&str> {
+    let element = document.find("<testsuite ")?;
+    // From the start of its line, indentation and all.
+    let start = document[..element].rfind('\n').map_or(0, |newline| newline + 1);
+    let end = document.rfind("</testsuites>")?;
+    (start < end).then(|| &document[start..end])
+}
+
+/// The `<testsuite>` element of test `name` and its cases.
+pub fn testsuite_xml(name: &str, cases: &[Case]) -> String {
     let failures = cases.iter().filter(|c| c.failure.is_some()).count();
     let total: f64 = cases.iter().map(|c| c.duration.as_secs_f64()).sum();
     let mut xml = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" time=\"{total:.3}\">\n",
+        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{failures}\" errors=\"0\" time=\"{total:.3}\">\n",
         escape(name),
         cases.len(),
     );
@@ -73,8 +99,18 @@ pub fn junit_xml(name: &str, cases: &[Case]) -> String {
             }
         }
     }
-    xml.push_str("  </testsuite>\n</testsuites>\n");
+    xml.push_str("  </testsuite>\n");
     xml
+}
+
+/// The `<testsuite>` element of test `name`, which did not run: one case,
+/// skipped, saying why.
+pub fn skipped_testsuite_xml(name: &str, reason: &str) -> String {
+    format!(
+        "  <testsuite name=\"{0}\" tests=\"1\" failures=\"0\" errors=\"0\" skipped=\"1\" time=\"0.000\">\n    <testcase classname=\"{0}\" name=\"{0}\" time=\"0.000\">\n      <skipped message=\"{1}\"/>\n    </testcase>\n  </testsuite>\n",
+        escape(name),
+        escape(reason)
+    )
 }
 
 /// `text` made safe for XML text and attribute values; characters XML 1.0
@@ -262,6 +298,19 @@ mod tests {
         assert!(xml.contains("name=\"serves &lt;html&gt; &amp; &quot;quotes&quot;\""), "{xml}");
         assert!(xml.contains("<failure message=\"TestFailure: server: command `curl` failed[0m\">Traceback (most recent call last):\n"), "{xml}");
         assert!(!xml.contains('\u{1b}'));
+        assert_eq!(testsuites_in(&xml), Some(testsuite_xml("api-test", &cases).as_str()));
+        assert_eq!(testsuites_in("<testsuites/>"), None);
+    }
+
+    #[test]
+    fn a_suite_document_holds_each_test_and_what_did_not_run() {
+        let passed = testsuite_xml("one", &[Case { name: "one".into(), duration: Duration::from_secs(2), failure: None }]);
+        let xml = junit_document([passed.clone(), skipped_testsuite_xml("two & more", "not run: --fail-fast")]);
+        assert!(xml.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n  <testsuite name=\"one\""), "{xml}");
+        assert!(xml.contains("<testsuite name=\"two &amp; more\" tests=\"1\" failures=\"0\" errors=\"0\" skipped=\"1\""), "{xml}");
+        assert!(xml.contains("<skipped message=\"not run: --fail-fast\"/>"), "{xml}");
+        assert_eq!(testsuites_in(&xml).map(|s| s.matches("<testsuite ").count()), Some(2));
+        assert!(xml.ends_with("</testsuites>\n"));
     }
 
     #[test]

@@ -15,28 +15,32 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct RunLog {
     file: Arc<Mutex<Option<File>>>,
+    /// Whether lines go to stderr as well as the file.
+    on_stderr: bool,
     /// Whether guests' console lines are shown on stderr as well as kept
     /// in the file (`serial_stdout_on()` / `serial_stdout_off()`).
     show_consoles: Arc<AtomicBool>,
 }
 
 impl RunLog {
-    /// A log written to `path` as well as stderr.
-    pub fn create(path: &Path) -> io::Result<Self> {
+    /// A log written to `path`, and to stderr when `on_stderr` (a suite
+    /// running tests side by side keeps each one's log to its file).
+    pub fn create(path: &Path, on_stderr: bool) -> io::Result<Self> {
         Ok(Self {
             file: Arc::new(Mutex::new(Some(File::create(path)?))),
+            on_stderr,
             show_consoles: Arc::new(AtomicBool::new(true)),
         })
     }
 
     /// Writes one line.
     pub fn line(&self, text: impl AsRef<str>) {
-        self.write(text.as_ref(), true);
+        self.write(text.as_ref(), self.on_stderr);
     }
 
     /// Writes a line of `node`'s console, as `node # text`.
     pub fn console_line(&self, node: &str, text: &str) {
-        self.write(&format!("{node} # {text}"), self.show_consoles.load(Ordering::Relaxed));
+        self.write(&format!("{node} # {text}"), self.on_stderr && self.show_consoles.load(Ordering::Relaxed));
     }
 
     /// Shows consoles on stderr, or keeps them to the file only.

@@ -55,6 +55,49 @@ impl Ui {
     pub fn say(&self, line: impl AsRef<str>) {
         eprintln!("{}", line.as_ref());
     }
+
+    /// A status line for long work made of many parts (a suite): on a
+    /// terminal one live line, rewritten in place, with lines printed
+    /// above it; in a log only the lines.
+    pub fn status(&self) -> Status {
+        let bar = self.interactive.then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("the template is valid"));
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Status { bar }
+    }
+}
+
+/// A live status line (see [`Ui::status`]). Dropping it clears it.
+pub struct Status {
+    bar: Option<ProgressBar>,
+}
+
+impl Status {
+    /// Replaces what the live line says (shown on a terminal only).
+    pub fn set(&self, text: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(text);
+        }
+    }
+
+    /// Prints a line above the live one.
+    pub fn say(&self, line: impl AsRef<str>) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{}", line.as_ref())),
+            None => eprintln!("{}", line.as_ref()),
+        }
+    }
+}
+
+impl Drop for Status {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// A long step in progress. Dropping it without finishing clears it.

@@ -69,6 +69,9 @@ pub struct RunOptions {
     /// A Python prompt on the terminal instead of the script
     /// (`vmrig interactive`); nothing is recorded.
     pub interactive: bool,
+    /// Keep the run's log to `result/log.txt` alone, off stderr (a suite
+    /// shows its own status instead).
+    pub log_to_file_only: bool,
 }
 
 /// How the test ended.
@@ -111,6 +114,17 @@ pub enum DriverError {
     /// The script's interpreter failed in a way that is not the test's.
     #[error("the test script's python3 failed: {0}")]
     Script(String),
+}
+
+impl DriverError {
+    /// The exit status this error means: the test's definition is wrong
+    /// (unknown packages), or the infrastructure failed.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::Image(error) => error.exit_status(),
+            _ => crate::error::EXIT_INFRA,
+        }
+    }
 }
 
 /// Runs `spec` and reports whether it passed, or answers from the store
@@ -175,6 +189,13 @@ impl<'a> Prepared<'a> {
         Ok(report::recorded_pass(store, &self.key, &self.result_dir)?)
     }
 
+    /// Builds the images of this run that the store lacks (a suite builds
+    /// each once, before the tests that share it run).
+    pub fn build_images(&self, store: &Store, ui: Ui) -> Result<(), DriverError> {
+        image::boot_files_for(&self.requests, &self.agent, store, ui)?;
+        Ok(())
+    }
+
     /// The second phase: builds the images the store lacks, clears
     /// `result/`, picks the accelerator, and sets up every machine (not
     /// started: a node boots on its first use) and every VLAN's switch.
@@ -189,7 +210,7 @@ impl<'a> Prepared<'a> {
             fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
         }
         let log_path = result_dir.join("log.txt");
-        let log = RunLog::create(&log_path).map_err(file_error("create", &log_path))?;
+        let log = RunLog::create(&log_path, !options.log_to_file_only).map_err(file_error("create", &log_path))?;
 
         let any_boot = boot_files.values().next().expect("a test has nodes");
         let accel = resolve_accel(options.accel, store, &any_boot.kernel(), &log)?;
@@ -320,8 +341,9 @@ impl<'a> Booted<'a> {
             (None, true) => INTERACTIVE_TIMEOUT,
             (None, false) => prepared.spec.timeout,
         };
+        let started = Instant::now();
         let outcome = run.run_script(private.path(), timeout, options.interactive);
-        let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome);
+        let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome, started.elapsed());
         let cleanup = run.log.block(None, "cleanup");
         drop(run);
         drop(cleanup);
@@ -376,8 +398,9 @@ impl Subtests {
     }
 
     /// The cases of the run: its subtests, or the whole script when it had
-    /// none; a failure outside every subtest is a case of its own.
-    fn into_cases(mut self, test: &str, outcome: &Result<Outcome, DriverError>) -> Vec<Case> {
+    /// none; a failure outside every subtest is a case of its own, timed
+    /// as the script's time outside its subtests.
+    fn into_cases(mut self, test: &str, outcome: &Result<Outcome, DriverError>, script_time: Duration) -> Vec<Case> {
         let failure = match outcome {
             Ok(Outcome::Passed { .. }) => None,
             Ok(Outcome::Interrupted(signal)) => Some(format!("the run was interrupted by {signal}")),
@@ -388,7 +411,7 @@ impl Subtests {
         while !self.open.is_empty() {
             self.end(failure.clone());
         }
-        let duration = self.ended.iter().map(|c| c.duration).sum();
+        let duration = script_time.saturating_sub(self.ended.iter().map(|c| c.duration).sum());
         let failed_inside = self.ended.iter().any(|c| c.failure.is_some());
         if self.ended.is_empty() || (failure.is_some() && !failed_inside) {
             self.ended.push(Case { name: test.to_string(), duration, failure });

@@ -100,6 +100,17 @@ pub enum ImageError {
     Io(#[from] FileError),
 }
 
+impl ImageError {
+    /// The exit status this error means: the test named packages that do
+    /// not exist, or the infrastructure failed.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::UnknownPackages { .. } => crate::error::EXIT_USAGE,
+            _ => crate::error::EXIT_INFRA,
+        }
+    }
+}
+
 fn node_list(nodes: &[String]) -> String {
     let quoted: Vec<String> = nodes.iter().map(|n| format!("`{n}`")).collect();
     format!("node{} {}", if nodes.len() == 1 { "" } else { "s" }, quoted.join(", "))

@@ -128,7 +128,7 @@ mod tests {
 
     fn forwards() -> (Forwards, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
-        let log = RunLog::create(&dir.path().join("log.txt")).unwrap();
+        let log = RunLog::create(&dir.path().join("log.txt"), true).unwrap();
         (Forwards::new("node".into(), log), dir)
     }
 

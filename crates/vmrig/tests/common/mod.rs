@@ -20,8 +20,15 @@ pub fn vmrig_run(dir: &Path) -> Command {
 
 /// `vmrig run DIR`, answering from the store when the test passed before.
 pub fn vmrig_run_cached(dir: &Path) -> Command {
+    let mut command = vmrig();
+    command.arg("run").arg(dir);
+    command
+}
+
+/// `vmrig` with the shared store and the host's own archive.
+pub fn vmrig() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_vmrig"));
-    command.arg("run").arg(dir).env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
+    command.env("VMRIG_STORE", store()).env_remove("VMRIG_MIRROR");
     command
 }
 
