@@ -15,7 +15,7 @@ use crate::image::{self, ImageError};
 use crate::error::{EXIT_INFRA, EXIT_TEST_FAILED, EXIT_USAGE};
 use crate::spec::{Diagnostics, SpecError, TestSpec, DEFINITION_FILE, RESULT_DIR};
 use crate::suite::{self, Partition, SuiteError, SuiteOptions};
-use crate::store::{Provenance, Store, StoreError};
+use crate::store::{Provenance, Remote, RemoteError, Store, StoreError, REMOTE_ENV};
 use crate::ui::Ui;
 
 
@@ -24,6 +24,13 @@ use crate::ui::Ui;
 struct Cli {
     #[command(subcommand)]
     command: Commands,
+    /// A remote store shared by many machines: entries missing here are
+    /// fetched from it (and verified), entries built here and passes are
+    /// uploaded to it. http(s)://… is WebDAV, s3://bucket/prefix is S3.
+    /// Credentials come from the environment only: VMRIG_STORE_REMOTE_USER
+    /// and VMRIG_STORE_REMOTE_PASSWORD (or _TOKEN), or AWS_* for S3.
+    #[arg(long, global = true, value_name = "URL", env = REMOTE_ENV)]
+    store_remote: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -132,6 +139,8 @@ enum Failure {
     Driver(#[from] DriverError),
     #[error(transparent)]
     Suite(#[from] SuiteError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
     #[error("cannot write the JUnit report to {}", .path.display())]
     Junit { path: PathBuf, source: std::io::Error },
 }
@@ -139,10 +148,10 @@ enum Failure {
 impl Failure {
     fn exit_code(&self) -> u8 {
         match self {
-            Self::Spec(_) | Self::Invalid(_) | Self::Suite(SuiteError::NoTests(_)) => EXIT_USAGE,
+            Self::Spec(_) | Self::Invalid(_) | Self::Suite(SuiteError::NoTests(_)) | Self::Remote(RemoteError::BadUrl { .. }) => EXIT_USAGE,
             Self::Image(error) => error.exit_status(),
             Self::Driver(error) => error.exit_status(),
-            Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Junit { .. } => EXIT_INFRA,
+            Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Remote(_) | Self::Junit { .. } => EXIT_INFRA,
         }
     }
 }
@@ -151,22 +160,23 @@ impl Failure {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let ui = Ui::detect();
+    let remote = cli.store_remote.as_deref();
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
         Commands::Run { tests, selection, jobs, fail_fast, accel, keep_state, timeout, rebuild, junit } => {
             let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, interactive: false, log_to_file_only: false };
             match (tests.as_slice(), selection.partition) {
                 // One test named alone runs as it always has.
-                ([test], None) if test.is_file() || test.join(DEFINITION_FILE).is_file() => run(test, ui, &options, junit.as_deref()),
-                _ => run_suite(&tests, selection, ui, &options, SuiteOptions { jobs, fail_fast, junit }),
+                ([test], None) if test.is_file() || test.join(DEFINITION_FILE).is_file() => run(test, remote, ui, &options, junit.as_deref()),
+                _ => run_suite(&tests, selection, remote, ui, &options, SuiteOptions { jobs, fail_fast, junit }),
             }
         }
         Commands::List { tests, selection } => list(&tests, selection),
         Commands::Interactive { test, accel, keep_state } => {
             let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, interactive: true, log_to_file_only: false };
-            interactive(&test, ui, &options)
+            interactive(&test, remote, ui, &options)
         }
-        Commands::Build { test } => build(&test, ui),
+        Commands::Build { test } => build(&test, remote, ui),
         Commands::Gc { keep_days } => gc(ui, keep_days),
         Commands::Doctor => Ok(doctor(ui)),
     };
@@ -187,6 +197,15 @@ fn report(failure: &Failure) {
         }
         _ => eprintln!("error: {}", crate::error::chain(failure)),
     }
+}
+
+/// The store, sharing its entries through the remote store at `remote`.
+fn open_store(remote: Option<&str>) -> Result<Store, Failure> {
+    let store = Store::open(Store::default_location()?)?;
+    Ok(match remote {
+        Some(url) => store.with_remote(Remote::open(url)?),
+        None => store,
+    })
 }
 
 fn load(test: &Path) -> Result<TestSpec, Failure> {
@@ -219,9 +238,9 @@ fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Result<ExitCode, Failure> {
+fn run(test: &Path, remote: Option<&str>, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
-    let store = Store::open(Store::default_location()?)?;
+    let store = open_store(remote)?;
     let outcome = driver::run(&spec, &store, ui, options)?;
     let result_dir = spec.dir.join(RESULT_DIR);
     if let Some(junit) = junit {
@@ -254,9 +273,9 @@ fn run(test: &Path, ui: Ui, options: &RunOptions, junit: Option<&Path>) -> Resul
     }
 }
 
-fn run_suite(paths: &[PathBuf], selection: Selection, ui: Ui, options: &RunOptions, suite_options: SuiteOptions) -> Result<ExitCode, Failure> {
+fn run_suite(paths: &[PathBuf], selection: Selection, remote: Option<&str>, ui: Ui, options: &RunOptions, suite_options: SuiteOptions) -> Result<ExitCode, Failure> {
     let tests = suite::select(paths, selection.partition)?;
-    let store = Store::open(Store::default_location()?)?;
+    let store = open_store(remote)?;
     let reports = suite::run(&tests, &store, ui, options, &suite_options)?;
     Ok(ExitCode::from(suite::exit_status(&reports)))
 }
@@ -268,21 +287,22 @@ fn list(paths: &[PathBuf], selection: Selection) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn interactive(test: &Path, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
+fn interactive(test: &Path, remote: Option<&str>, ui: Ui, options: &RunOptions) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
-    let store = Store::open(Store::default_location()?)?;
+    let store = open_store(remote)?;
     driver::run(&spec, &store, ui, options)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn build(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
+fn build(test: &Path, remote: Option<&str>, ui: Ui) -> Result<ExitCode, Failure> {
     let spec = load(test)?;
-    let store = Store::open(Store::default_location()?)?;
+    let store = open_store(remote)?;
     let requests = image::plan_for(&spec)?;
     for (node, boot) in image::boot_files_for(&requests, &Agent::locate()?, &store, ui)? {
         let how = match boot.image_provenance {
             Provenance::Built => "built",
             Provenance::Cached => "cached",
+            Provenance::Downloaded => "downloaded",
         };
         ui.say(format!(
             "{node}: image {} ({how}), kernel {}",

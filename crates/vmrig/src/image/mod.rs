@@ -280,6 +280,7 @@ impl<'a> Builder<'a> {
                 match &built {
                     Ok((_, Provenance::Built)) => step.finish("done"),
                     Ok((_, Provenance::Cached)) => step.finish("built meanwhile by another vmrig"),
+                    Ok((_, Provenance::Downloaded)) => step.finish("downloaded from the remote store"),
                     Err(_) => step.finish("failed"),
                 }
                 built?

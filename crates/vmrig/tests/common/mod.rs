@@ -1,5 +1,7 @@
 //! What the end-to-end tests that boot VMs share: one store for all of them
 //! (so each image is built once), and running `vmrig run` as a user would.
+//! Each test crate compiles its own copy and uses part of it.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,6 +11,10 @@
 //! then find the entry made. The store knows nothing of what entries mean;
 //! the image module decides keys and contents.
 //!
+//! With a [`Remote`], the store is one machine's copy of a fleet's: an
+//! entry missing here is downloaded (and verified) under the entry's lock
+//! before anyone builds it, and an entry built here is uploaded.
+//!
 //! Every lookup that finds an entry marks it used (the manifest's mtime);
 //! [`Store::gc`] removes entries, kept writable layers (`state/`) and build
 //! logs unused for longer than asked, and what dead builds left in `tmp/`.
@@ -19,12 +23,17 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{file_error, FileError};
+
+mod remote;
+
+pub use remote::{Remote, RemoteError, REMOTE_ENV};
 
 /// Directories of the store root that are not entry kinds.
 const RESERVED_DIRS: [&str; 4] = ["tmp", "locks", "logs", STATE_DIR];
@@ -55,6 +64,8 @@ pub enum Provenance {
     Cached,
     /// This call built it.
     Built,
+    /// This call downloaded it from the remote store.
+    Downloaded,
 }
 
 /// What an entry records about itself.
@@ -97,10 +108,12 @@ impl Entry {
     }
 }
 
-/// The store at one root directory.
+/// The store at one root directory, and the remote store it shares
+/// entries through, if any.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    remote: Option<Arc<Remote>>,
 }
 
 /// The hex BLAKE3 key of `parts`, each length-prefixed so that no two
@@ -149,7 +162,12 @@ impl Store {
             let path = root.join(dir);
             fs::create_dir_all(&path).map_err(file_error("create", &path))?;
         }
-        Ok(Self { root })
+        Ok(Self { root, remote: None })
+    }
+
+    /// The same store, sharing its entries through `remote`.
+    pub fn with_remote(self, remote: Remote) -> Self {
+        Self { remote: Some(Arc::new(remote)), ..self }
     }
 
     /// The store's root directory.
@@ -171,11 +189,23 @@ impl Store {
         self.root.join(kind).join(key)
     }
 
-    /// The entry `kind`/`key`, if it is present and intact.
+    /// The entry `kind`/`key`, if it is present and intact here, or in
+    /// the remote store (then downloaded).
     pub fn lookup(&self, kind: &str, key: &str) -> Option<Entry> {
+        if let Some(entry) = self.lookup_here(kind, key) {
+            return Some(entry);
+        }
+        self.remote.as_ref()?;
+        let _lock = self.lock(kind, key).ok()?;
+        // Whoever held the lock before us may have fetched it meanwhile.
+        self.lookup_here(kind, key).or_else(|| self.download(kind, key).ok().flatten())
+    }
+
+    /// The entry `kind`/`key`, if it is present and intact in this store.
+    fn lookup_here(&self, kind: &str, key: &str) -> Option<Entry> {
         let path = self.entry_dir(kind, key);
         let manifest = read_manifest(&path).ok()?;
-        if !(manifest.version == MANIFEST_VERSION && manifest.key == key && files_match(&path, &manifest)) {
+        if !(manifest.version == MANIFEST_VERSION && manifest.key == key && disagreement(&path, &manifest).is_none()) {
             return None;
         }
         // Only a hint for `gc`: a lookup must not fail for it.
@@ -259,20 +289,61 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        if let Some(entry) = self.lookup(kind, key) {
+        if let Some(entry) = self.lookup_here(kind, key) {
             return Ok((entry, Provenance::Cached));
         }
         let _lock = self.lock(kind, key)?;
         // Whoever held the lock before us may have built it meanwhile.
-        if let Some(entry) = self.lookup(kind, key) {
+        if let Some(entry) = self.lookup_here(kind, key) {
             return Ok((entry, Provenance::Cached));
         }
-        let final_dir = self.entry_dir(kind, key);
-        self.discard_leftovers(kind, key, &final_dir)?;
-
+        if let Some(entry) = self.download(kind, key)? {
+            return Ok((entry, Provenance::Downloaded));
+        }
+        self.discard_leftovers(kind, key)?;
         let staging = self.staging_dir(kind, key)?;
         let meta = build(staging.path())?;
-        Ok((self.publish(kind, key, staging, meta)?, Provenance::Built))
+        let entry = self.publish(kind, key, staging, meta)?;
+        if let Some(remote) = &self.remote {
+            let step = crate::ui::Ui::detect().step(format!("uploading {kind}/{key} to {}", remote.url()));
+            match remote.upload(kind, &entry) {
+                Ok(()) => step.finish("done"),
+                Err(error) => {
+                    step.finish("failed");
+                    // The entry is good here; the fleet builds it again.
+                    eprintln!("warning: {}", crate::error::chain(&error));
+                }
+            }
+        }
+        Ok((entry, Provenance::Built))
+    }
+
+    /// Entry `kind`/`key` from the remote store, verified and published
+    /// here; `None` when there is no remote store, it lacks the entry, or
+    /// its copy is damaged or cannot be read (then said, and built here).
+    /// Called with the entry's lock held.
+    fn download(&self, kind: &str, key: &str) -> Result<Option<Entry>, StoreError> {
+        let Some(remote) = &self.remote else { return Ok(None) };
+        self.discard_leftovers(kind, key)?;
+        let staging = self.staging_dir(kind, key)?;
+        let started = Instant::now();
+        match remote.fetch(kind, key, staging.path()) {
+            Ok(Some(manifest)) => {
+                let size: u64 = manifest.files.values().map(|f| f.size).sum();
+                eprintln!(
+                    "downloaded {kind}/{key} ({}) from {} in {:.1} s",
+                    crate::ui::bytes(size),
+                    remote.url(),
+                    started.elapsed().as_secs_f64()
+                );
+                Ok(Some(self.install(kind, key, staging, manifest)?))
+            }
+            Ok(None) => Ok(None),
+            Err(error) => {
+                eprintln!("warning: {}; building it here", crate::error::chain(&error));
+                Ok(None)
+            }
+        }
     }
 
     fn staging_dir(&self, kind: &str, key: &str) -> Result<tempfile::TempDir, StoreError> {
@@ -295,6 +366,12 @@ impl Store {
             files: record_files(staging.path())?,
             meta,
         };
+        self.install(kind, key, staging, manifest)
+    }
+
+    /// Writes `manifest` into a staging directory holding its files and
+    /// renames it into place.
+    fn install(&self, kind: &str, key: &str, staging: tempfile::TempDir, manifest: Manifest) -> Result<Entry, StoreError> {
         let manifest_path = staging.path().join(MANIFEST);
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
         fs::write(&manifest_path, json).map_err(file_error("write", &manifest_path))?;
@@ -339,9 +416,10 @@ impl Store {
     /// Removes a damaged entry and the staging directories of builds of this
     /// entry that died. Only called with the entry's lock held, so no live
     /// build owns them.
-    fn discard_leftovers(&self, kind: &str, key: &str, final_dir: &Path) -> Result<(), StoreError> {
+    fn discard_leftovers(&self, kind: &str, key: &str) -> Result<(), StoreError> {
+        let final_dir = self.entry_dir(kind, key);
         if final_dir.exists() {
-            remove_tree(final_dir)?;
+            remove_tree(&final_dir)?;
         }
         let tmp = self.root.join("tmp");
         let prefix = format!("{kind}-{key}-");
@@ -418,11 +496,17 @@ fn read_manifest(dir: &Path) -> io::Result<Manifest> {
     serde_json::from_str(&text).map_err(io::Error::other)
 }
 
-fn files_match(dir: &Path, manifest: &Manifest) -> bool {
-    manifest.files.iter().all(|(name, record)| {
+/// How the files in `dir` disagree with `manifest`, if they do: the
+/// first file missing, of another size, or with another hash.
+fn disagreement(dir: &Path, manifest: &Manifest) -> Option<String> {
+    manifest.files.iter().find_map(|(name, record)| {
         let path = dir.join(name);
-        fs::metadata(&path).is_ok_and(|m| m.len() == record.size)
-            && hash_file(&path).is_ok_and(|hash| hash == record.blake3)
+        match fs::metadata(&path) {
+            Err(_) => Some(format!("`{name}` is missing")),
+            Ok(m) if m.len() != record.size => Some(format!("`{name}` has {} bytes, not {}", m.len(), record.size)),
+            Ok(_) if !hash_file(&path).is_ok_and(|hash| hash == record.blake3) => Some(format!("`{name}` does not have its hash")),
+            Ok(_) => None,
+        }
     })
 }
 
