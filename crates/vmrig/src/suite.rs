@@ -225,9 +225,9 @@ impl Demand {
     }
 }
 
-/// What the host holds at once. vCPUs may outnumber cores twice over: a
-/// test's nodes are busy while they boot and mostly idle after, and twice
-/// over still leaves a boot at half speed, well within its waits.
+/// What the host holds at once: a vCPU per core (under TCG a booting vCPU
+/// keeps a core busy, and `bench/suite.sh` measured two vCPUs per core
+/// slower than one), and nine tenths of the available memory.
 #[derive(Debug, Clone, Copy)]
 struct Capacity {
     jobs: usize,
@@ -235,15 +235,12 @@ struct Capacity {
     memory_mib: u64,
 }
 
-/// How many vCPUs may run per host core.
-const VCPUS_PER_CORE: u64 = 2;
-
 impl Capacity {
     fn of_host(jobs: Option<NonZeroUsize>) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get) as u64;
         Self {
             jobs: jobs.map_or(usize::MAX, NonZeroUsize::get),
-            vcpus: cores * VCPUS_PER_CORE,
+            vcpus: cores,
             // A tenth stays for the host, the page cache and vmrig.
             memory_mib: available_memory_mib().map_or(u64::MAX, |m| m / 10 * 9),
         }
