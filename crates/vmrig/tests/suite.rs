@@ -140,3 +140,31 @@ fn partitions_split_a_suite_so_that_every_test_runs_exactly_once() {
     assert!(output.contains("nothing-here is neither a test"), "{output}");
 }
 
+
+#[test]
+fn an_interrupted_suite_stops_its_running_test_and_starts_no_other() {
+    let suite = suite_copy();
+    let output_path = suite.path().join("output.txt");
+    let mut child = common::vmrig_run(Path::new("."))
+        .args(["-j", "1"])
+        .current_dir(suite.path())
+        .stdout(fs::File::create(&output_path).unwrap())
+        .stderr(fs::File::create(suite.path().join("errors.txt")).unwrap())
+        .spawn()
+        .unwrap();
+    // Once the first test's node runs, SIGINT to vmrig alone.
+    let first_log = suite.path().join("base/hello/result/log.txt");
+    let started = std::time::Instant::now();
+    while !fs::read_to_string(&first_log).is_ok_and(|log| log.contains("running the test script")) {
+        assert!(started.elapsed() < std::time::Duration::from_secs(300), "the first test never started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let signalled = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(signalled.success());
+    let status = child.wait().unwrap();
+    let output = fs::read_to_string(suite.path().join("errors.txt")).unwrap();
+    assert_eq!(status.code(), Some(130), "{output}");
+    assert!(output.contains("base/hello        INTERRUPTED"), "{output}");
+    assert_eq!(output.matches("not run (the suite was interrupted)").count(), 5, "{output}");
+    assert!(fs::read_to_string(&first_log).unwrap().contains("interrupted by SIGINT"));
+}
