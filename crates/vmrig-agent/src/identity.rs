@@ -19,6 +19,11 @@
 //!    new id, and what early boot did with files the layer changed is done
 //!    again (sysctl, tmpfiles, modules, udev rules);
 //! 6. the default target is started, as a boot would have.
+//!
+//! The agent answers after step 4, as a cold boot's agent answers once
+//! `/init` has applied the layer and before systemd has started a unit;
+//! steps 5 and 6 go on on a thread of their own ([`Settling`]), while
+//! [`BECOMING_MARKER`] tells the driver that no job is no verdict yet.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -26,7 +31,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmrig_proto::{INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{BECOMING_MARKER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
 use crate::init::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
 
@@ -48,10 +53,21 @@ const REPLAYED: &[(&[&str], &[&str])] = &[
 const RNDADDENTROPY: nix::libc::c_ulong = 0x4008_5203;
 const RNDRESEEDCRNG: nix::libc::c_ulong = 0x5207;
 
-/// Makes this guest the node whose layer is at `layer`, and prints on the
-/// console how long each step took.
-pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str) -> Result<(), String> {
+/// Makes this guest the node whose layer is at `layer`, up to its
+/// firewall; what is left for systemd to do is returned, to be done while
+/// the agent answers.
+pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str) -> Result<Settling, String> {
     let mut steps = Steps::default();
+    let _ = fs::write(BECOMING_MARKER, "");
+    let became = apply_identity(layer, unix_nanos, entropy, machine_id, &mut steps);
+    if became.is_err() {
+        let _ = fs::remove_file(BECOMING_MARKER);
+    }
+    became.map(|written| Settling { written, steps })
+}
+
+/// Steps 1 to 4: the guest's paths the layer changed.
+fn apply_identity(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str, steps: &mut Steps) -> Result<Vec<String>, String> {
     set_clock(unix_nanos)?;
     reseed(entropy)?;
     if machine_id.len() != 32 || !machine_id.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -79,12 +95,36 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     load_firewall()?;
     let _ = fs::remove_dir_all(UNPACKED);
     steps.done("firewall");
+    Ok(written)
+}
 
+/// What is left of becoming a node once the agent has answered: systemd
+/// catching up with the node's layer and starting its default target.
+pub struct Settling {
+    written: Vec<String>,
+    steps: Steps,
+}
+
+impl Settling {
+    /// Does it, then prints on the console how long each step took (or
+    /// why it stopped).
+    pub fn run(mut self) {
+        let settled = settle(&self.written, &mut self.steps);
+        let _ = fs::remove_file(BECOMING_MARKER);
+        match settled {
+            Ok(()) => eprintln!("vmrig-agent: became this node in {}", self.steps),
+            Err(message) => eprintln!("vmrig-agent: becoming this node failed after {}: {message}", self.steps),
+        }
+    }
+}
+
+/// Steps 5 and 6.
+fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
     // Units the template never loaded (multi-user.target and the services
     // it wants, among them) are read from disk when first needed; only a
     // unit it had loaded keeps what it read then, until a reload.
-    if changes_loaded_units(&written)? {
-        let skipped = skip_idle_generators(&written);
+    if changes_loaded_units(written)? {
+        let skipped = skip_idle_generators(written);
         let reloaded = run_program("/usr/bin/systemctl", &["daemon-reload"]);
         for mask in skipped {
             let _ = fs::remove_file(mask);
@@ -106,7 +146,6 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
     }
     run_program("/usr/bin/systemctl", &["start", "--no-block", "default.target"])?;
     steps.done("default target queued");
-    eprintln!("vmrig-agent: became this node in {}", steps);
     Ok(())
 }
 

@@ -137,7 +137,10 @@ fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), 
                 // get one started as this node.
                 *worker = None;
                 let reply = match became {
-                    Ok(()) => Reply::Ack,
+                    Ok(settling) => {
+                        std::thread::spawn(move || settling.run());
+                        Reply::Ack
+                    }
                     Err(message) => Reply::Error { message },
                 };
                 write_frame(&mut output, &reply, &[])?;

@@ -87,6 +87,12 @@ pub fn template_mac(index: usize) -> String {
 /// services (which `multi-user.target` starts) have run.
 pub const TEMPLATE_TARGET: &str = "vmrig-template.target";
 
+/// A file that exists in a guest restored from a template from the moment
+/// it is asked to become a node until its default target is queued: the
+/// agent answers before that, as a cold boot's agent answers before
+/// systemd has queued anything, and a unit with no job is no verdict yet.
+pub const BECOMING_MARKER: &str = "/run/vmrig-becoming";
+
 /// Largest JSON header accepted.
 pub const MAX_HEADER: u32 = 256 * 1024;
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmrig_proto::{shell_quote, EntryKind, SocketTarget};
+use vmrig_proto::{shell_quote, EntryKind, SocketTarget, BECOMING_MARKER};
 
 use super::Run;
 use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
@@ -536,6 +536,11 @@ fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&st
             "inactive" => {
                 let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
+                    return Ok(false);
+                }
+                // A node just restored from a template answers before it
+                // has queued its default target.
+                if machine.shell(&format!("test -e {BECOMING_MARKER}"), Some(Duration::from_secs(60)))?.succeeded() {
                     return Ok(false);
                 }
                 // It may have become active meanwhile.

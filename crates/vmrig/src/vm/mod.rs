@@ -940,7 +940,10 @@ fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], timeout: Durat
     client.write_file(BECOME_LAYER, 0o600, layer)?;
     // Built last, so that the clock it carries is as fresh as can be.
     client.become_node(&become_request().map_err(io)?)?;
-    log.line(format!("{name}: connected to the agent and became the node ({:.2} s after the restore)", started.elapsed().as_secs_f64()));
+    log.line(format!(
+        "{name}: connected to the agent and became the node ({:.2} s after the restore); its systemd catches up meanwhile",
+        started.elapsed().as_secs_f64()
+    ));
     Ok((client, boot_id))
 }
 
