@@ -514,7 +514,21 @@ fn poll_until(give_up: Instant, pause: Duration, mut done: impl FnMut() -> Resul
 /// The unit's properties, or `None` while systemd cannot answer yet (the
 /// agent starts before systemd does).
 fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    let outcome = machine.shell(&systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user), Some(Duration::from_secs(60)))?;
+    query_unit(machine, &systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user))
+}
+
+/// As [`unit_info`], and `None` while a node restored from a template is
+/// still catching up with its layer ([`BECOMING_MARKER`]): until its
+/// default target is queued no state is a verdict, and asking systemd
+/// would only slow it down.
+fn settled_unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    let query = systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user);
+    query_unit(machine, &format!("test ! -e {BECOMING_MARKER} && {query}"))
+}
+
+/// The properties `command` (a `systemctl show`) prints, if it succeeds.
+fn query_unit(machine: &mut Machine, command: &str) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    let outcome = machine.shell(command, Some(Duration::from_secs(60)))?;
     if !outcome.succeeded() {
         return Ok(None);
     }
@@ -529,18 +543,13 @@ fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Op
 
 fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&str>, give_up: Instant, limit: Duration) -> Result<(), Failure> {
     let active = poll_until(give_up, POLL_PAUSE, || {
-        let Some(info) = unit_info(machine, unit, user)? else { return Ok(false) };
+        let Some(info) = settled_unit_info(machine, unit, user)? else { return Ok(false) };
         match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
             "active" => Ok(true),
             "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\"\n{}", unit_status(machine, unit, user)?))),
             "inactive" => {
                 let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
-                    return Ok(false);
-                }
-                // A node just restored from a template answers before it
-                // has queued its default target.
-                if machine.shell(&format!("test -e {BECOMING_MARKER}"), Some(Duration::from_secs(60)))?.succeeded() {
                     return Ok(false);
                 }
                 // It may have become active meanwhile.
