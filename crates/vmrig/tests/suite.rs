@@ -38,10 +38,10 @@ fn vmrig(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     (output.status.code(), common::text(&output))
 }
 
-/// `vmrig run --rebuild . ARGS…` in `dir`, with the time limit of every
+/// `vmrig run --rebuild ARGS…` in `dir`, with the time limit of every
 /// end-to-end test.
 fn run_suite(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
-    common::run_command(common::vmrig_run(Path::new(".")).args(args).current_dir(dir))
+    common::run_command(common::vmrig().args(["run", "--rebuild"]).args(args).current_dir(dir))
 }
 
 /// The tests a suite's output reports with `outcome` (e.g. "passed"), one
@@ -65,7 +65,7 @@ fn sorted(mut names: Vec<String>) -> Vec<String> {
 fn a_suite_runs_tests_side_by_side_reports_the_failing_one_and_answers_the_rest_from_the_store() {
     let suite = suite_copy();
     let junit = suite.path().join("suite.xml");
-    let (code, output) = run_suite(suite.path(), &["-j", "2", "--junit", "suite.xml"]);
+    let (code, output) = run_suite(suite.path(), &["-j", "2", "--junit", "suite.xml", "."]);
     assert_eq!(code, Some(1), "{output}");
     let passed = sorted(reported(&output, "passed"));
     assert_eq!(passed, ["base/hello", "base/service", "base/two-nodes", "clients/subtests", "clients/tools"], "{output}");
@@ -117,7 +117,7 @@ fn partitions_split_a_suite_so_that_every_test_runs_exactly_once() {
         assert_eq!(code, Some(0), "{listed}");
         listed_parts.extend(listed.lines().map(str::to_string));
 
-        let (code, output) = run_suite(suite.path(), &["--partition", part, "-j", "2"]);
+        let (code, output) = run_suite(suite.path(), &["--partition", part, "-j", "2", "."]);
         let here: Vec<String> = [reported(&output, "passed"), reported(&output, "FAILED")].concat();
         assert_eq!(sorted(here.clone()), sorted(listed.lines().map(str::to_string).collect()), "part {part} ran other tests than it lists:\n{output}");
         let expected = if here.contains(&"clients/failing".to_string()) { 1 } else { 0 };
@@ -145,8 +145,8 @@ fn partitions_split_a_suite_so_that_every_test_runs_exactly_once() {
 fn an_interrupted_suite_stops_its_running_test_and_starts_no_other() {
     let suite = suite_copy();
     let output_path = suite.path().join("output.txt");
-    let mut child = common::vmrig_run(Path::new("."))
-        .args(["-j", "1"])
+    let mut child = common::vmrig()
+        .args(["run", "--rebuild", "-j", "1", "."])
         .current_dir(suite.path())
         .stdout(fs::File::create(&output_path).unwrap())
         .stderr(fs::File::create(suite.path().join("errors.txt")).unwrap())
@@ -167,4 +167,15 @@ fn an_interrupted_suite_stops_its_running_test_and_starts_no_other() {
     assert!(output.contains("base/hello        INTERRUPTED"), "{output}");
     assert_eq!(output.matches("not run (the suite was interrupted)").count(), 5, "{output}");
     assert!(fs::read_to_string(&first_log).unwrap().contains("interrupted by SIGINT"));
+}
+
+#[test]
+fn fail_fast_starts_no_test_after_a_failure() {
+    let suite = suite_copy();
+    // `clients/failing` comes first of the three, and runs alone.
+    let (code, output) = run_suite(suite.path(), &["-j", "1", "--fail-fast", "clients"]);
+    assert_eq!(code, Some(1), "{output}");
+    assert_eq!(reported(&output, "FAILED"), ["clients/failing"], "{output}");
+    assert_eq!(output.matches("not run (--fail-fast: a test failed)").count(), 2, "{output}");
+    assert!(reported(&output, "passed").is_empty(), "{output}");
 }
