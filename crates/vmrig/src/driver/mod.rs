@@ -232,32 +232,37 @@ impl<'a> Prepared<'a> {
         fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
         let launcher = Launcher::start();
-        let mut templates: BTreeMap<(String, Shape), Option<Template>> = BTreeMap::new();
-        let mut machines = BTreeMap::new();
-        let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
+        // Which template each node starts from, if any; each template
+        // needed is found or built once, and those to build are built side
+        // by side.
+        let mut wanted: Vec<Option<(String, Shape)>> = Vec::new();
         for node in spec.nodes.values() {
-            let boot = &boot_files[&node.name];
-            let initrd = private.path().join(format!("{}.initrd", node.name));
-            write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
             let state_disk = state_dir.join(format!("{}.ext4", node.name));
             let kept_layer = options.keep_state && state_disk.exists();
-            let nics = net::nics(spec, &node.name);
-            let template = match cold_boot_reason(node, kept_layer) {
+            wanted.push(match cold_boot_reason(node, kept_layer) {
                 Some(ColdBoot::Because(reason)) => {
                     log.line(format!("{}: booting cold: {reason}", node.name));
                     None
                 }
                 Some(ColdBoot::Asked) => None,
                 None => {
-                    let shape = Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel };
-                    let found = templates.entry((boot.image.manifest.key.clone(), shape)).or_insert_with(|| {
-                        template::get_or_build(store, boot, shape, private.path(), &log, &launcher)
-                            .inspect_err(|error| log.line(format!("cannot make a template to start nodes from, so they boot cold: {}", crate::error::chain(error))))
-                            .ok()
-                    });
-                    found.as_ref()
+                    let shape = Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: net::nics(spec, &node.name).len(), accel };
+                    Some((node.name.clone(), shape))
                 }
-            };
+            });
+        }
+        let templates = self.templates(&wanted, &boot_files, store, private.path(), &log, &launcher)?;
+
+        let mut machines = BTreeMap::new();
+        let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
+        for (node, wanted) in spec.nodes.values().zip(&wanted) {
+            let boot = &boot_files[&node.name];
+            let initrd = private.path().join(format!("{}.initrd", node.name));
+            write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
+            let state_disk = state_dir.join(format!("{}.ext4", node.name));
+            let kept_layer = options.keep_state && state_disk.exists();
+            let nics = net::nics(spec, &node.name);
+            let template = wanted.as_ref().and_then(|(_, shape)| templates.get(&(boot.image.manifest.key.clone(), *shape))).and_then(Option::as_ref);
             let first_start = match template {
                 Some(template) => {
                     template.copy_layer(&state_disk)?;
@@ -317,6 +322,50 @@ impl<'a> Prepared<'a> {
             nested: Mutex::default(),
         };
         Ok(Booted { run, private, prepared: self })
+    }
+}
+
+impl Prepared<'_> {
+    /// The template of each image and shape `wanted` (a node's name and
+    /// shape, or `None` for a node that boots cold), found in the store or
+    /// built, those to build side by side, each with its sockets in a
+    /// directory of its own below `private`. A template that cannot be made
+    /// is `None`: its nodes boot cold, and the log says why.
+    fn templates(
+        &self,
+        wanted: &[Option<(String, Shape)>],
+        boot_files: &BTreeMap<String, BootFiles>,
+        store: &Store,
+        private: &Path,
+        log: &RunLog,
+        launcher: &Launcher,
+    ) -> Result<BTreeMap<(String, Shape), Option<Template>>, DriverError> {
+        let mut distinct: BTreeMap<(String, Shape), &BootFiles> = BTreeMap::new();
+        for (node, shape) in wanted.iter().flatten() {
+            let boot = &boot_files[node];
+            distinct.entry((boot.image.manifest.key.clone(), *shape)).or_insert(boot);
+        }
+        let mut sockets = Vec::new();
+        for index in 0..distinct.len() {
+            let dir = private.join(format!("template-{index}"));
+            fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
+            sockets.push(dir);
+        }
+        Ok(std::thread::scope(|scope| {
+            let builds: Vec<_> = distinct
+                .into_iter()
+                .zip(&sockets)
+                .map(|((key, boot), socket_dir)| {
+                    scope.spawn(move || {
+                        let template = template::get_or_build(store, boot, key.1, socket_dir, log, launcher)
+                            .inspect_err(|error| log.line(format!("cannot make a template to start nodes from, so they boot cold: {}", crate::error::chain(error))))
+                            .ok();
+                        (key, template)
+                    })
+                })
+                .collect();
+            builds.into_iter().map(|build| build.join().expect("a template build does not panic")).collect()
+        }))
     }
 }
 
