@@ -32,13 +32,8 @@ impl Ui {
     pub fn step(&self, what: impl Into<String>) -> Step {
         let what = what.into();
         let bar = if self.interactive {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {prefix} … {msg} [{elapsed}]")
-                    .expect("the template is valid"),
-            );
+            let bar = spinner("{spinner} {prefix} … {msg} [{elapsed}]");
             bar.set_prefix(what.clone());
-            bar.enable_steady_tick(Duration::from_millis(120));
             Some(bar)
         } else {
             eprintln!("{what} …");
@@ -60,12 +55,7 @@ impl Ui {
     /// terminal one live line, rewritten in place, with lines printed
     /// above it; in a log only the lines.
     pub fn status(&self) -> Status {
-        let bar = self.interactive.then(|| {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template("{spinner} {msg} [{elapsed}]").expect("the template is valid"));
-            bar.enable_steady_tick(Duration::from_millis(120));
-            bar
-        });
+        let bar = self.interactive.then(|| spinner("{spinner} {msg} [{elapsed}]"));
         Status { bar }
     }
 }
@@ -98,6 +88,14 @@ impl Drop for Status {
             bar.finish_and_clear();
         }
     }
+}
+
+/// A live spinner on the terminal, drawn with `template`.
+fn spinner(template: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template(template).expect("the template is valid"));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
 }
 
 /// A long step in progress. Dropping it without finishing clears it.

@@ -514,7 +514,7 @@ fn poll_until(give_up: Instant, pause: Duration, mut done: impl FnMut() -> Resul
 /// The unit's properties, or `None` while systemd cannot answer yet (the
 /// agent starts before systemd does).
 fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    query_unit(machine, &systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user))
+    query_unit(machine, &show_unit(unit, user))
 }
 
 /// As [`unit_info`], and `None` while a node restored from a template is
@@ -522,8 +522,12 @@ fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Op
 /// default target is queued no state is a verdict, and asking systemd
 /// would only slow it down.
 fn settled_unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    let query = systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user);
-    query_unit(machine, &format!("test ! -e {BECOMING_MARKER} && {query}"))
+    query_unit(machine, &format!("test ! -e {BECOMING_MARKER} && {}", show_unit(unit, user)))
+}
+
+/// The command printing `unit`'s properties.
+fn show_unit(unit: &str, user: Option<&str>) -> String {
+    systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user)
 }
 
 /// The properties `command` (a `systemctl show`) prints, if it succeeds.

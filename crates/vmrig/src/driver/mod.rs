@@ -232,37 +232,38 @@ impl<'a> Prepared<'a> {
         fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
 
         let launcher = Launcher::start();
-        // Which template each node starts from, if any; each template
-        // needed is found or built once, and those to build are built side
-        // by side.
-        let mut wanted: Vec<Option<(String, Shape)>> = Vec::new();
+        // How each node starts; each template needed is found or built
+        // once, and those to build are built side by side.
+        let mut plans = Vec::new();
+        let mut needed: BTreeMap<TemplateKey, &BootFiles> = BTreeMap::new();
         for node in spec.nodes.values() {
+            let boot = &boot_files[&node.name];
             let state_disk = state_dir.join(format!("{}.ext4", node.name));
             let kept_layer = options.keep_state && state_disk.exists();
-            wanted.push(match cold_boot_reason(node, kept_layer) {
+            let nics = net::nics(spec, &node.name);
+            let template = match cold_boot_reason(node, kept_layer) {
                 Some(ColdBoot::Because(reason)) => {
                     log.line(format!("{}: booting cold: {reason}", node.name));
                     None
                 }
                 Some(ColdBoot::Asked) => None,
                 None => {
-                    let shape = Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: net::nics(spec, &node.name).len(), accel };
-                    Some((node.name.clone(), shape))
+                    let key = (boot.image.manifest.key.clone(), Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel });
+                    needed.entry(key.clone()).or_insert(boot);
+                    Some(key)
                 }
-            });
+            };
+            plans.push(NodePlan { state_disk, kept_layer, nics, template });
         }
-        let templates = self.templates(&wanted, &boot_files, store, private.path(), &log, &launcher)?;
+        let templates = find_or_build_templates(needed, store, private.path(), &log, &launcher)?;
 
         let mut machines = BTreeMap::new();
         let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
-        for (node, wanted) in spec.nodes.values().zip(&wanted) {
+        for (node, NodePlan { state_disk, kept_layer, nics, template }) in spec.nodes.values().zip(plans) {
             let boot = &boot_files[&node.name];
             let initrd = private.path().join(format!("{}.initrd", node.name));
             write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
-            let state_disk = state_dir.join(format!("{}.ext4", node.name));
-            let kept_layer = options.keep_state && state_disk.exists();
-            let nics = net::nics(spec, &node.name);
-            let template = wanted.as_ref().and_then(|(_, shape)| templates.get(&(boot.image.manifest.key.clone(), *shape))).and_then(Option::as_ref);
+            let template = template.and_then(|key| templates[&key].as_ref());
             let first_start = match template {
                 Some(template) => {
                     template.copy_layer(&state_disk)?;
@@ -325,48 +326,50 @@ impl<'a> Prepared<'a> {
     }
 }
 
-impl Prepared<'_> {
-    /// The template of each image and shape `wanted` (a node's name and
-    /// shape, or `None` for a node that boots cold), found in the store or
-    /// built, those to build side by side, each with its sockets in a
-    /// directory of its own below `private`. A template that cannot be made
-    /// is `None`: its nodes boot cold, and the log says why.
-    fn templates(
-        &self,
-        wanted: &[Option<(String, Shape)>],
-        boot_files: &BTreeMap<String, BootFiles>,
-        store: &Store,
-        private: &Path,
-        log: &RunLog,
-        launcher: &Launcher,
-    ) -> Result<BTreeMap<(String, Shape), Option<Template>>, DriverError> {
-        let mut distinct: BTreeMap<(String, Shape), &BootFiles> = BTreeMap::new();
-        for (node, shape) in wanted.iter().flatten() {
-            let boot = &boot_files[node];
-            distinct.entry((boot.image.manifest.key.clone(), *shape)).or_insert(boot);
-        }
-        let mut sockets = Vec::new();
-        for index in 0..distinct.len() {
-            let dir = private.join(format!("template-{index}"));
-            fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
-            sockets.push(dir);
-        }
-        Ok(std::thread::scope(|scope| {
-            let builds: Vec<_> = distinct
-                .into_iter()
-                .zip(&sockets)
-                .map(|((key, boot), socket_dir)| {
-                    scope.spawn(move || {
-                        let template = template::get_or_build(store, boot, key.1, socket_dir, log, launcher)
-                            .inspect_err(|error| log.line(format!("cannot make a template to start nodes from, so they boot cold: {}", crate::error::chain(error))))
-                            .ok();
-                        (key, template)
-                    })
-                })
-                .collect();
-            builds.into_iter().map(|build| build.join().expect("a template build does not panic")).collect()
-        }))
+/// What a template is found by in a run: its image's key and its shape.
+type TemplateKey = (String, Shape);
+
+/// How one node of a run starts: its writable layer (kept from an earlier
+/// run or not), its NICs, and the template it is restored from, if any.
+struct NodePlan {
+    state_disk: PathBuf,
+    kept_layer: bool,
+    nics: Vec<net::Nic>,
+    template: Option<TemplateKey>,
+}
+
+/// The templates `needed` (each with the boot files of its image), found
+/// in the store or built, those to build side by side, each with its
+/// sockets in a directory of its own below `private`. A template that
+/// cannot be made is `None`: its nodes boot cold, and the log says why.
+fn find_or_build_templates(
+    needed: BTreeMap<TemplateKey, &BootFiles>,
+    store: &Store,
+    private: &Path,
+    log: &RunLog,
+    launcher: &Launcher,
+) -> Result<BTreeMap<TemplateKey, Option<Template>>, DriverError> {
+    let mut sockets = Vec::new();
+    for index in 0..needed.len() {
+        let dir = private.join(format!("template-{index}"));
+        fs::create_dir_all(&dir).map_err(file_error("create", &dir))?;
+        sockets.push(dir);
     }
+    Ok(std::thread::scope(|scope| {
+        let builds: Vec<_> = needed
+            .into_iter()
+            .zip(&sockets)
+            .map(|((key, boot), socket_dir)| {
+                scope.spawn(move || {
+                    let template = template::get_or_build(store, boot, key.1, socket_dir, log, launcher)
+                        .inspect_err(|error| log.line(format!("cannot make a template to start nodes from, so they boot cold: {}", crate::error::chain(error))))
+                        .ok();
+                    (key, template)
+                })
+            })
+            .collect();
+        builds.into_iter().map(|build| build.join().expect("a template build does not panic")).collect()
+    }))
 }
 
 /// A run's second phase done: machines and switches set up, ready for

@@ -30,6 +30,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{file_error, FileError};
+use crate::ui::Ui;
 
 mod remote;
 
@@ -197,15 +198,23 @@ impl Store {
         }
         self.remote.as_ref()?;
         let _lock = self.lock(kind, key).ok()?;
-        // Whoever held the lock before us may have fetched it meanwhile.
-        self.lookup_here(kind, key).or_else(|| self.download(kind, key).ok().flatten())
+        self.made_meanwhile_or_downloaded(kind, key).ok().flatten().map(|(entry, _)| entry)
+    }
+
+    /// With the entry's lock held: the entry, if whoever held the lock
+    /// before made it meanwhile, else the remote store's copy, if any.
+    fn made_meanwhile_or_downloaded(&self, kind: &str, key: &str) -> Result<Option<(Entry, Provenance)>, StoreError> {
+        if let Some(entry) = self.lookup_here(kind, key) {
+            return Ok(Some((entry, Provenance::Cached)));
+        }
+        Ok(self.download(kind, key)?.map(|entry| (entry, Provenance::Downloaded)))
     }
 
     /// The entry `kind`/`key`, if it is present and intact in this store.
     fn lookup_here(&self, kind: &str, key: &str) -> Option<Entry> {
         let path = self.entry_dir(kind, key);
         let manifest = read_manifest(&path).ok()?;
-        if !(manifest.version == MANIFEST_VERSION && manifest.key == key && disagreement(&path, &manifest).is_none()) {
+        if foreign_manifest(&manifest, key).or_else(|| disagreement(&path, &manifest)).is_some() {
             return None;
         }
         // Only a hint for `gc`: a lookup must not fail for it.
@@ -293,25 +302,22 @@ impl Store {
             return Ok((entry, Provenance::Cached));
         }
         let _lock = self.lock(kind, key)?;
-        // Whoever held the lock before us may have built it meanwhile.
-        if let Some(entry) = self.lookup_here(kind, key) {
-            return Ok((entry, Provenance::Cached));
-        }
-        if let Some(entry) = self.download(kind, key)? {
-            return Ok((entry, Provenance::Downloaded));
+        if let Some(found) = self.made_meanwhile_or_downloaded(kind, key)? {
+            return Ok(found);
         }
         self.discard_leftovers(kind, key)?;
         let staging = self.staging_dir(kind, key)?;
         let meta = build(staging.path())?;
         let entry = self.publish(kind, key, staging, meta)?;
         if let Some(remote) = &self.remote {
-            let step = crate::ui::Ui::detect().step(format!("uploading {kind}/{key} to {}", remote.url()));
+            let ui = Ui::detect();
+            let step = ui.step(format!("uploading {kind}/{key} to {}", remote.url()));
             match remote.upload(kind, &entry) {
                 Ok(()) => step.finish("done"),
                 Err(error) => {
                     step.finish("failed");
                     // The entry is good here; the fleet builds it again.
-                    eprintln!("warning: {}", crate::error::chain(&error));
+                    ui.say(format!("warning: {}", crate::error::chain(&error)));
                 }
             }
         }
@@ -330,17 +336,17 @@ impl Store {
         match remote.fetch(kind, key, staging.path()) {
             Ok(Some(manifest)) => {
                 let size: u64 = manifest.files.values().map(|f| f.size).sum();
-                eprintln!(
+                Ui::detect().say(format!(
                     "downloaded {kind}/{key} ({}) from {} in {:.1} s",
                     crate::ui::bytes(size),
                     remote.url(),
                     started.elapsed().as_secs_f64()
-                );
+                ));
                 Ok(Some(self.install(kind, key, staging, manifest)?))
             }
             Ok(None) => Ok(None),
             Err(error) => {
-                eprintln!("warning: {}; building it here", crate::error::chain(&error));
+                Ui::detect().say(format!("warning: {}; building it here", crate::error::chain(&error)));
                 Ok(None)
             }
         }
@@ -494,6 +500,11 @@ fn read_manifest(dir: &Path) -> io::Result<Manifest> {
     let mut text = String::new();
     File::open(dir.join(MANIFEST))?.read_to_string(&mut text)?;
     serde_json::from_str(&text).map_err(io::Error::other)
+}
+
+/// Why `manifest` is not entry `key`'s in this store's format, if it is not.
+fn foreign_manifest(manifest: &Manifest, key: &str) -> Option<String> {
+    (manifest.version != MANIFEST_VERSION || manifest.key != key).then(|| format!("its manifest is for {} (format {})", manifest.key, manifest.version))
 }
 
 /// How the files in `dir` disagree with `manifest`, if they do: the

@@ -155,8 +155,8 @@ impl Remote {
         };
         let damaged = |reason: String| RemoteError::Damaged { path: entry.clone(), reason };
         let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| damaged(format!("its manifest is unreadable: {e}")))?;
-        if manifest.key != key || manifest.version != super::MANIFEST_VERSION {
-            return Err(damaged(format!("its manifest is for {} (format {})", manifest.key, manifest.version)));
+        if let Some(reason) = super::foreign_manifest(&manifest, key) {
+            return Err(damaged(reason));
         }
         for (name, record) in &manifest.files {
             if !is_plain_relative(name) {
