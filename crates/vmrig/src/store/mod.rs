@@ -5,6 +5,12 @@
 //! in `<root>/tmp/` and renamed into place, so an entry that exists is
 //! complete; one whose manifest is missing, unreadable, or disagrees with the
 //! files (truncated, altered, deleted) is treated as absent and rebuilt.
+//! Hashing every file on every lookup would cost a run a second and more
+//! (a template's RAM file alone is its node's memory size), so an entry
+//! also records, in `verified.json`, how the filesystem saw each file when
+//! it was last hashed (inode, size, mtime, ctime); a lookup hashes again
+//! only the files that changed since. No write leaves a file's ctime as
+//! it was.
 //!
 //! Builders of the same entry are serialised by an exclusive `flock` on
 //! `<root>/locks/<kind>-<key>.lock`: the first builds, the others wait and
@@ -43,6 +49,9 @@ const STATE_DIR: &str = "state";
 
 /// Name of the file in each entry that describes it.
 const MANIFEST: &str = "manifest.json";
+/// Name of the file in each entry that says how its files looked when
+/// they last had their hashes.
+const VERIFIED: &str = "verified.json";
 /// Bumped when the manifest format changes; older entries are rebuilt.
 const MANIFEST_VERSION: u32 = 1;
 
@@ -214,8 +223,14 @@ impl Store {
     fn lookup_here(&self, kind: &str, key: &str) -> Option<Entry> {
         let path = self.entry_dir(kind, key);
         let manifest = read_manifest(&path).ok()?;
-        if foreign_manifest(&manifest, key).or_else(|| disagreement(&path, &manifest)).is_some() {
+        if foreign_manifest(&manifest, key).is_some() {
             return None;
+        }
+        if !unchanged_since_verified(&path, &manifest) {
+            if disagreement(&path, &manifest).is_some() {
+                return None;
+            }
+            record_verified(&path, &manifest);
         }
         // Only a hint for `gc`: a lookup must not fail for it.
         let _ = File::options()
@@ -388,6 +403,8 @@ impl Store {
         fs::rename(staging.path(), &final_dir).map_err(file_error("move into place", &final_dir))?;
         // The directory is now the entry; nothing is left to clean up.
         let _ = staging.keep();
+        // Its files were just hashed (built) or checked (downloaded).
+        record_verified(&final_dir, &manifest);
         Ok(Entry { path: final_dir, manifest })
     }
 
@@ -521,6 +538,44 @@ fn disagreement(dir: &Path, manifest: &Manifest) -> Option<String> {
     })
 }
 
+/// How the filesystem sees a file: what any write to it changes.
+#[derive(Debug, PartialEq, Serialize, Deserialize)]
+struct FileIdentity {
+    device: u64,
+    inode: u64,
+    size: u64,
+    modified: (i64, i64),
+    changed: (i64, i64),
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Self { device: m.dev(), inode: m.ino(), size: m.len(), modified: (m.mtime(), m.mtime_nsec()), changed: (m.ctime(), m.ctime_nsec()) })
+    }
+}
+
+/// Whether every file of the entry in `dir` is as it was when its hash
+/// was last checked.
+fn unchanged_since_verified(dir: &Path, manifest: &Manifest) -> bool {
+    let Ok(recorded) = fs::read(dir.join(VERIFIED)) else { return false };
+    let Ok(recorded) = serde_json::from_slice::<BTreeMap<String, FileIdentity>>(&recorded) else { return false };
+    manifest.files.keys().all(|name| recorded.get(name).is_some_and(|seen| FileIdentity::of(&dir.join(name)).as_ref() == Some(seen)))
+}
+
+/// Notes how the entry's files look now that their hashes were checked.
+/// Only saves work: failing to write it costs the next lookup a hash.
+fn record_verified(dir: &Path, manifest: &Manifest) {
+    let seen: Option<BTreeMap<&String, FileIdentity>> = manifest.files.keys().map(|name| Some((name, FileIdentity::of(&dir.join(name))?))).collect();
+    let Some(seen) = seen else { return };
+    let partial = dir.join(format!("{VERIFIED}.{}", std::process::id()));
+    let json = serde_json::to_vec(&seen).expect("file identities always serialise");
+    if fs::write(&partial, json).and_then(|()| fs::rename(&partial, dir.join(VERIFIED))).is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+}
+
 /// Every file below `dir`, by its path relative to `dir` (`/`-separated),
 /// with its size and hash. The manifest itself is not among them.
 fn record_files(dir: &Path) -> Result<BTreeMap<String, FileRecord>, StoreError> {
@@ -596,14 +651,22 @@ mod tests {
     fn damaged_entries_are_rebuilt() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let damage: [fn(&Path); 4] = [
+        let damage: [fn(&Path); 5] = [
             |e| fs::write(e.join("hello.txt"), "hellp").unwrap(),  // same size, other bytes
+            |e| {
+                // ... and its mtime put back
+                let file = e.join("hello.txt");
+                let modified = fs::metadata(&file).unwrap().modified().unwrap();
+                fs::write(&file, "hellp").unwrap();
+                File::options().write(true).open(&file).unwrap().set_modified(modified).unwrap();
+            },
             |e| fs::write(e.join("hello.txt"), "hel").unwrap(),    // truncated
             |e| fs::remove_file(e.join(MANIFEST)).unwrap(),        // never finished
             |e| fs::write(e.join(MANIFEST), "{\"vers").unwrap(),   // garbage manifest
         ];
         for harm in damage {
             let (entry, _) = store.get_or_build("things", "k", build_hello).unwrap();
+            assert!(unchanged_since_verified(&entry.path, &entry.manifest), "a new entry is known verified");
             harm(&entry.path);
             assert!(store.lookup("things", "k").is_none());
             let (entry, provenance) = store.get_or_build("things", "k", build_hello).unwrap();

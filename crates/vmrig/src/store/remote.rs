@@ -13,7 +13,7 @@
 //! password is refused, so that none ends up in a log.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use opendal::{ErrorKind, Operator};
@@ -182,10 +182,9 @@ impl Remote {
                     return Err(damaged(format!("`{name}` is shorter than its {} bytes", record.size)));
                 }
                 offset += chunk.len() as u64;
-                for bytes in chunk {
-                    file.write_all(&bytes).map_err(file_error("write", &target))?;
-                }
+                write_sparse(&mut file, &chunk.to_vec()).map_err(file_error("write", &target))?;
             }
+            file.set_len(record.size).map_err(file_error("write", &target))?;
         }
         if let Some(reason) = super::disagreement(dir, &manifest) {
             return Err(damaged(reason));
@@ -213,6 +212,21 @@ fn is_plain_relative(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('/') && name.split('/').all(|part| !matches!(part, "" | "." | ".."))
 }
 
+/// Writes `bytes` at `file`'s position, leaving holes where whole pages
+/// are zero: a template's RAM file is mostly never-touched pages, and
+/// stays as sparse here as where it was made.
+fn write_sparse(file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+    const PAGE: usize = 4096;
+    for page in bytes.chunks(PAGE) {
+        if page.iter().all(|&b| b == 0) {
+            file.seek(SeekFrom::Current(page.len() as i64))?;
+        } else {
+            file.write_all(page)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +243,24 @@ mod tests {
             assert!(error.contains(says), "{url}: {error}");
         }
         assert!(Remote::open("http://127.0.0.1:1/store").is_ok());
+    }
+
+    #[test]
+    fn downloads_keep_pages_of_zeros_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let mut data = vec![0u8; 64 << 20];
+        data[5000] = 1;
+        data[(40 << 20) + 1] = 2;
+        let mut file = File::create(&path).unwrap();
+        for chunk in data.chunks(3 << 20) {
+            write_sparse(&mut file, chunk).unwrap();
+        }
+        file.set_len(data.len() as u64).unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+        let used = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+        assert!(used < 1 << 20, "{used} bytes used for two pages of data");
     }
 
     #[test]
