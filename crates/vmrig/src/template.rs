@@ -1,9 +1,11 @@
 //! Templates: per image and VM shape, a generic guest booted once to
 //! [`TEMPLATE_TARGET`] (settled, before the packages' own services start),
-//! with nothing of any node in it, and saved: its memory and device state,
-//! the writable layer it had at that moment, and its boot messages. Nodes
-//! of that image and shape start by restoring it (see `vm::FirstStart`)
-//! instead of booting, and their agent makes each the node it is.
+//! with nothing of any node in it, and saved: its RAM (a file the guest ran
+//! on, which nodes map privately, sharing its pages until they write
+//! them), its device state, the writable layer it had at that moment, and
+//! its boot messages. Nodes of that image and shape start by restoring it
+//! (see `vm::FirstStart`) instead of booting, and their agent makes each
+//! the node it is.
 //!
 //! A template is a store entry like an image: published whole, verified on
 //! lookup, removed by `gc`. Its key holds everything the saved state
@@ -11,7 +13,7 @@
 //! accelerator and CPU model (a state saved under TCG is never restored
 //! under KVM, nor on another host CPU under KVM), QEMU's version, and the
 //! generic layer. The layer is kept as its data extents only: the 8 GiB
-//! sparse ext4 file would otherwise be read whole by every lookup's hash.
+//! sparse ext4 file would otherwise be read whole whenever it is hashed.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -31,8 +33,9 @@ use crate::vm::{Accel, FirstStart, Launcher, Machine, MachineConfig, VmError};
 /// Store entry kind of templates.
 pub const TEMPLATE_KIND: &str = "templates";
 /// Bumped when what a template holds or how it is made changes.
-const TEMPLATE_FORMAT: &str = "template-v1";
-const STATE_FILE: &str = "memory.state";
+const TEMPLATE_FORMAT: &str = "template-v2";
+const STATE_FILE: &str = "devices.state";
+const MEMORY_FILE: &str = "memory.ram";
 const LAYER_FILE: &str = "layer.extents";
 const INITRD_FILE: &str = "initrd.img";
 const CONSOLE_FILE: &str = "console.log";
@@ -75,9 +78,14 @@ pub struct Template {
 }
 
 impl Template {
-    /// The saved memory and device state.
+    /// The saved device state.
     pub fn state(&self) -> PathBuf {
         self.entry.file(STATE_FILE)
+    }
+
+    /// The saved RAM.
+    pub fn memory(&self) -> PathBuf {
+        self.entry.file(MEMORY_FILE)
     }
 
     /// The initramfs it booted with.
@@ -151,7 +159,7 @@ fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &
         nics: (0..shape.nics).map(|i| Nic { vlan: i as u8 + 1, number: 1 }).collect(),
         socket_dir: socket_dir.to_path_buf(),
         console_log: dir.join(CONSOLE_FILE),
-        first_start: FirstStart::AsTemplate,
+        first_start: FirstStart::AsTemplate { memory: dir.join(MEMORY_FILE) },
     };
     let mut machine = Machine::new(config, log.clone(), launcher.clone());
     machine.set_deadline(Instant::now() + SETTLE_TIMEOUT);
@@ -164,8 +172,17 @@ fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &
     Ok(serde_json::json!({ "shape": format!("{shape:?}") }))
 }
 
+/// What a template does once, so that no node restored from it does it
+/// again: udev finishes its coldplug events (loading the CPU's and
+/// devices' modules takes seconds under TCG, and systemd does not wait for
+/// them), and the programs a node may run to become itself, with their
+/// libraries, are read into the page cache (`ip` ran at boot already). A
+/// cold boot does the same work; none of it leaves a trace a test could
+/// see.
+const WARM_UP: &str = "udevadm settle --timeout=120; nft list ruleset >/dev/null 2>&1; useradd --help >/dev/null 2>&1; true";
+
 /// Waits until the template's guest has reached its target and systemd
-/// has no job left, so that nothing is half done in the saved state.
+/// has no job left, warmed up: nothing is half done in the saved state.
 fn settle(machine: &mut Machine) -> Result<(), TemplateError> {
     let check = format!(
         "systemctl is-active --quiet {} && systemctl list-jobs --no-legend | grep -q . && exit 1; systemctl is-active --quiet {}",
@@ -173,10 +190,17 @@ fn settle(machine: &mut Machine) -> Result<(), TemplateError> {
         shell_quote(TEMPLATE_TARGET)
     );
     let give_up = Instant::now() + SETTLE_TIMEOUT;
+    let mut warmed_up = false;
     loop {
         let outcome = machine.shell(&check, Some(Duration::from_secs(60)))?;
         if outcome.succeeded() {
-            return Ok(());
+            if warmed_up {
+                return Ok(());
+            }
+            // What udev does may queue jobs: settled is checked again.
+            machine.shell(WARM_UP, Some(Duration::from_secs(180)))?;
+            warmed_up = true;
+            continue;
         }
         if Instant::now() > give_up {
             return Err(TemplateError::Unsettled(String::from_utf8_lossy(&outcome.stderr).into_owned()));

@@ -269,6 +269,7 @@ impl<'a> Prepared<'a> {
                     template.copy_layer(&state_disk)?;
                     FirstStart::Restore(Restore {
                         state: template.state(),
+                        memory: template.memory(),
                         initrd: template.initrd(),
                         console_log: template.console_log(),
                         layer: self.layers[&node.name].clone(),

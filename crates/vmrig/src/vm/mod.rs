@@ -168,8 +168,12 @@ pub enum FirstStart {
     /// A whole boot.
     Cold,
     /// A boot as a template: generic NICs on no network, to the template
-    /// target, nothing of a node's own.
-    AsTemplate,
+    /// target, nothing of a node's own. Its RAM is the file `memory`
+    /// (shared), so that the saved state need not hold it.
+    AsTemplate {
+        /// Where the guest's RAM lives.
+        memory: PathBuf,
+    },
     /// The saved state of a template, restored and made this node.
     Restore(Restore),
 }
@@ -177,8 +181,11 @@ pub enum FirstStart {
 /// What restoring a template needs.
 #[derive(Debug, Clone)]
 pub struct Restore {
-    /// The template's memory and device state.
+    /// The template's device state (its RAM is not in it).
     pub state: PathBuf,
+    /// The template's RAM, mapped privately: nodes restored from one
+    /// template share its pages until they write them.
+    pub memory: PathBuf,
     /// The initramfs the template booted with (the restored machine must
     /// be built as the saved one was).
     pub initrd: PathBuf,
@@ -374,15 +381,29 @@ impl Machine {
             append.push(' ');
             append.push_str(param);
         }
-        if matches!(how, FirstStart::AsTemplate | FirstStart::Restore(_)) {
+        if matches!(how, FirstStart::AsTemplate { .. } | FirstStart::Restore(_)) {
             append.push_str(&format!(" systemd.unit={}", vmrig_proto::TEMPLATE_TARGET));
         }
         let initrd = match how {
             FirstStart::Restore(restore) => &restore.initrd,
             _ => &c.initrd,
         };
+        let mut machine = "microvm,rtc=on".to_string();
+        let memory_file = match how {
+            FirstStart::Cold => None,
+            FirstStart::AsTemplate { memory } => Some((memory, "on")),
+            FirstStart::Restore(restore) => Some((&restore.memory, "off")),
+        };
+        if let Some((path, share)) = memory_file {
+            machine.push_str(",memory-backend=ram");
+            command.arg("-object").arg(format!(
+                "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
+                c.memory_mib,
+                path.display()
+            ));
+        }
         command
-            .args(["-machine", "microvm,rtc=on", "-accel", accel, "-cpu", cpu])
+            .args(["-machine", &machine, "-accel", accel, "-cpu", cpu])
             .args(["-m", &c.memory_mib.to_string(), "-smp", &c.cpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio"])
             .arg("-kernel")
@@ -416,7 +437,7 @@ impl Machine {
             // A template's NICs are on no network; a node restored from it
             // keeps the template's MACs until its agent gives it its own.
             let netdev = match how {
-                FirstStart::AsTemplate => format!("hubport,id=nic{index},hubid={index}"),
+                FirstStart::AsTemplate { .. } => format!("hubport,id=nic{index},hubid={index}"),
                 _ => format!(
                     "dgram,id=nic{index},local.type=unix,local.path={},remote.type=unix,remote.path={}",
                     nic.node_socket(&c.socket_dir).display(),
@@ -425,7 +446,7 @@ impl Machine {
             };
             let mac = match how {
                 FirstStart::Cold => nic.mac(),
-                FirstStart::AsTemplate | FirstStart::Restore(_) => vmrig_proto::template_mac(index),
+                FirstStart::AsTemplate { .. } | FirstStart::Restore(_) => vmrig_proto::template_mac(index),
             };
             command.arg("-netdev").arg(netdev).arg("-device").arg(format!("virtio-net-device,netdev=nic{index},mac={mac}"));
         }
@@ -518,6 +539,7 @@ impl Machine {
     /// Loads the template's saved state into the QEMU just started with
     /// `-incoming defer`, and lets it run.
     fn restore(&mut self, restore: &Restore) -> Result<(), VmError> {
+        self.ignore_shared_memory()?;
         let uri = format!("exec:cat {}", vmrig_proto::shell_quote(&restore.state.to_string_lossy()));
         self.qmp_execute("migrate-incoming", Some(json!({ "uri": uri })))?;
         self.wait_for_migration("migrate-incoming")?;
@@ -546,13 +568,21 @@ impl Machine {
         }
     }
 
-    /// Saves the running machine's memory and device state to `path` and
-    /// stops it: what a template is made of.
+    /// Stops the running machine and saves its device state to `path`:
+    /// with its RAM file, what a template is made of.
     pub fn save_state(&mut self, path: &Path) -> Result<(), VmError> {
         self.qmp_execute("stop", None)?;
+        self.ignore_shared_memory()?;
         let uri = format!("exec:cat > {}", vmrig_proto::shell_quote(&path.to_string_lossy()));
         self.qmp_execute("migrate", Some(json!({ "uri": uri })))?;
         self.wait_for_migration("migrate")
+    }
+
+    /// Leaves RAM backed by a file out of the migration stream: a
+    /// template's RAM file is its memory, and a node maps it.
+    fn ignore_shared_memory(&mut self) -> Result<(), VmError> {
+        let capability = json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] });
+        self.qmp_execute("migrate-set-capabilities", Some(capability)).map(drop)
     }
 
     /// Waits until the migration `command` started has completed, for as
