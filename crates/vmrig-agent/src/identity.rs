@@ -22,8 +22,9 @@
 //!
 //! The agent answers after step 4, as a cold boot's agent answers once
 //! `/init` has applied the layer and before systemd has started a unit;
-//! steps 5 and 6 go on on a thread of their own ([`Settling`]), while
-//! [`BECOMING_MARKER`] tells the driver that no job is no verdict yet.
+//! steps 5 and 6 go on on a thread of their own ([`Settling`]), asked of
+//! systemd over its private socket, while [`BECOMING_MARKER`] tells the
+//! driver that no job is no verdict yet.
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -33,20 +34,28 @@ use std::time::{Duration, Instant};
 
 use vmrig_proto::{BECOMING_MARKER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
+use crate::systemd::Systemd;
 use crate::init::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
 
 /// Where the layer is unpacked.
 const UNPACKED: &str = "/run/vmrig-layer";
 
+/// How early boot's work with some files is done again.
+enum Replay {
+    /// Restarting the unit that did it.
+    Restart(&'static str),
+    /// Running what the unit ran (it refuses a manual start).
+    Run(&'static str, &'static [&'static str]),
+}
+
 /// What early boot did with the node's files that can be done again, and
 /// the guest paths whose files it reads: a layer that writes below one of
 /// the paths has it done again.
-const REPLAYED: &[(&[&str], &[&str])] = &[
-    (&["/etc/sysctl.d/", "/etc/sysctl.conf", "/usr/lib/sysctl.d/"], &["/usr/bin/systemctl", "restart", "systemd-sysctl.service"]),
-    // The unit refuses a manual start: what it runs, then.
-    (&["/etc/tmpfiles.d/", "/usr/lib/tmpfiles.d/"], &["/usr/bin/systemd-tmpfiles", "--create", "--remove", "--boot", "--exclude-prefix=/dev"]),
-    (&["/etc/modules-load.d/", "/etc/modules", "/usr/lib/modules-load.d/"], &["/usr/bin/systemctl", "restart", "systemd-modules-load.service"]),
-    (&["/etc/udev/rules.d/", "/usr/lib/udev/rules.d/"], &["/usr/bin/systemctl", "restart", "systemd-udev-trigger.service"]),
+const REPLAYED: &[(&[&str], Replay)] = &[
+    (&["/etc/sysctl.d/", "/etc/sysctl.conf", "/usr/lib/sysctl.d/"], Replay::Restart("systemd-sysctl.service")),
+    (&["/etc/tmpfiles.d/", "/usr/lib/tmpfiles.d/"], Replay::Run("/usr/bin/systemd-tmpfiles", &["--create", "--remove", "--boot", "--exclude-prefix=/dev"])),
+    (&["/etc/modules-load.d/", "/etc/modules", "/usr/lib/modules-load.d/"], Replay::Restart("systemd-modules-load.service")),
+    (&["/etc/udev/rules.d/", "/usr/lib/udev/rules.d/"], Replay::Restart("systemd-udev-trigger.service")),
 ];
 
 /// `ioctl` numbers of `/dev/urandom` (linux/random.h).
@@ -118,14 +127,15 @@ impl Settling {
     }
 }
 
-/// Steps 5 and 6.
+/// Steps 5 and 6, asked of systemd over its private socket.
 fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
+    let mut systemd = Systemd::connect()?;
     // Units the template never loaded (multi-user.target and the services
     // it wants, among them) are read from disk when first needed; only a
     // unit it had loaded keeps what it read then, until a reload.
-    if changes_loaded_units(written)? {
+    if changes_loaded_units(&mut systemd, written)? {
         let skipped = skip_idle_generators(written);
-        let reloaded = run_program("/usr/bin/systemctl", &["daemon-reload"]);
+        let reloaded = systemd.reload();
         for mask in skipped {
             let _ = fs::remove_file(mask);
         }
@@ -136,15 +146,21 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
     }
     // journald names its files by machine-id, and reads its settings only
     // as it starts: it starts over, under the new id and the node's settings.
-    run_program("/usr/bin/systemctl", &["restart", "systemd-journald.service"])?;
+    systemd.restart("systemd-journald.service")?;
     steps.done("journald");
-    for (inputs, command) in REPLAYED {
+    for (inputs, replay) in REPLAYED {
         if written.iter().any(|path| inputs.iter().any(|input| path.starts_with(input))) {
-            run_program(command[0], &command[1..])?;
-            steps.done(command.last().copied().unwrap_or_default());
+            match replay {
+                Replay::Restart(unit) => systemd.restart(unit)?,
+                Replay::Run(program, args) => run_program(program, args)?,
+            }
+            steps.done(match replay {
+                Replay::Restart(unit) => unit,
+                Replay::Run(program, _) => program,
+            });
         }
     }
-    run_program("/usr/bin/systemctl", &["start", "--no-block", "default.target"])?;
+    systemd.start_no_block("default.target")?;
     steps.done("default target queued");
     Ok(())
 }
@@ -152,23 +168,22 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
 /// Whether `changed` (the layer's guest paths the template did not have
 /// as they are) holds a unit file, drop-in or dependency directory of a
 /// unit systemd has loaded, or looked for and not found.
-fn changes_loaded_units(changed: &[String]) -> Result<bool, String> {
+fn changes_loaded_units(systemd: &mut Systemd, changed: &[String]) -> Result<bool, String> {
     const UNIT_DIRS: [&str; 4] = ["/etc/systemd/system/", "/run/systemd/system/", "/lib/systemd/system/", "/usr/lib/systemd/system/"];
-    let touched: Vec<&str> = changed
+    let mut touched: Vec<&str> = changed
         .iter()
         .filter_map(|path| UNIT_DIRS.iter().find_map(|dir| path.strip_prefix(dir)))
         .filter_map(|rest| rest.split('/').next())
         .map(|entry| [".d", ".wants", ".requires", ".upholds"].iter().find_map(|s| entry.strip_suffix(s)).unwrap_or(entry))
         .collect();
-    if touched.is_empty() {
-        return Ok(false);
+    touched.sort_unstable();
+    touched.dedup();
+    for unit in touched {
+        if systemd.has_loaded(unit)? {
+            return Ok(true);
+        }
     }
-    let listed = std::process::Command::new("/usr/bin/systemctl")
-        .args(["list-units", "--all", "--plain", "--no-legend", "--full", "--no-pager"])
-        .output()
-        .map_err(|e| format!("cannot run systemctl: {e}"))?;
-    let loaded = String::from_utf8_lossy(&listed.stdout);
-    Ok(!listed.status.success() || loaded.lines().filter_map(|l| l.split_whitespace().next()).any(|unit| touched.contains(&unit)))
+    Ok(false)
 }
 
 /// Whether the layer's file at guest `path` (below `overlay`) differs from

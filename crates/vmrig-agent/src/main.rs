@@ -9,6 +9,7 @@ mod identity;
 mod init;
 mod server;
 mod sockets;
+mod systemd;
 mod worker;
 
 fn main() -> std::process::ExitCode {

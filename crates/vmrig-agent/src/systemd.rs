@@ -1,0 +1,496 @@
+//! The calls the agent makes to systemd, over its private D-Bus socket.
+//!
+//! A restored node catches systemd up with a handful of calls (is a unit
+//! loaded, reload, restart a unit and wait for it, start the default
+//! target). Each `systemctl` process would cost 0.3–0.5 s just after a
+//! restore under TCG (a large program on a cold translation cache), so the
+//! agent speaks the D-Bus wire protocol to `/run/systemd/private` itself:
+//! method calls with string arguments, and replies carrying nothing, an
+//! object path or an error. Nothing else of D-Bus is here.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// systemd's socket for clients on the same machine, with no bus daemon.
+const PRIVATE_SOCKET: &str = "/run/systemd/private";
+const SYSTEMD_PATH: &str = "/org/freedesktop/systemd1";
+const MANAGER: &str = "org.freedesktop.systemd1.Manager";
+/// How long a call may go unanswered (a reload under TCG takes seconds).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a call waits for its reply before nudging systemd (below).
+const NUDGE_AFTER: Duration = Duration::from_millis(200);
+
+/// Message types, header fields and flags of the D-Bus wire protocol.
+const METHOD_CALL: u8 = 1;
+const METHOD_RETURN: u8 = 2;
+const ERROR: u8 = 3;
+const SIGNAL: u8 = 4;
+const FIELD_PATH: u8 = 1;
+const FIELD_INTERFACE: u8 = 2;
+const FIELD_MEMBER: u8 = 3;
+const FIELD_ERROR_NAME: u8 = 4;
+const FIELD_REPLY_SERIAL: u8 = 5;
+const FIELD_SIGNATURE: u8 = 8;
+
+/// What a call answered.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    /// A return, with the object path it carried, if any.
+    Return(Option<String>),
+    /// An error: its name and message.
+    Error(String, String),
+}
+
+/// A message from systemd.
+#[derive(Debug, PartialEq, Eq)]
+enum Incoming {
+    /// The reply to the call of this serial.
+    Reply(u32, Reply),
+    /// A job ended: its object path.
+    JobRemoved(String),
+    /// Anything else (systemd tells every client of its unit changes).
+    Other,
+}
+
+/// A connection to systemd.
+pub struct Systemd {
+    stream: BufReader<UnixStream>,
+    serial: u32,
+    /// Whether systemd tells this connection of its jobs.
+    subscribed: bool,
+    /// Jobs that ended while a reply was awaited.
+    ended_jobs: Vec<String>,
+}
+
+impl Systemd {
+    /// Connects to systemd's private socket.
+    pub fn connect() -> Result<Self, String> {
+        let stream = UnixStream::connect(PRIVATE_SOCKET).map_err(|e| format!("cannot connect to systemd ({PRIVATE_SOCKET}): {e}"))?;
+        Self::over(stream).map_err(|e| format!("cannot talk to systemd: {e}"))
+    }
+
+    /// Authenticates as this process's user over `stream`.
+    fn over(stream: UnixStream) -> io::Result<Self> {
+        stream.set_read_timeout(Some(CALL_TIMEOUT))?;
+        let uid: String = nix::unistd::getuid().as_raw().to_string().bytes().map(|b| format!("{b:02x}")).collect();
+        let mut writer = &stream;
+        writer.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes())?;
+        let mut stream = BufReader::new(stream);
+        let mut answer = String::new();
+        stream.read_line(&mut answer)?;
+        if !answer.starts_with("OK ") {
+            return Err(io::Error::other(format!("authentication refused: {}", answer.trim())));
+        }
+        stream.get_ref().write_all(b"BEGIN\r\n")?;
+        Ok(Self { stream, serial: 0, subscribed: false, ended_jobs: Vec::new() })
+    }
+
+    /// Whether systemd has `unit` loaded, or has looked for it (a unit
+    /// another names and which was not found is loaded as such).
+    pub fn has_loaded(&mut self, unit: &str) -> Result<bool, String> {
+        match self.call("GetUnit", &[unit])? {
+            Reply::Return(_) => Ok(true),
+            Reply::Error(name, _) if name == "org.freedesktop.systemd1.NoSuchUnit" => Ok(false),
+            Reply::Error(name, message) => Err(format!("systemd: GetUnit {unit}: {name}: {message}")),
+        }
+    }
+
+    /// Reloads every unit file, as `systemctl daemon-reload` does: systemd
+    /// answers once it has.
+    pub fn reload(&mut self) -> Result<(), String> {
+        self.expect_return("Reload", &[]).map(drop)
+    }
+
+    /// Restarts `unit` and waits until the job has ended, as `systemctl
+    /// restart` does.
+    pub fn restart(&mut self, unit: &str) -> Result<(), String> {
+        if !self.subscribed {
+            self.expect_return("Subscribe", &[])?;
+            self.subscribed = true;
+        }
+        let job = self.expect_return("RestartUnit", &[unit, "replace"])?.ok_or_else(|| format!("systemd: RestartUnit {unit} named no job"))?;
+        let started = Instant::now();
+        while !self.ended_jobs.contains(&job) {
+            match self.next_message("RestartUnit", None)? {
+                Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
+                _ if started.elapsed() > CALL_TIMEOUT => return Err(format!("systemd: restarting {unit} takes over {} s", CALL_TIMEOUT.as_secs())),
+                _ => {}
+            }
+        }
+        self.ended_jobs.retain(|ended| *ended != job);
+        Ok(())
+    }
+
+    /// Queues a start of `unit`, as `systemctl start --no-block` does.
+    pub fn start_no_block(&mut self, unit: &str) -> Result<(), String> {
+        self.expect_return("StartUnit", &[unit, "replace"]).map(drop)
+    }
+
+    fn expect_return(&mut self, member: &str, args: &[&str]) -> Result<Option<String>, String> {
+        match self.call(member, args)? {
+            Reply::Return(path) => Ok(path),
+            Reply::Error(name, message) => Err(format!("systemd: {member} {}: {name}: {message}", args.join(" "))),
+        }
+    }
+
+    /// Calls `member` of systemd's manager with string arguments, and
+    /// reads until its reply.
+    fn call(&mut self, member: &str, args: &[&str]) -> Result<Reply, String> {
+        let serial = self.send(MANAGER, member, args).map_err(|e| format!("systemd: {member}: {e}"))?;
+        loop {
+            match self.next_message(member, Some(serial))? {
+                Incoming::Reply(to, reply) if to == serial => return Ok(reply),
+                Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next message; while none comes and the call of `awaited`
+    /// waits for its reply, systemd is nudged.
+    fn next_message(&mut self, member: &str, awaited: Option<u32>) -> Result<Incoming, String> {
+        let failed = |e: io::Error| format!("systemd: {member}: {e}");
+        let started = Instant::now();
+        loop {
+            // systemd (252) leaves bytes that came in one read with the
+            // end of authentication unparsed until more arrive: a call
+            // that goes unanswered is followed by a ping, until it is.
+            self.stream.get_ref().set_read_timeout(Some(NUDGE_AFTER)).map_err(failed)?;
+            match self.stream.fill_buf() {
+                Ok([]) => return Err(format!("systemd: {member}: the connection was closed")),
+                Ok(_) => break,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    if started.elapsed() > CALL_TIMEOUT {
+                        return Err(format!("systemd: {member}: no answer in {} s", CALL_TIMEOUT.as_secs()));
+                    }
+                    if awaited.is_some() {
+                        self.send("org.freedesktop.DBus.Peer", "Ping", &[]).map_err(failed)?;
+                    }
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        self.stream.get_ref().set_read_timeout(Some(CALL_TIMEOUT)).map_err(failed)?;
+        read_message(&mut self.stream).map_err(failed)
+    }
+
+    /// Sends a method call to systemd's object; its serial.
+    fn send(&mut self, interface: &str, member: &str, args: &[&str]) -> io::Result<u32> {
+        self.serial += 1;
+        self.stream.get_ref().write_all(&method_call(self.serial, SYSTEMD_PATH, interface, member, args))?;
+        Ok(self.serial)
+    }
+}
+
+/// Appends zeros to `buffer` until its length is a multiple of `to`.
+fn pad(buffer: &mut Vec<u8>, to: usize) {
+    while buffer.len() % to != 0 {
+        buffer.push(0);
+    }
+}
+
+/// Appends a string (or object path): aligned length, bytes, a NUL.
+fn put_string(buffer: &mut Vec<u8>, text: &str) {
+    pad(buffer, 4);
+    buffer.extend_from_slice(&(text.len() as u32).to_le_bytes());
+    buffer.extend_from_slice(text.as_bytes());
+    buffer.push(0);
+}
+
+/// Appends a header field of type `signature` holding `value`.
+fn put_field(buffer: &mut Vec<u8>, code: u8, signature: u8, value: &str) {
+    pad(buffer, 8);
+    buffer.extend_from_slice(&[code, 1, signature, 0]);
+    if signature == b'g' {
+        buffer.push(value.len() as u8);
+        buffer.extend_from_slice(value.as_bytes());
+        buffer.push(0);
+    } else {
+        put_string(buffer, value);
+    }
+}
+
+/// A little-endian method call message with string arguments.
+fn method_call(serial: u32, path: &str, interface: &str, member: &str, args: &[&str]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for arg in args {
+        put_string(&mut body, arg);
+    }
+    let mut message = vec![b'l', METHOD_CALL, 0, 1];
+    message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    message.extend_from_slice(&serial.to_le_bytes());
+    message.extend_from_slice(&[0; 4]); // the fields' length, below
+    put_field(&mut message, FIELD_PATH, b'o', path);
+    put_field(&mut message, FIELD_INTERFACE, b's', interface);
+    put_field(&mut message, FIELD_MEMBER, b's', member);
+    if !args.is_empty() {
+        put_field(&mut message, FIELD_SIGNATURE, b'g', &"s".repeat(args.len()));
+    }
+    let fields_length = (message.len() - 16) as u32;
+    message[12..16].copy_from_slice(&fields_length.to_le_bytes());
+    pad(&mut message, 8);
+    message.extend_from_slice(&body);
+    message
+}
+
+/// Reads within a message: alignment and bounds checked.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn align(&mut self, to: usize) {
+        self.at = self.at.div_ceil(to) * to;
+    }
+
+    fn take(&mut self, count: usize) -> io::Result<&[u8]> {
+        let taken = self.bytes.get(self.at..self.at + count).ok_or_else(|| io::Error::other("a message shorter than it says"))?;
+        self.at += count;
+        Ok(taken)
+    }
+
+    fn u32(&mut self) -> io::Result<u32> {
+        self.align(4);
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("four bytes")))
+    }
+
+    fn string(&mut self) -> io::Result<String> {
+        let length = self.u32()? as usize;
+        let text = String::from_utf8_lossy(self.take(length)?).into_owned();
+        self.take(1)?;
+        Ok(text)
+    }
+
+    fn signature(&mut self) -> io::Result<String> {
+        let length = self.take(1)?[0] as usize;
+        let text = String::from_utf8_lossy(self.take(length)?).into_owned();
+        self.take(1)?;
+        Ok(text)
+    }
+}
+
+/// Reads one message.
+fn read_message(stream: &mut impl Read) -> io::Result<Incoming> {
+    let mut fixed = [0u8; 16];
+    stream.read_exact(&mut fixed)?;
+    if fixed[0] != b'l' {
+        return Err(io::Error::other("a big-endian message (not expected from this machine's systemd)"));
+    }
+    let word = |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().expect("four bytes")) as usize;
+    let (body_length, fields_length) = (word(4), word(12));
+    let mut rest = vec![0u8; fields_length.div_ceil(8) * 8 + body_length];
+    stream.read_exact(&mut rest)?;
+    let mut message = fixed.to_vec();
+    message.extend_from_slice(&rest);
+
+    let mut fields = Cursor { bytes: &message[..16 + fields_length], at: 16 };
+    let (mut reply_to, mut member, mut error_name, mut signature) = (None, String::new(), String::new(), String::new());
+    while fields.at < fields.bytes.len() {
+        fields.align(8);
+        let code = fields.take(1)?[0];
+        match (code, fields.signature()?.as_str()) {
+            (FIELD_REPLY_SERIAL, "u") => reply_to = Some(fields.u32()?),
+            (FIELD_MEMBER, "s") => member = fields.string()?,
+            (FIELD_ERROR_NAME, "s") => error_name = fields.string()?,
+            (FIELD_SIGNATURE, "g") => signature = fields.signature()?,
+            (_, "u") => drop(fields.u32()?),
+            (_, "s" | "o") => drop(fields.string()?),
+            (_, "g") => drop(fields.signature()?),
+            (_, other) => return Err(io::Error::other(format!("a header field of type `{other}`"))),
+        }
+    }
+    let mut body = Cursor { bytes: &message[(16 + fields_length).div_ceil(8) * 8..], at: 0 };
+    Ok(match (fixed[1], reply_to) {
+        (METHOD_RETURN, Some(to)) => Incoming::Reply(to, Reply::Return(if signature.starts_with('o') { Some(body.string()?) } else { None })),
+        (ERROR, Some(to)) => {
+            let message = if signature.starts_with('s') { body.string()? } else { String::new() };
+            Incoming::Reply(to, Reply::Error(error_name, message))
+        }
+        (SIGNAL, _) if member == "JobRemoved" && signature == "uoss" => {
+            body.u32()?;
+            Incoming::JobRemoved(body.string()?)
+        }
+        _ => Incoming::Other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a peer made of a method call.
+    #[derive(Debug, PartialEq)]
+    struct Call {
+        serial: u32,
+        path: String,
+        member: String,
+        args: Vec<String>,
+    }
+
+    /// Parses a method call as a bus peer would.
+    fn parse_call(stream: &mut impl Read) -> Call {
+        let mut fixed = [0u8; 16];
+        stream.read_exact(&mut fixed).unwrap();
+        assert_eq!(&fixed[..4], &[b'l', METHOD_CALL, 0, 1]);
+        let word = |at: usize| u32::from_le_bytes(fixed[at..at + 4].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; word(12).div_ceil(8) * 8 + word(4)];
+        stream.read_exact(&mut rest).unwrap();
+        let mut message = fixed.to_vec();
+        message.extend_from_slice(&rest);
+        let mut fields = Cursor { bytes: &message[..16 + word(12)], at: 16 };
+        let (mut path, mut member, mut signature) = (String::new(), String::new(), String::new());
+        while fields.at < fields.bytes.len() {
+            fields.align(8);
+            let code = fields.take(1).unwrap()[0];
+            let kind = fields.signature().unwrap();
+            let value = if kind == "g" { fields.signature().unwrap() } else { fields.string().unwrap() };
+            match code {
+                FIELD_PATH => path = value,
+                FIELD_MEMBER => member = value,
+                FIELD_SIGNATURE => signature = value,
+                _ => {}
+            }
+        }
+        let mut body = Cursor { bytes: &message[word(12).div_ceil(8) * 8 + 16..], at: 0 };
+        let args = signature.chars().map(|_| body.string().unwrap()).collect();
+        Call { serial: word(8) as u32, path, member, args }
+    }
+
+    /// A reply message of `kind` to `serial`: an error named `error`, or a
+    /// return carrying `object`.
+    fn reply(kind: u8, serial: u32, error: Option<&str>, object: Option<&str>) -> Vec<u8> {
+        let mut body = Vec::new();
+        if let Some(text) = object.or(error.map(|_| "it failed")) {
+            put_string(&mut body, text);
+        }
+        let mut message = vec![b'l', kind, 1, 1];
+        message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        message.extend_from_slice(&7u32.to_le_bytes());
+        message.extend_from_slice(&[0; 4]);
+        pad(&mut message, 8);
+        message.extend_from_slice(&[FIELD_REPLY_SERIAL, 1, b'u', 0]);
+        message.extend_from_slice(&serial.to_le_bytes());
+        if let Some(name) = error {
+            put_field(&mut message, FIELD_ERROR_NAME, b's', name);
+        }
+        if !body.is_empty() {
+            put_field(&mut message, FIELD_SIGNATURE, b'g', if object.is_some() { "o" } else { "s" });
+        }
+        let fields_length = (message.len() - 16) as u32;
+        message[12..16].copy_from_slice(&fields_length.to_le_bytes());
+        pad(&mut message, 8);
+        message.extend_from_slice(&body);
+        message
+    }
+
+    /// A connection to a fake systemd that authenticates the client, then
+    /// answers each call with `answer`.
+    fn fake_systemd(answer: impl Fn(&Call, usize) -> Vec<Vec<u8>> + Send + 'static) -> (Systemd, std::thread::JoinHandle<Vec<Call>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut reader = BufReader::new(theirs);
+            let mut line = Vec::new();
+            reader.read_until(b'\n', &mut line).unwrap();
+            assert!(line.starts_with(b"\0AUTH EXTERNAL "), "{line:?}");
+            reader.get_ref().write_all(b"OK 0123456789abcdef0123456789abcdef\r\n").unwrap();
+            line.clear();
+            reader.read_until(b'\n', &mut line).unwrap();
+            assert_eq!(line, b"BEGIN\r\n");
+            let mut calls = Vec::new();
+            while reader.fill_buf().is_ok_and(|b| !b.is_empty()) {
+                let call = parse_call(&mut reader);
+                for message in answer(&call, calls.len()) {
+                    reader.get_ref().write_all(&message).unwrap();
+                }
+                calls.push(call);
+            }
+            calls
+        });
+        (Systemd::over(ours).unwrap(), peer)
+    }
+
+    #[test]
+    fn unit_lookups_tell_loaded_from_unknown_units() {
+        let (mut systemd, peer) = fake_systemd(|call, _| {
+            let known = call.args == ["app.service"];
+            let error = (!known).then_some("org.freedesktop.systemd1.NoSuchUnit");
+            vec![reply(if known { METHOD_RETURN } else { ERROR }, call.serial, error, known.then_some("/org/freedesktop/systemd1/unit/app_2eservice"))]
+        });
+        assert_eq!(systemd.has_loaded("app.service"), Ok(true));
+        assert_eq!(systemd.has_loaded("other.service"), Ok(false));
+        drop(systemd);
+        let calls = peer.join().unwrap();
+        assert_eq!(calls[0], Call { serial: 1, path: SYSTEMD_PATH.into(), member: "GetUnit".into(), args: vec!["app.service".into()] });
+        assert_eq!(calls[1].serial, 2);
+    }
+
+    /// The signal that job `path` ended.
+    fn job_removed(path: &str) -> Vec<u8> {
+        let mut body = 7u32.to_le_bytes().to_vec();
+        for text in [path, "some.service", "done"] {
+            put_string(&mut body, text);
+        }
+        let mut message = vec![b'l', SIGNAL, 1, 1];
+        message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        message.extend_from_slice(&9u32.to_le_bytes());
+        message.extend_from_slice(&[0; 4]);
+        put_field(&mut message, FIELD_PATH, b'o', SYSTEMD_PATH);
+        put_field(&mut message, FIELD_MEMBER, b's', "JobRemoved");
+        put_field(&mut message, FIELD_SIGNATURE, b'g', "uoss");
+        let fields_length = (message.len() - 16) as u32;
+        message[12..16].copy_from_slice(&fields_length.to_le_bytes());
+        pad(&mut message, 8);
+        message.extend_from_slice(&body);
+        message
+    }
+
+    #[test]
+    fn a_restart_waits_for_its_job_to_end_and_skips_what_is_not_for_it() {
+        const JOB: &str = "/org/freedesktop/systemd1/job/42";
+        let (mut systemd, peer) = fake_systemd(|call, index| match index {
+            0 => vec![reply(METHOD_RETURN, call.serial, None, None)],
+            // A signal and a reply to another serial come first; another
+            // job ends before this one.
+            1 => vec![
+                reply(SIGNAL, 0, None, None),
+                reply(METHOD_RETURN, 99, None, None),
+                reply(METHOD_RETURN, call.serial, None, Some(JOB)),
+                job_removed("/org/freedesktop/systemd1/job/41"),
+                job_removed(JOB),
+            ],
+            // The job ends before the reply that names it is read.
+            _ => vec![job_removed(JOB), reply(METHOD_RETURN, call.serial, None, Some(JOB))],
+        });
+        systemd.restart("systemd-journald.service").unwrap();
+        systemd.restart("systemd-sysctl.service").unwrap();
+        drop(systemd);
+        let calls = peer.join().unwrap();
+        let members: Vec<&str> = calls.iter().map(|c| c.member.as_str()).collect();
+        assert_eq!(members, ["Subscribe", "RestartUnit", "RestartUnit"]);
+        assert_eq!(calls[1].args, ["systemd-journald.service", "replace"]);
+    }
+
+    #[test]
+    fn a_call_left_unanswered_is_nudged_until_it_is_answered() {
+        // As systemd does with a call that came with the end of
+        // authentication: nothing until more bytes arrive.
+        let (mut systemd, peer) = fake_systemd(|call, index| match index {
+            0 => vec![],
+            _ => vec![reply(METHOD_RETURN, 1, None, None), reply(METHOD_RETURN, call.serial, None, None)],
+        });
+        systemd.start_no_block("default.target").unwrap();
+        drop(systemd);
+        let calls = peer.join().unwrap();
+        assert_eq!(calls.iter().map(|c| c.member.as_str()).collect::<Vec<_>>(), ["StartUnit", "Ping"]);
+    }
+
+    #[test]
+    fn errors_carry_their_name_and_message() {
+        let (mut systemd, _peer) = fake_systemd(|call, _| vec![reply(ERROR, call.serial, Some("org.freedesktop.systemd1.NoSuchUnit"), None)]);
+        let error = systemd.start_no_block("nothing.target").unwrap_err();
+        assert!(error.contains("StartUnit nothing.target replace: org.freedesktop.systemd1.NoSuchUnit: it failed"), "{error}");
+    }
+}
+
