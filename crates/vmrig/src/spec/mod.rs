@@ -127,6 +127,10 @@ pub struct ServiceFields {
     pub exec_start: String,
     /// `ExecStartPre=` lines.
     pub exec_start_pre: Vec<String>,
+    /// `ExecStartPost=` lines: the unit is active only once they have run
+    /// (how a test says when a service that cannot notify systemd is
+    /// ready, so that `wait_for_unit` means ready).
+    pub exec_start_post: Vec<String>,
     /// `WorkingDirectory=`.
     pub working_directory: Option<String>,
     /// `Environment=` pairs.

@@ -36,6 +36,7 @@ const SERVICE_KEYS: &[&str] = &[
     "description",
     "exec_start",
     "exec_start_pre",
+    "exec_start_post",
     "working_directory",
     "environment",
     "user",
@@ -616,6 +617,7 @@ impl Parser<'_> {
             let parsed = match key {
                 "description" => self.string(value, &what).map(|v| fields.description = Some(v)),
                 "exec_start_pre" => self.command_list(value, &what).map(|v| fields.exec_start_pre = v),
+                "exec_start_post" => self.command_list(value, &what).map(|v| fields.exec_start_post = v),
                 "working_directory" => self.string(value, &what).map(|v| fields.working_directory = Some(v)),
                 "environment" => self.string_map(value, &what).map(|v| fields.environment = v),
                 "user" => self.string(value, &what).map(|v| fields.user = Some(v)),

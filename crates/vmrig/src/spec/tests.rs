@@ -96,6 +96,7 @@ unit = "[Service]\nExecStart=/bin/true\n"
 [nodes.web-1.services.job]
 exec_start = "/bin/true"
 exec_start_pre = "/bin/echo pre"
+exec_start_post = ["/bin/echo post", "/bin/echo ready"]
 type = "oneshot"
 restart = "on-failure"
 user = "alice"
@@ -125,6 +126,7 @@ after = ["network.target"]
     assert!(matches!(&node.services["raw"], Service::Raw(text) if text.contains("ExecStart=/bin/true")));
     let Service::Fields(job) = &node.services["job"] else { panic!() };
     assert_eq!(job.exec_start_pre, ["/bin/echo pre"]);
+    assert_eq!(job.exec_start_post, ["/bin/echo post", "/bin/echo ready"]);
     assert_eq!(job.service_type.as_deref(), Some("oneshot"));
 }
 
