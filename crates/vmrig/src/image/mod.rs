@@ -53,6 +53,8 @@ pub const KERNEL_FILE: &str = "vmlinuz";
 pub const MODULES_FILE: &str = "modules.cpio";
 /// The initramfs inside an initramfs entry.
 pub const INITRD_FILE: &str = "initrd.img";
+/// mmdebstrap's `$TMPDIR`, inside the entry being built.
+const SCRATCH_DIR: &str = "scratch";
 
 /// Errors of the image layer.
 #[derive(Debug, thiserror::Error)]
@@ -316,7 +318,22 @@ impl<'a> Builder<'a> {
         let log_path = self.store.log_path("image", key);
         let mut log = File::create(&log_path).map_err(file_error("create", &log_path))?;
 
-        let mut command = Command::new(mmdebstrap);
+        // As root, mmdebstrap mounts /proc, /sys and /dev in its temporary
+        // root; in a mount namespace of its own, they vanish with it
+        // however it ends, and no one deleting what a killed build left
+        // walks into the host's. (Others run it in a user namespace.)
+        let mut command = if nix::unistd::geteuid().is_root() {
+            let mut unshare = Command::new("unshare");
+            unshare.args(["--mount", "--propagation", "private", "--"]).arg(mmdebstrap);
+            unshare
+        } else {
+            Command::new(mmdebstrap)
+        };
+        // Its temporary root goes in the entry's staging directory: on the
+        // filesystem of `dir`, so that the hook can hard-link the kernel
+        // modules out, and swept with it if the build dies.
+        let scratch = dir.join(SCRATCH_DIR);
+        fs::create_dir(&scratch).map_err(file_error("create", &scratch))?;
         command
             .arg("--variant=essential")
             .arg(format!(
@@ -333,10 +350,7 @@ impl<'a> Builder<'a> {
             .arg(&request.distro)
             .arg("/dev/null")
             .args(request.sources.iter().map(AptEntry::to_line))
-            // mmdebstrap makes its temporary root in $TMPDIR: the store's own
-            // tmp/ keeps it on the filesystem of `dir`, so that the hook can
-            // hard-link the kernel modules out instead of copying them.
-            .env("TMPDIR", self.store.root().join("tmp"))
+            .env("TMPDIR", &scratch)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -353,6 +367,7 @@ impl<'a> Builder<'a> {
         if !status.success() {
             return Err(build_failure(request, &log_path));
         }
+        fs::remove_dir(&scratch).map_err(file_error("remove", &scratch))?;
         let kernel_version = self.gather_boot_modules(request, dir)?;
         Ok(serde_json::json!({
             "distro": request.distro,
