@@ -5,8 +5,9 @@
 //! target). Each `systemctl` process would cost 0.3–0.5 s just after a
 //! restore under TCG (a large program on a cold translation cache), so the
 //! agent speaks the D-Bus wire protocol to `/run/systemd/private` itself:
-//! method calls with string arguments, and replies carrying nothing, an
-//! object path or an error. Nothing else of D-Bus is here.
+//! method calls with string arguments, replies carrying nothing, an
+//! object path or an error, and the `JobRemoved` signal. Nothing else of
+//! D-Bus is here.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -21,7 +22,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a call waits for its reply before nudging systemd (below).
 const NUDGE_AFTER: Duration = Duration::from_millis(200);
 
-/// Message types, header fields and flags of the D-Bus wire protocol.
+/// Message types and header fields of the D-Bus wire protocol.
 const METHOD_CALL: u8 = 1;
 const METHOD_RETURN: u8 = 2;
 const ERROR: u8 = 3;

@@ -417,7 +417,7 @@ mod tests {
         let root = dir.path().join(INITRAMFS_OVERLAY_DIR);
         assert_eq!(fs::read_to_string(root.join("etc/hostname")).unwrap(), "server\n");
         let unit = fs::read_to_string(root.join("etc/systemd/system/app.service")).unwrap();
-        assert!(unit.contains("ExecStart=uvicorn main:app\nExecStartPost=/bin/bash -c 'until"), "{unit}");
+        assert!(unit.contains("ExecStart=uvicorn main:app\nExecStartPost=/bin/bash -c '"), "{unit}");
         assert!(unit.contains("WorkingDirectory=/srv/api\n"), "{unit}");
         assert!(unit.contains("Environment=\"UVICORN_PORT=4000\"\n"), "{unit}");
         assert!(unit.contains("[Install]\nWantedBy=multi-user.target\n"), "{unit}");
