@@ -9,6 +9,11 @@ fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nix-is-cool")
 }
 
+/// The line of `definition` that holds `text`, counted from 1.
+fn line_of(definition: &str, text: &str) -> usize {
+    definition.lines().position(|line| line.contains(text)).expect("the text is in the definition") + 1
+}
+
 fn vmrig_check(dir: &Path) -> (i32, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_vmrig"))
         .arg("check")
@@ -34,14 +39,15 @@ fn a_broken_copy_gets_every_error_located() {
         .unwrap()
         .replace("packages = [\"curl\"]", "pakages = [\"curl\"]")
         .replace("source = \".\"", "source = \"./app\"");
-    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    fs::write(dir.path().join("vmrig.toml"), &definition).unwrap();
     let toml = dir.path().join("vmrig.toml");
+    let (source, typo) = (line_of(&definition, "./app"), line_of(&definition, "pakages"));
 
     let (code, output) = vmrig_check(dir.path());
     assert_eq!(code, 2, "{output}");
     let expected = format!(
-        "error: `source` `./app` does not exist (looked for {}/./app)\n --> {toml}:7:31\n  |\n7 | files.\"/srv/api\" = {{ source = \"./app\", exclude = [\"vmrig.toml\"] }}\n  |                               ^^^^^^^\n\n\
-         error: unknown key `pakages` in node `client`\n  --> {toml}:16:1\n   |\n16 | pakages = [\"curl\"]\n   | ^^^^^^^\n   = help: did you mean `packages`?\n\n\
+        "error: `source` `./app` does not exist (looked for {}/./app)\n --> {toml}:{source}:31\n  |\n{source} | files.\"/srv/api\" = {{ source = \"./app\", exclude = [\"vmrig.toml\"] }}\n  |                               ^^^^^^^\n\n\
+         error: unknown key `pakages` in node `client`\n  --> {toml}:{typo}:1\n   |\n{typo} | pakages = [\"curl\"]\n   | ^^^^^^^\n   = help: did you mean `packages`?\n\n\
          2 errors in the test definition\n",
         dir.path().display(),
         toml = toml.display(),
@@ -56,12 +62,13 @@ fn an_unknown_node_in_the_script_names_the_nearest() {
     let definition = fs::read_to_string(example().join("vmrig.toml"))
         .unwrap()
         .replace("client.wait_for_unit", "clinet.wait_for_unit");
-    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    fs::write(dir.path().join("vmrig.toml"), &definition).unwrap();
+    let line = line_of(&definition, "clinet");
 
     let (code, output) = vmrig_check(dir.path());
     assert_eq!(code, 2, "{output}");
     let expected = format!(
-        "error: unknown node `clinet` in the test script\n  --> {}:22:1\n   |\n22 | clinet.wait_for_unit(\"default.target\")\n   | ^^^^^^\n   = help: did you mean `client`?\n\n1 error in the test definition\n",
+        "error: unknown node `clinet` in the test script\n  --> {}:{line}:1\n   |\n{line} | clinet.wait_for_unit(\"default.target\")\n   | ^^^^^^\n   = help: did you mean `client`?\n\n1 error in the test definition\n",
         dir.path().join("vmrig.toml").display()
     );
     assert_eq!(output, expected);
