@@ -34,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use vmrig_proto::{BECOMING_MARKER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
-use crate::systemd::Systemd;
 use crate::init::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
+use crate::systemd::Systemd;
 
 /// Where the layer is unpacked.
 const UNPACKED: &str = "/run/vmrig-layer";
@@ -150,14 +150,11 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
     steps.done("journald");
     for (inputs, replay) in REPLAYED {
         if written.iter().any(|path| inputs.iter().any(|input| path.starts_with(input))) {
-            match replay {
-                Replay::Restart(unit) => systemd.restart(unit)?,
-                Replay::Run(program, args) => run_program(program, args)?,
-            }
-            steps.done(match replay {
-                Replay::Restart(unit) => unit,
-                Replay::Run(program, _) => program,
-            });
+            let step = match replay {
+                Replay::Restart(unit) => systemd.restart(unit).map(|()| unit)?,
+                Replay::Run(program, args) => run_program(program, args).map(|()| program)?,
+            };
+            steps.done(step);
         }
     }
     systemd.start_no_block("default.target")?;

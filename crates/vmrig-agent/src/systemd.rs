@@ -118,7 +118,7 @@ impl Systemd {
         let job = self.expect_return("RestartUnit", &[unit, "replace"])?.ok_or_else(|| format!("systemd: RestartUnit {unit} named no job"))?;
         let started = Instant::now();
         while !self.ended_jobs.contains(&job) {
-            match self.next_message("RestartUnit", None)? {
+            match self.next_message("RestartUnit", false)? {
                 Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
                 _ if started.elapsed() > CALL_TIMEOUT => return Err(format!("systemd: restarting {unit} takes over {} s", CALL_TIMEOUT.as_secs())),
                 _ => {}
@@ -145,7 +145,7 @@ impl Systemd {
     fn call(&mut self, member: &str, args: &[&str]) -> Result<Reply, String> {
         let serial = self.send(MANAGER, member, args).map_err(|e| format!("systemd: {member}: {e}"))?;
         loop {
-            match self.next_message(member, Some(serial))? {
+            match self.next_message(member, true)? {
                 Incoming::Reply(to, reply) if to == serial => return Ok(reply),
                 Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
                 _ => {}
@@ -153,9 +153,9 @@ impl Systemd {
         }
     }
 
-    /// The next message; while none comes and the call of `awaited`
-    /// waits for its reply, systemd is nudged.
-    fn next_message(&mut self, member: &str, awaited: Option<u32>) -> Result<Incoming, String> {
+    /// The next message; while none comes, systemd is nudged if `nudge`
+    /// (a call waits for its reply).
+    fn next_message(&mut self, member: &str, nudge: bool) -> Result<Incoming, String> {
         let failed = |e: io::Error| format!("systemd: {member}: {e}");
         let started = Instant::now();
         loop {
@@ -169,7 +169,7 @@ impl Systemd {
                     if started.elapsed() > CALL_TIMEOUT {
                         return Err(format!("systemd: {member}: no answer in {} s", CALL_TIMEOUT.as_secs()));
                     }
-                    if awaited.is_some() {
+                    if nudge {
                         self.send("org.freedesktop.DBus.Peer", "Ping", &[]).map_err(failed)?;
                     }
                 }

@@ -8,9 +8,9 @@
 //! Hashing every file on every lookup would cost a run a second and more
 //! (a template's RAM file alone is its node's memory size), so an entry
 //! also records, in `verified.json`, how the filesystem saw each file when
-//! it was last hashed (inode, size, mtime, ctime); a lookup hashes again
-//! only the files that changed since. No write leaves a file's ctime as
-//! it was.
+//! it was last hashed (inode, size, mtime, ctime); a lookup hashes the
+//! entry again only when one of them changed since. No write leaves a
+//! file's ctime as it was.
 //!
 //! Builders of the same entry are serialised by an exclusive `flock` on
 //! `<root>/locks/<kind>-<key>.lock`: the first builds, the others wait and
