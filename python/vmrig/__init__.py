@@ -613,18 +613,30 @@ def _run(script: str, path: str, first_line: int) -> int:
     code = _compile(script, path, first_line)
     try:
         exec(code, namespace)
-    except BaseException as error:  # the script's own failure, whatever it raised
-        description = _describe(error, path)
-        sys.stdout.write(description)
+    except SystemExit as exit:
+        # As in Python and NixOS's driver: sys.exit() or sys.exit(0) ends
+        # the script normally; any other status or message is a failure.
+        if exit.code is None or exit.code == 0:
+            return 0
+        return _failed(driver, f"the script called sys.exit({exit.code!r})\n")
+    except InfrastructureError as error:
+        sys.stdout.write(_describe(error, path))
         sys.stdout.flush()
-        if isinstance(error, InfrastructureError):
-            return 3
-        try:
-            driver.call("script_failed", message=description)
-        except Exception:
-            pass  # the driver is gone; the exit status still tells
-        return 1
+        return 3
+    except BaseException as error:  # the script's own failure, whatever it raised
+        return _failed(driver, _describe(error, path))
     return 0
+
+
+def _failed(driver: _Driver, description: str) -> int:
+    """Reports the script's failure; its exit status."""
+    sys.stdout.write(description)
+    sys.stdout.flush()
+    try:
+        driver.call("script_failed", message=description)
+    except Exception:
+        pass  # the driver is gone; the exit status still tells
+    return 1
 
 
 def _interact(script: str, path: str, first_line: int) -> int:

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use crate::driver::{Outcome, Prepared, RunOptions};
-use crate::error::{chain, file_error, FileError, EXIT_TEST_FAILED, EXIT_USAGE};
+use crate::error::{chain, file_error, FileError, EXIT_INFRA, EXIT_TEST_FAILED, EXIT_USAGE};
 use crate::interrupt;
 use crate::report::{self, Case, RecordedPass};
 use crate::spec::{TestSpec, DEFINITION_FILE, RESULT_DIR};
@@ -322,40 +322,12 @@ pub fn run(tests: &[PathBuf], store: &Store, ui: Ui, options: &RunOptions, suite
         }
     }
     interrupt::catch();
-    let mut stop_reason = None;
-    std::thread::scope(|scope| {
-        let (done_tx, done_rx) = mpsc::channel();
-        let mut running = BTreeMap::new();
-        loop {
-            if stop_reason.is_none() && interrupt::received().is_some() {
-                stop_reason = Some("the suite was interrupted");
-            }
-            while stop_reason.is_none() {
-                let Some(next) = queue.iter().position(|(_, _, demand)| capacity.admits(&running, *demand)) else { break };
-                let (index, prepared, demand) = queue.remove(next).expect("the position is in the queue");
-                running.insert(index, demand);
-                status.say(format!("{:>11} {:12} {}", "START", "", tests[index].display()));
-                let done_tx = done_tx.clone();
-                scope.spawn(move || {
-                    let test_started = Instant::now();
-                    let verdict = run_prepared(prepared, store, ui);
-                    let _ = done_tx.send((index, verdict, test_started.elapsed()));
-                });
-            }
-            if running.is_empty() && (queue.is_empty() || stop_reason.is_some()) {
-                break;
-            }
-            status.set(progress(&verdicts, running.len(), queue.len()));
-            if let Ok((index, verdict, duration)) = done_rx.recv_timeout(Duration::from_millis(200)) {
-                running.remove(&index);
-                status.say(finished_line(&tests[index], &verdict, duration));
-                if suite.fail_fast && verdict.failed() && stop_reason.is_none() {
-                    stop_reason = Some("--fail-fast: a test failed");
-                }
-                verdicts[index] = Some((verdict, duration));
-            }
-        }
-    });
+    let say = |line: Line<'_>| match line {
+        Line::Start(index) => status.say(format!("{:>11} {:12} {}", "START", "", tests[index].display())),
+        Line::Finished(index, verdict, duration) => status.say(finished_line(&tests[index], verdict, duration)),
+        Line::Progress(text) => status.set(text),
+    };
+    let stop_reason = run_side_by_side(&mut queue, &capacity, suite.fail_fast, &mut verdicts, say, |prepared| run_prepared(prepared, store, ui));
     drop(status);
     let reason = stop_reason.unwrap_or("not reached");
     for (index, _, _) in queue {
@@ -375,6 +347,72 @@ pub fn run(tests: &[PathBuf], store: &Store, ui: Ui, options: &RunOptions, suite
         fs::write(path, junit(&reports)).map_err(file_error("write the JUnit report to", path))?;
     }
     Ok(reports)
+}
+
+/// What the scheduler has to say: a test (by number) started or finished,
+/// or how the suite stands.
+enum Line<'v> {
+    Start(usize),
+    Finished(usize, &'v Verdict, Duration),
+    Progress(String),
+}
+
+/// Runs the tests of `queue` side by side, each on a thread of its own,
+/// starting one whenever its demand fits `capacity`, until all have ended
+/// or a stop (a signal, or a failure with `fail_fast`) lets no more start;
+/// each verdict goes into `verdicts`, and what is left stays in `queue`.
+/// A test whose thread panics has vmrig's failure as its verdict, and the
+/// others go on. The reason no more were started, if one was.
+fn run_side_by_side<T: Send>(
+    queue: &mut VecDeque<(usize, T, Demand)>,
+    capacity: &Capacity,
+    fail_fast: bool,
+    verdicts: &mut [Option<(Verdict, Duration)>],
+    say: impl Fn(Line<'_>),
+    run_one: impl Fn(T) -> Verdict + Sync,
+) -> Option<&'static str> {
+    let mut stop_reason = None;
+    std::thread::scope(|scope| {
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut running = BTreeMap::new();
+        loop {
+            if stop_reason.is_none() && interrupt::received().is_some() {
+                stop_reason = Some("the suite was interrupted");
+            }
+            while stop_reason.is_none() {
+                let Some(next) = queue.iter().position(|(_, _, demand)| capacity.admits(&running, *demand)) else { break };
+                let (index, test, demand) = queue.remove(next).expect("the position is in the queue");
+                running.insert(index, demand);
+                say(Line::Start(index));
+                let (done_tx, run_one) = (done_tx.clone(), &run_one);
+                scope.spawn(move || {
+                    let test_started = Instant::now();
+                    let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_one(test))).unwrap_or_else(|panic| {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "no message".into());
+                        Verdict::Error { message: format!("vmrig failed while running this test (a panic: {why})"), status: EXIT_INFRA }
+                    });
+                    let _ = done_tx.send((index, verdict, test_started.elapsed()));
+                });
+            }
+            if running.is_empty() && (queue.is_empty() || stop_reason.is_some()) {
+                break;
+            }
+            say(Line::Progress(progress(verdicts, running.len(), queue.len())));
+            if let Ok((index, verdict, duration)) = done_rx.recv_timeout(Duration::from_millis(200)) {
+                running.remove(&index);
+                say(Line::Finished(index, &verdict, duration));
+                if fail_fast && verdict.failed() && stop_reason.is_none() {
+                    stop_reason = Some("--fail-fast: a test failed");
+                }
+                verdicts[index] = Some((verdict, duration));
+            }
+        }
+    });
+    stop_reason
 }
 
 /// A prepared test's last three phases, as a verdict.
@@ -500,7 +538,6 @@ pub fn exit_status(reports: &[TestReport]) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::EXIT_INFRA;
 
     fn touch_test(root: &Path, dir: &str) {
         fs::create_dir_all(root.join(dir)).unwrap();
@@ -578,5 +615,32 @@ mod tests {
         assert_eq!(exit_status(&[report(Verdict::Failed), report(Verdict::Passed), report(Verdict::NotRun("x"))]), EXIT_TEST_FAILED);
         assert_eq!(exit_status(&[report(Verdict::Failed), report(Verdict::Error { message: "m".into(), status: EXIT_INFRA })]), EXIT_INFRA);
         assert_eq!(exit_status(&[report(Verdict::Interrupted(Signal::SIGINT)), report(Verdict::Error { message: "m".into(), status: EXIT_USAGE })]), 130);
+    }
+
+    #[test]
+    fn a_test_whose_thread_panics_is_vmrigs_failure_and_the_others_run() {
+        let demand = Demand { vcpus: 1, memory_mib: 1 };
+        let mut queue: VecDeque<(usize, &str, Demand)> = ["passes", "panics", "fails", "passes too"].into_iter().enumerate().map(|(i, t)| (i, t, demand)).collect();
+        let capacity = Capacity { jobs: 2, vcpus: 2, memory_mib: 1024 };
+        let mut verdicts = vec![None; 4];
+        let finished = std::sync::Mutex::new(Vec::new());
+        let say = |line: Line<'_>| {
+            if let Line::Finished(index, _, _) = line {
+                finished.lock().unwrap().push(index);
+            }
+        };
+        let stop = run_side_by_side(&mut queue, &capacity, false, &mut verdicts, say, |test| match test {
+            "panics" => panic!("a bug in vmrig"),
+            "fails" => Verdict::Failed,
+            _ => Verdict::Passed,
+        });
+        assert_eq!(stop, None);
+        assert!(queue.is_empty());
+        let verdicts: Vec<Verdict> = verdicts.into_iter().map(|v| v.unwrap().0).collect();
+        assert_eq!(verdicts[0], Verdict::Passed);
+        assert_eq!(verdicts[1], Verdict::Error { message: "vmrig failed while running this test (a panic: a bug in vmrig)".into(), status: EXIT_INFRA });
+        assert_eq!(verdicts[2], Verdict::Failed);
+        assert_eq!(verdicts[3], Verdict::Passed);
+        assert_eq!(finished.lock().unwrap().len(), 4);
     }
 }

@@ -36,7 +36,7 @@ impl Ui {
             bar.set_prefix(what.clone());
             Some(bar)
         } else {
-            eprintln!("{what} …");
+            status_line(&format!("{what} …"));
             None
         };
         Step {
@@ -48,7 +48,7 @@ impl Ui {
 
     /// A line of status.
     pub fn say(&self, line: impl AsRef<str>) {
-        eprintln!("{}", line.as_ref());
+        status_line(line.as_ref());
     }
 
     /// A status line for long work made of many parts (a suite): on a
@@ -76,8 +76,8 @@ impl Status {
     /// Prints a line above the live one.
     pub fn say(&self, line: impl AsRef<str>) {
         match &self.bar {
-            Some(bar) => bar.suspend(|| eprintln!("{}", line.as_ref())),
-            None => eprintln!("{}", line.as_ref()),
+            Some(bar) => bar.suspend(|| status_line(line.as_ref())),
+            None => status_line(line.as_ref()),
         }
     }
 }
@@ -88,6 +88,13 @@ impl Drop for Status {
             bar.finish_and_clear();
         }
     }
+}
+
+/// Writes a line to stderr. A closed stderr (a CI runner or a terminal
+/// gone) must not end the run: the line is lost, the run's log keeps it.
+fn status_line(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// A live spinner on the terminal, drawn with `template`.
@@ -119,11 +126,7 @@ impl Step {
         if let Some(bar) = self.bar.take() {
             bar.finish_and_clear();
         }
-        eprintln!(
-            "{} … {outcome} in {:.1} s",
-            self.what,
-            self.started.elapsed().as_secs_f64()
-        );
+        status_line(&format!("{} … {outcome} in {:.1} s", self.what, self.started.elapsed().as_secs_f64()));
     }
 }
 

@@ -296,7 +296,7 @@ fn qemu_from_unlisted_backports_adds_the_suite_beside_the_hosts_deb822_entry() {
     let (status, output) = sandbox.run();
     assert_eq!(status, Some(0), "{output}");
     let added = format!("vmrig-{codename}-backports.sources");
-    assert_eq!(sandbox.sources_added(), [added.clone()], "{output}");
+    assert_eq!(sandbox.sources_added(), std::slice::from_ref(&added), "{output}");
     let text = sandbox.read_source(&added);
     assert!(text.starts_with("# Added by vmrig's scripts/install-host-deps"), "{text}");
     let entry: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
@@ -324,7 +324,7 @@ fn qemu_from_unlisted_backports_adds_the_suite_beside_the_hosts_one_line_entry()
     let (status, output) = sandbox.run();
     assert_eq!(status, Some(0), "{output}");
     let added = format!("vmrig-{codename}-backports.list");
-    assert_eq!(sandbox.sources_added(), [added.clone()], "{output}");
+    assert_eq!(sandbox.sources_added(), std::slice::from_ref(&added), "{output}");
     let text = sandbox.read_source(&added);
     let entry: Vec<&str> = text.lines().filter(|line| !line.starts_with('#')).collect();
     assert_eq!(entry, [format!("deb [trusted=yes] file:{}/ {codename}-backports main", sandbox.archive().display())], "{text}");

@@ -216,6 +216,79 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             }
             return Ok(Value::Null);
         }
+        // Waits that ask the machine again and again lock it for each try
+        // only, so that other threads' calls get through between tries.
+        "wait_until_succeeds" | "wait_until_fails" => {
+            let want_success = request.method == "wait_until_succeeds";
+            let command = string_arg(args, "command")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let verb = if want_success { "waiting for success" } else { "waiting for failure" };
+            let _block = log.block(Some(&node), format!("{verb}: {command}"));
+            let until = give_up(limit, deadline);
+            let mut last = None;
+            let done = poll_until(until, RETRY_PAUSE, || {
+                let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                let outcome = locked(run, name)?.shell(&command, Some(left))?;
+                let done = outcome.succeeded() == want_success;
+                last = Some(outcome);
+                Ok(done)
+            })?;
+            let outcome = last.expect("the command ran at least once");
+            if !done {
+                let wanted = if want_success { "succeed" } else { "fail" };
+                return Err(Failure::Test(format!(
+                    "{node}: command `{command}` did not {wanted} within {} s\n{}",
+                    limit.as_secs(),
+                    output_report(&outcome)
+                )));
+            }
+            return Ok(Value::String(text(&outcome.stdout)));
+        }
+        "wait_for_unit" => {
+            let unit = string_arg(args, "unit")?;
+            let user = args["user"].as_str();
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for unit {unit}"));
+            wait_for_unit(run, &node, &unit, user, give_up(limit, deadline), limit)?;
+            return Ok(Value::Null);
+        }
+        "wait_for_open_port" | "wait_for_closed_port" => {
+            let port = port_arg(args, "port", 1)?;
+            let host = args["addr"].as_str().unwrap_or("localhost").to_string();
+            let want_open = request.method == "wait_for_open_port";
+            let state = if want_open { "open" } else { "closed" };
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for TCP port {port} on {host} to be {state}"));
+            let target = SocketTarget::Tcp { host: host.clone(), port };
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(locked(run, name)?.connects(target.clone())? == want_open))? {
+                return Err(Failure::Test(format!("{node}: TCP port {port} on {host} was not {state} within {} s", limit.as_secs())));
+            }
+            return Ok(Value::Null);
+        }
+        "wait_for_open_unix_socket" => {
+            let path = string_arg(args, "addr")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let target = if args["is_datagram"].as_bool().unwrap_or(false) {
+                SocketTarget::UnixDatagram { path: path.clone() }
+            } else {
+                SocketTarget::UnixStream { path: path.clone() }
+            };
+            let _block = log.block(Some(&node), format!("waiting for Unix socket {path} to accept"));
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(locked(run, name)?.connects(target.clone())?))? {
+                return Err(Failure::Test(format!("{node}: Unix socket {path} did not accept within {} s", limit.as_secs())));
+            }
+            return Ok(Value::Null);
+        }
+        "wait_for_file" => {
+            let path = string_arg(args, "filename")?;
+            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+            let _block = log.block(Some(&node), format!("waiting for file {path}"));
+            let test = format!("test -e {}", shell_quote(&path));
+            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(locked(run, name)?.shell(&test, None)?.succeeded()))? {
+                return Err(Failure::Test(format!("{node}: file {path} did not appear within {} s", limit.as_secs())));
+            }
+            return Ok(Value::Null);
+        }
         _ => {}
     }
     let mut machine = locked(run, name)?;
@@ -274,39 +347,6 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             }
             return Ok(Value::String(stdout));
         }
-        "wait_until_succeeds" | "wait_until_fails" => {
-            let want_success = request.method == "wait_until_succeeds";
-            let command = string_arg(args, "command")?;
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let verb = if want_success { "waiting for success" } else { "waiting for failure" };
-            let _block = log.block(Some(&node), format!("{verb}: {command}"));
-            let until = give_up(limit, deadline);
-            let mut last = None;
-            let done = poll_until(until, RETRY_PAUSE, || {
-                let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                let outcome = machine.shell(&command, Some(left))?;
-                let done = outcome.succeeded() == want_success;
-                last = Some(outcome);
-                Ok(done)
-            })?;
-            let outcome = last.expect("the command ran at least once");
-            if !done {
-                let wanted = if want_success { "succeed" } else { "fail" };
-                return Err(Failure::Test(format!(
-                    "{node}: command `{command}` did not {wanted} within {} s\n{}",
-                    limit.as_secs(),
-                    output_report(&outcome)
-                )));
-            }
-            return Ok(Value::String(text(&outcome.stdout)));
-        }
-        "wait_for_unit" => {
-            let unit = string_arg(args, "unit")?;
-            let user = args["user"].as_str();
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let _block = log.block(Some(&node), format!("waiting for unit {unit}"));
-            wait_for_unit(machine, &node, &unit, user, give_up(limit, deadline), limit)?;
-        }
         "get_unit_info" => {
             let unit = string_arg(args, "unit")?;
             let info = unit_info(machine, &unit, args["user"].as_str())?
@@ -340,40 +380,6 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
                 Err(error @ VmError::Listen { .. }) => Err(Failure::Test(crate::error::chain(&error))),
                 Err(error) => Err(error.into()),
             };
-        }
-        "wait_for_open_port" | "wait_for_closed_port" => {
-            let port = port_arg(args, "port", 1)?;
-            let host = args["addr"].as_str().unwrap_or("localhost").to_string();
-            let want_open = request.method == "wait_for_open_port";
-            let state = if want_open { "open" } else { "closed" };
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let _block = log.block(Some(&node), format!("waiting for TCP port {port} on {host} to be {state}"));
-            let target = SocketTarget::Tcp { host: host.clone(), port };
-            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(machine.connects(target.clone())? == want_open))? {
-                return Err(Failure::Test(format!("{node}: TCP port {port} on {host} was not {state} within {} s", limit.as_secs())));
-            }
-        }
-        "wait_for_open_unix_socket" => {
-            let path = string_arg(args, "addr")?;
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let target = if args["is_datagram"].as_bool().unwrap_or(false) {
-                SocketTarget::UnixDatagram { path: path.clone() }
-            } else {
-                SocketTarget::UnixStream { path: path.clone() }
-            };
-            let _block = log.block(Some(&node), format!("waiting for Unix socket {path} to accept"));
-            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || machine.connects(target.clone()).map_err(Failure::from))? {
-                return Err(Failure::Test(format!("{node}: Unix socket {path} did not accept within {} s", limit.as_secs())));
-            }
-        }
-        "wait_for_file" => {
-            let path = string_arg(args, "filename")?;
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let _block = log.block(Some(&node), format!("waiting for file {path}"));
-            let test = format!("test -e {}", shell_quote(&path));
-            if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(machine.shell(&test, None)?.succeeded()))? {
-                return Err(Failure::Test(format!("{node}: file {path} did not appear within {} s", limit.as_secs())));
-            }
         }
         "get_unit_property" => {
             let unit = string_arg(args, "unit")?;
@@ -545,8 +551,12 @@ fn query_unit(machine: &mut Machine, command: &str) -> Result<Option<BTreeMap<St
     ))
 }
 
-fn wait_for_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&str>, give_up: Instant, limit: Duration) -> Result<(), Failure> {
+/// Waits for `unit` of node `name` to be active, locking the machine for
+/// each look only.
+fn wait_for_unit(run: &Run<'_>, node: &str, unit: &str, user: Option<&str>, give_up: Instant, limit: Duration) -> Result<(), Failure> {
     let active = poll_until(give_up, POLL_PAUSE, || {
+        let mut machine = locked(run, node)?;
+        let machine = &mut *machine;
         let Some(info) = settled_unit_info(machine, unit, user)? else { return Ok(false) };
         match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
             "active" => Ok(true),

@@ -10,6 +10,7 @@
 pub mod agent;
 mod forward;
 mod launcher;
+mod process;
 pub mod qmp;
 
 use std::fs::File;
@@ -18,8 +19,8 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -33,6 +34,7 @@ use crate::error::{file_error, FileError};
 use crate::host::QEMU;
 use crate::runlog::RunLog;
 use forward::{BootTunnel, Forwards};
+use process::{ExitWatch, Qemu};
 use qmp::{Qmp, QmpError};
 
 /// How long a guest may take from QEMU's start to its agent's first answer.
@@ -110,6 +112,22 @@ pub enum VmError {
         node: String,
         /// How long it was given.
         timeout: Duration,
+    },
+    /// Saving or loading the machine's state did not end in time.
+    #[error("{node}: QEMU's `{command}` did not complete within {} s", .timeout.as_secs())]
+    MigrationTimeout {
+        /// The node.
+        node: String,
+        /// `migrate` or `migrate-incoming`.
+        command: String,
+        /// How long it was given.
+        timeout: Duration,
+    },
+    /// The run is stopping: the machine was stopped and starts no more.
+    #[error("{node}: not starting the VM: the run is stopping")]
+    Stopped {
+        /// The node.
+        node: String,
     },
 }
 
@@ -196,7 +214,7 @@ pub struct Restore {
 }
 
 struct Running {
-    qemu: Child,
+    qemu: Qemu,
     /// The serial console's input (`send_console`).
     console_input: Option<ChildStdin>,
     qmp: Option<Qmp>,
@@ -218,8 +236,8 @@ pub struct Machine {
     console: Arc<Feed<String>>,
     /// Every QMP event QEMU sent in this run, across boots.
     events: Arc<Feed<Value>>,
-    /// The running QEMU's pid, for [`KillSwitch`].
-    pid: Arc<AtomicU32>,
+    /// The running QEMU's pid, and whether the run stopped the machine.
+    control: Arc<Control>,
     /// Whether a reboot the guest asks for restarts it (else QEMU exits,
     /// as after `-no-reboot`).
     allow_reboot: bool,
@@ -269,23 +287,41 @@ impl<T: Clone> Feed<T> {
     }
 }
 
-/// Kills a machine's QEMU from any thread, without waiting for whoever is
-/// using the machine: how a run that is interrupted or out of time stops
-/// requests in flight.
+/// What a [`KillSwitch`] shares with its machine.
+#[derive(Default)]
+struct Control {
+    /// The running QEMU's pid, or 0.
+    pid: AtomicU32,
+    /// Set once by the switch; a stopped machine never starts again.
+    stopped: AtomicBool,
+}
+
+impl Control {
+    fn kill(&self) {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            // The machine reaps its child itself, and clears the pid first,
+            // so the pid cannot belong to another process.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Stops a machine from any thread, without waiting for whoever is using
+/// it: how a run that is interrupted or out of time ends requests in
+/// flight. The machine's QEMU is killed, and it refuses to start again.
 #[derive(Clone)]
 pub struct KillSwitch {
-    pid: Arc<AtomicU32>,
+    control: Arc<Control>,
 }
 
 impl KillSwitch {
-    /// Sends SIGKILL to the QEMU running now, if any.
+    /// Kills the QEMU running now, if any, and every later start.
     pub fn pull(&self) {
-        let pid = self.pid.load(Ordering::SeqCst);
-        if pid != 0 {
-            // The machine reaps its child itself, so until it has, the pid
-            // cannot belong to another process.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        }
+        // Stopped first: a start that stores its pid after this line sees
+        // the flag and kills its own QEMU (see `Machine::start`).
+        self.control.stopped.store(true, Ordering::SeqCst);
+        self.control.kill();
     }
 }
 
@@ -303,7 +339,7 @@ impl Machine {
             forwards,
             console: Arc::default(),
             events: Arc::default(),
-            pid: Arc::default(),
+            control: Arc::default(),
             allow_reboot: false,
             restored: false,
             identity: None,
@@ -313,7 +349,7 @@ impl Machine {
 
     /// A switch that kills this machine's QEMU from another thread.
     pub fn kill_switch(&self) -> KillSwitch {
-        KillSwitch { pid: Arc::clone(&self.pid) }
+        KillSwitch { control: Arc::clone(&self.control) }
     }
 
     /// The console's lines, to wait on without holding the machine.
@@ -457,19 +493,12 @@ impl Machine {
     }
 
     /// Whether QEMU is running.
-    pub fn is_running(&mut self) -> bool {
-        let running = match &mut self.running {
-            Some(running) => matches!(running.qemu.try_wait(), Ok(None)),
-            None => false,
-        };
-        if !running {
-            self.pid.store(0, Ordering::SeqCst);
-        }
-        running
+    pub fn is_running(&self) -> bool {
+        self.running.as_ref().is_some_and(|running| !running.qemu.has_exited())
     }
 
     /// Whether the machine is booted and its agent has answered.
-    pub fn is_up(&mut self) -> bool {
+    pub fn is_up(&self) -> bool {
         self.is_running() && self.running.as_ref().is_some_and(|r| r.agent.is_some())
     }
 
@@ -480,7 +509,10 @@ impl Machine {
         if self.is_running() {
             return Ok(());
         }
-        self.running = None;
+        if self.control.stopped.load(Ordering::SeqCst) {
+            return Err(VmError::Stopped { node: self.config.name.clone() });
+        }
+        self.kill();
         self.allow_reboot = allow_reboot;
         self.log.line(format!("{}: starting vm", self.config.name));
         let nic_sockets = self.config.nics.iter().map(|nic| nic.node_socket(&self.config.socket_dir));
@@ -507,13 +539,19 @@ impl Machine {
         // on, and must not kill the machines behind its back.
         command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         die_with_parent(&mut command);
-        let mut qemu = self.launcher.spawn(command).map_err(|source| VmError::Spawn { node: self.config.name.clone(), source })?;
-        self.pid.store(qemu.id(), Ordering::SeqCst);
-        self.log.line(format!("{}: QEMU running (pid {})", self.config.name, qemu.id()));
-        let stdout = qemu.stdout.take().expect("stdout is piped");
-        spawn_console_reader(self.config.name.clone(), stdout, console, Arc::clone(&self.console), self.log.clone());
-        spawn_event_reader(self.events_socket(), qemu.id(), Arc::clone(&self.events));
-        let console_input = qemu.stdin.take();
+        let name = self.config.name.clone();
+        let mut qemu = Qemu::spawn(&self.launcher, command, &name, &self.log).map_err(|source| VmError::Spawn { node: name.clone(), source })?;
+        self.control.pid.store(qemu.id(), Ordering::SeqCst);
+        if self.control.stopped.load(Ordering::SeqCst) {
+            // The switch was pulled while QEMU started, and may have missed it.
+            self.control.pid.store(0, Ordering::SeqCst);
+            return Err(VmError::Stopped { node: name });
+        }
+        self.log.line(format!("{name}: QEMU running (pid {})", qemu.id()));
+        let stdout = qemu.take_stdout().expect("stdout is piped");
+        spawn_console_reader(name, stdout, console, Arc::clone(&self.console), self.log.clone());
+        spawn_event_reader(self.events_socket(), qemu.exit_watch(), Arc::clone(&self.events));
+        let console_input = qemu.take_stdin();
         self.running = Some(Running { qemu, console_input, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
         self.restored = false;
         if let FirstStart::Restore(restore) = how {
@@ -529,9 +567,9 @@ impl Machine {
             // The node becomes itself at once, as a cold boot configures
             // itself, while the caller goes on.
             let (name, socket, log) = (self.config.name.clone(), self.agent_socket(), self.log.clone());
-            let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
+            let exit = self.running.as_ref().expect("started above").qemu.exit_watch();
             let timeout = self.within_deadline(BOOT_TIMEOUT);
-            self.identity = Some(std::thread::spawn(move || become_node(&name, &socket, pid, &restore.layer, timeout, &log)));
+            self.identity = Some(std::thread::spawn(move || become_node(&name, &socket, &exit, &restore.layer, timeout, &log)));
         }
         Ok(())
     }
@@ -598,7 +636,7 @@ impl Machine {
                     let why = status["error-desc"].as_str().unwrap_or("QEMU gives no reason").to_string();
                     return Err(VmError::Qmp { node, source: QmpError::Refused { command: command.into(), message: why } });
                 }
-                _ if started.elapsed() > BOOT_TIMEOUT => return Err(VmError::ShutdownTimeout { node, timeout: BOOT_TIMEOUT }),
+                _ if started.elapsed() > BOOT_TIMEOUT => return Err(VmError::MigrationTimeout { node, command: command.into(), timeout: BOOT_TIMEOUT }),
                 _ => std::thread::sleep(Duration::from_millis(5)),
             }
         }
@@ -653,8 +691,8 @@ impl Machine {
         let socket = self.agent_socket();
         let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
         let deadline = Instant::now() + boot_timeout;
-        let pid = self.running.as_ref().map(|r| r.qemu.id()).unwrap_or_default();
-        let mut client = match connect_to_qemu(&socket, pid, boot_timeout).and_then(AgentClient::new) {
+        let exit = self.running.as_ref().expect("started").qemu.exit_watch();
+        let mut client = match connect_to_qemu(&socket, &exit, boot_timeout).and_then(AgentClient::new) {
             Ok(client) => client,
             Err(_) => return Err(self.exited_error()),
         };
@@ -719,17 +757,8 @@ impl Machine {
         let Some(mut running) = self.running.take() else {
             return VmError::Exited { node: name, status: "not started".into(), stderr: String::new() };
         };
-        let status = match running.qemu.try_wait() {
-            Ok(Some(status)) => status.to_string(),
-            _ => {
-                let _ = running.qemu.kill();
-                running.qemu.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
-            }
-        };
-        let mut stderr = String::new();
-        if let Some(mut pipe) = running.qemu.stderr.take() {
-            let _ = pipe.read_to_string(&mut stderr);
-        }
+        self.control.pid.store(0, Ordering::SeqCst);
+        let (status, stderr) = running.qemu.end();
         VmError::Exited { node: name, status, stderr }
     }
 
@@ -797,14 +826,11 @@ impl Machine {
     /// than the run).
     pub fn wait_for_exit(&mut self, timeout: Duration) -> Result<(), VmError> {
         let timeout = self.within_deadline(timeout);
-        let started = Instant::now();
-        while self.is_running() {
-            if started.elapsed() > timeout {
-                return Err(VmError::ShutdownTimeout { node: self.config.name.clone(), timeout });
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(running) = &self.running else { return Ok(()) };
+        if !running.qemu.exit_watch().wait(timeout) {
+            return Err(VmError::ShutdownTimeout { node: self.config.name.clone(), timeout });
         }
-        self.running = None;
+        self.kill();
         Ok(())
     }
 
@@ -870,7 +896,7 @@ impl Machine {
         let socket = self.qmp_socket();
         let running = self.running.as_mut().ok_or_else(|| VmError::Exited { node: node.clone(), status: "not started".into(), stderr: String::new() })?;
         if running.qmp.is_none() {
-            let stream = connect_to_qemu(&socket, running.qemu.id(), Duration::from_secs(30))
+            let stream = connect_to_qemu(&socket, &running.qemu.exit_watch(), Duration::from_secs(30))
                 .map_err(|e| VmError::Qmp { node: node.clone(), source: QmpError::Io(e) })?;
             running.qmp = Some(Qmp::handshake(stream, Duration::from_secs(30)).map_err(|source| VmError::Qmp { node, source })?);
         }
@@ -889,19 +915,18 @@ impl Machine {
         result.map_err(|e| self.agent_error(e))
     }
 
-    /// Ends QEMU at once.
+    /// Ends QEMU at once, and reaps it.
     fn kill(&mut self) {
+        self.control.pid.store(0, Ordering::SeqCst);
         if let Some(mut running) = self.running.take() {
-            let _ = running.qemu.kill();
-            let _ = running.qemu.wait();
+            running.qemu.end();
         }
-        self.pid.store(0, Ordering::SeqCst);
     }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if let Some(running) = &self.running {
+        if let Some(running) = self.running.as_ref().filter(|r| !r.qemu.has_exited()) {
             self.log.line(format!("{}: killing QEMU (pid {})", self.config.name, running.qemu.id()));
         }
         self.kill();
@@ -930,16 +955,17 @@ pub fn make_state_disk(path: &Path) -> Result<(), FileError> {
     Ok(())
 }
 
-/// Connects to the Unix socket that QEMU `pid` serves at `path`, which it
+/// Connects to the Unix socket that QEMU serves at `path`, which it
 /// creates a moment after it starts: waits for it up to `wait`, and no
-/// longer than QEMU runs.
-fn connect_to_qemu(path: &Path, pid: u32, wait: Duration) -> io::Result<UnixStream> {
+/// longer than QEMU runs (`exit`).
+fn connect_to_qemu(path: &Path, exit: &ExitWatch, wait: Duration) -> io::Result<UnixStream> {
     let started = Instant::now();
     loop {
         match UnixStream::connect(path) {
             Ok(stream) => return Ok(stream),
-            Err(error) if started.elapsed() > wait || !Path::new(&format!("/proc/{pid}")).exists() => return Err(error),
-            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            Err(error) if started.elapsed() > wait => return Err(error),
+            Err(_) if exit.wait(Duration::from_millis(5)) => return Err(io::Error::other("QEMU exited")),
+            Err(_) => {}
         }
     }
 }
@@ -961,10 +987,10 @@ fn become_request() -> io::Result<vmrig_proto::Request> {
 /// `socket`) node `name`: writes its layer, then asks the agent to become
 /// it (see the agent's `identity` module); returns the connection and the
 /// boot id.
-fn become_node(name: &str, socket: &Path, pid: u32, layer: &[u8], timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
+fn become_node(name: &str, socket: &Path, exit: &ExitWatch, layer: &[u8], timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
     let started = Instant::now();
     let io = |e| AgentError::Frame(vmrig_proto::FrameError::Io(e));
-    let mut client = connect_to_qemu(socket, pid, timeout).and_then(AgentClient::new).map_err(io)?;
+    let mut client = connect_to_qemu(socket, exit, timeout).and_then(AgentClient::new).map_err(io)?;
     let boot_id = client.hello(timeout)?;
     let _block = log.block(Some(name), "becoming this node");
     client.write_file(BECOME_LAYER, 0o600, layer)?;
@@ -1038,11 +1064,11 @@ fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut fi
     });
 }
 
-/// Listens on QEMU's event monitor at `socket` while QEMU (`pid`) runs,
-/// adding every event to `events`.
-fn spawn_event_reader(socket: PathBuf, pid: u32, events: Arc<Feed<Value>>) {
+/// Listens on QEMU's event monitor at `socket` while QEMU runs, adding
+/// every event to `events`.
+fn spawn_event_reader(socket: PathBuf, exit: ExitWatch, events: Arc<Feed<Value>>) {
     std::thread::spawn(move || {
-        let Ok(stream) = connect_to_qemu(&socket, pid, Duration::MAX) else { return };
+        let Ok(stream) = connect_to_qemu(&socket, &exit, Duration::MAX) else { return };
         let Ok(mut qmp) = Qmp::handshake(stream, Duration::from_secs(30)) else { return };
         while let Ok(event) = qmp.next_event() {
             events.push(event);

@@ -1,0 +1,166 @@
+//! A node's QEMU process: started by the run's launcher, its end seen the
+//! moment it happens (a pidfd, readable once the process has exited, reaped
+//! or not), its stderr drained into the run's log while it runs, so that
+//! QEMU never blocks on a full pipe, with the last lines kept for the error
+//! that reports its end. Dropping it kills and reaps QEMU.
+
+use std::collections::VecDeque;
+use std::io::{self, BufRead, BufReader};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::process::{Child, ChildStdin, ChildStdout, Command};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+
+use super::launcher::Launcher;
+use crate::runlog::RunLog;
+
+/// How many of QEMU's last stderr lines a failure quotes.
+const KEPT_LINES: usize = 20;
+/// How long a line of QEMU's stderr may be in the log.
+const LINE_LIMIT: usize = 2000;
+/// How long the end of QEMU's stderr is waited for once QEMU has exited
+/// (a child it left may hold the pipe open).
+const STDERR_GRACE: Duration = Duration::from_millis(500);
+
+/// Tells whether a process has exited, from any thread, without reaping it.
+#[derive(Clone)]
+pub struct ExitWatch(Arc<OwnedFd>);
+
+impl ExitWatch {
+    /// A watch on process `pid`, which must be a child not reaped yet.
+    fn of(pid: u32) -> io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new
+        // descriptor or -1; it touches no memory of ours.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a non-negative result is a descriptor we now own.
+        Ok(Self(Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) })))
+    }
+
+    /// Whether the process has exited.
+    pub fn has_exited(&self) -> bool {
+        self.wait(Duration::ZERO)
+    }
+
+    /// Waits up to `timeout` for the process to exit; whether it has.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        loop {
+            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, timeout) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                // A pidfd that cannot be polled says nothing; treat the
+                // process as gone rather than wait on it forever.
+                Err(_) => return true,
+                Ok(ready) => return ready > 0,
+            }
+        }
+    }
+}
+
+/// QEMU's stderr as it comes: the last lines, and whether it has ended.
+#[derive(Default)]
+struct StderrTail {
+    state: Mutex<(VecDeque<String>, bool)>,
+    ended: Condvar,
+}
+
+/// A running (or just ended) QEMU.
+pub struct Qemu {
+    child: Child,
+    exit: ExitWatch,
+    stderr: Arc<StderrTail>,
+}
+
+impl Qemu {
+    /// Starts `command` (with stdin, stdout and stderr piped) on the
+    /// launcher's thread; each line QEMU prints on stderr goes to `log` as
+    /// `node: QEMU: …`.
+    pub fn spawn(launcher: &Launcher, command: Command, node: &str, log: &RunLog) -> io::Result<Self> {
+        let mut child = launcher.spawn(command)?;
+        let exit = match ExitWatch::of(child.id()) {
+            Ok(exit) => exit,
+            Err(error) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(error);
+            }
+        };
+        let stderr = Arc::new(StderrTail::default());
+        if let Some(pipe) = child.stderr.take() {
+            let (tail, log, node) = (Arc::clone(&stderr), log.clone(), node.to_string());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(pipe);
+                let mut line = Vec::new();
+                while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                    let mut text = String::from_utf8_lossy(&line).trim_end().to_string();
+                    line.clear();
+                    if text.len() > LINE_LIMIT {
+                        let cut = (0..=LINE_LIMIT).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+                        text.truncate(cut);
+                        text.push('…');
+                    }
+                    log.line(format!("{node}: QEMU: {text}"));
+                    let mut state = tail.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if state.0.len() == KEPT_LINES {
+                        state.0.pop_front();
+                    }
+                    state.0.push_back(text);
+                }
+                tail.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+                tail.ended.notify_all();
+            });
+        } else {
+            stderr.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        }
+        Ok(Self { child, exit, stderr })
+    }
+
+    /// QEMU's pid.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A watch on QEMU's end, for threads that do not hold the machine.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
+    }
+
+    /// Whether QEMU has exited.
+    pub fn has_exited(&self) -> bool {
+        self.exit.has_exited()
+    }
+
+    /// QEMU's standard input (the serial console's), once.
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// QEMU's standard output (the serial console), once.
+    pub fn take_stdout(&mut self) -> Option<ChildStdout> {
+        self.child.stdout.take()
+    }
+
+    /// Kills QEMU unless it has exited, and reaps it: how it ended, and the
+    /// last lines it printed on stderr.
+    pub fn end(&mut self) -> (String, String) {
+        if !self.has_exited() {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+        let state = self.stderr.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (state, _) = self.stderr.ended.wait_timeout_while(state, STDERR_GRACE, |(_, ended)| !*ended).unwrap_or_else(|p| p.into_inner());
+        (status, state.0.iter().cloned().collect::<Vec<_>>().join("\n"))
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

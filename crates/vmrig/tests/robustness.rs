@@ -1,0 +1,147 @@
+//! What goes wrong, on real VMs: a QEMU that exits at start-up, a stop
+//! signal while a node boots, a wait polling a machine while another
+//! thread drives it, a command that prints more than a script can take,
+//! and a script that ends itself with `sys.exit`.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{run, text, vmrig, vmrig_run};
+
+/// A test directory with one node, `machine`, running `script`.
+fn machine_test(script: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("vmrig.toml"), format!("[nodes.machine]\n\n[test]\nscript = '''\n{script}'''\n")).unwrap();
+    dir
+}
+
+/// Whether a process whose command line contains `needle` runs (or is a
+/// zombie not reaped yet).
+fn processes_with(needle: &str) -> Vec<String> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.file_name().to_str().is_some_and(|name| name.parse::<u32>().is_ok()))
+        .filter_map(|entry| {
+            let command = fs::read(entry.path().join("cmdline")).ok()?;
+            let command = String::from_utf8_lossy(&command).replace('\0', " ");
+            command.contains(needle).then(|| format!("{}: {command}", entry.file_name().to_string_lossy()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
+    let test = machine_test("machine.succeed('true')\n");
+    // The image first, so that what is timed is the start alone.
+    let output = vmrig().arg("build").arg(test.path()).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+
+    // A QEMU that tells its version (a template's key holds it) and fails
+    // to start anything, as one with a broken installation would.
+    let bin = tempfile::tempdir().unwrap();
+    let real = which("qemu-system-x86_64");
+    let wrapper = bin.path().join("qemu-system-x86_64");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in --version) exec {} \"$@\";; esac\n\
+             echo 'qemu-system-x86_64: -machine microvm: broken on purpose by vmrig-robustness-test' >&2\nexit 1\n",
+            real.display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap());
+
+    let started = Instant::now();
+    let output = vmrig_run(test.path()).args(["--accel", "tcg", "--timeout", "600"]).env("PATH", path).output().unwrap();
+    let took = started.elapsed();
+    let output = text(&output.clone()) + &format!("\nexit: {:?}", output.status.code());
+    assert!(output.ends_with("exit: Some(3)"), "{output}");
+    assert!(output.contains("broken on purpose by vmrig-robustness-test"), "QEMU's own words are not in the failure:\n{output}");
+    assert!(took < Duration::from_secs(5), "a QEMU that exits at once took {took:?} to fail the run:\n{output}");
+    assert!(processes_with(&test.path().display().to_string()).is_empty());
+}
+
+fn which(program: &str) -> std::path::PathBuf {
+    std::env::var("PATH")
+        .unwrap()
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| panic!("{program} is not on the PATH"))
+}
+
+#[test]
+fn sigterm_while_a_node_boots_ends_the_run_at_once() {
+    let test = machine_test("machine.succeed('true')\n");
+    // A cold boot, so that there is a boot to interrupt.
+    let mut child = vmrig_run(test.path()).env("VMRIG_BOOT", "cold").stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut seen = String::new();
+    let mut qemu_pid = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        seen.push_str(&line);
+        seen.push('\n');
+        if let Some(pid) = line.strip_prefix("machine: QEMU running (pid ").and_then(|rest| rest.strip_suffix(')')) {
+            qemu_pid = Some(pid.to_string());
+        }
+        if line == "machine: waiting for the VM to finish booting" {
+            break;
+        }
+    }
+    let qemu_pid = qemu_pid.unwrap_or_else(|| panic!("no QEMU started:\n{seen}"));
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let exit = child.wait().unwrap();
+    let took = signalled.elapsed();
+    assert_eq!(exit.code(), Some(143), "{seen}");
+    assert!(took < Duration::from_secs(5), "SIGTERM during a boot took {took:?} to end the run");
+    assert!(!Path::new(&format!("/proc/{qemu_pid}")).exists() || fs::read_to_string(format!("/proc/{qemu_pid}/stat")).unwrap_or_default().contains(") Z"));
+    let log = fs::read_to_string(test.path().join("result/log.txt")).unwrap();
+    assert!(log.contains("interrupted by SIGTERM"), "{log}");
+}
+
+#[test]
+fn a_wait_polling_a_machine_lets_another_threads_calls_through() {
+    let test = machine_test(
+        r#"
+import threading, time
+machine.succeed("true")
+waiter = threading.Thread(target=lambda: machine.wait_until_succeeds("test -e /tmp/go", timeout=30))
+waiter.start()
+time.sleep(1)
+slowest = 0.0
+for i in range(5):
+    started = time.monotonic()
+    machine.succeed(f"touch /tmp/x{i}")
+    slowest = max(slowest, time.monotonic() - started)
+    time.sleep(1)
+print(f"slowest call beside the wait: {slowest:.2f} s")
+assert slowest < 2, f"a call waited {slowest:.2f} s for the polling thread"
+machine.succeed("touch /tmp/go")
+waiter.join()
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("slowest call beside the wait"), "{output}");
+}
+
+#[test]
+fn sys_exit_ends_the_script_as_python_does() {
+    for (exit, expected) in [("sys.exit(0)", 0), ("sys.exit()", 0), ("sys.exit(1)", 1), ("sys.exit('gave up')", 1)] {
+        let test = machine_test(&format!("import sys\nprint('before the exit')\n{exit}\nraise AssertionError('not reached')\n"));
+        let (code, output) = run(test.path());
+        assert_eq!(code, Some(expected), "{exit}:\n{output}");
+        assert!(output.contains("before the exit"), "{output}");
+        assert!(!output.contains("not reached"), "{output}");
+    }
+}
