@@ -86,12 +86,23 @@ class _Driver:
             if not line:
                 raise InfrastructureError("the vmrig driver closed the connection")
             reply = json.loads(line)
+            # A command's output follows its reply as it is (see the
+            # driver's api module).
+            output = stream.read(reply["output"]) if "output" in reply else None
             # A reply to a call abandoned at the prompt (Ctrl-C) comes first.
             if reply.get("id") == self._local.next_id:
                 break
         error = reply.get("error")
         if error is None:
-            return reply.get("ok")
+            result = reply.get("ok")
+            if output is None:
+                return result
+            # The output is the result, or its stdout.
+            text = output.decode("utf-8", errors="replace")
+            if result is None:
+                return text
+            result["stdout"] = text
+            return result
         if error["kind"] == "test":
             raise TestFailure(error["message"])
         raise InfrastructureError(error["message"])

@@ -34,8 +34,13 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
 /// How often the exit of a command is looked for where no pidfd tells.
 const EXIT_POLL: Duration = Duration::from_millis(5);
-/// Size of the chunks file contents and output travel in.
-const CHUNK: usize = 256 * 1024;
+/// Size of the chunks file contents and output travel in: the largest a
+/// frame carries, so that a fast writer costs as few frames as can be.
+const CHUNK: usize = vmrig_proto::MAX_DATA as usize;
+/// How much a command's output pipes hold (Linux's default is 64 KiB):
+/// under TCG each switch between a writer and the agent costs more than
+/// the copying, so a writer should fill as much as a frame carries.
+const PIPE_SIZE: i32 = vmrig_proto::MAX_DATA as i32;
 /// The environment every command starts from.
 const BASE_ENV: &[(&str, &str)] = &[
     ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -458,6 +463,11 @@ fn pump(
 ) -> Result<(Ended, bool), FrameError> {
     let mut ended: Option<(Ended, Instant)> = None;
     let mut buffer = vec![0; CHUNK];
+    for (_, pipe) in &pipes {
+        // Where the limit (/proc/sys/fs/pipe-max-size) is lower, the pipe
+        // keeps its size: slower, not wrong.
+        let _ = nix::fcntl::fcntl(pipe.fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+    }
     loop {
         let until = match ended {
             Some((_, at)) => Some(at + DRAIN_GRACE),

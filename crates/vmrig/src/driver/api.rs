@@ -46,20 +46,132 @@ impl From<VmError> for Failure {
     }
 }
 
+/// The answer to one request: a JSON line and, for the calls that return
+/// a command's output, that output, sent as it is after the line (which
+/// says how long it is in `output`): a script can be handed tens of
+/// megabytes, which JSON would have to escape, copy and parse. The client
+/// puts it back where the result stands for it: the result itself when
+/// that is null (`succeed`), else its `stdout` (`execute`).
+pub(super) struct Answer {
+    /// The reply, without its newline.
+    pub line: String,
+    /// The bytes that follow it.
+    pub output: Vec<u8>,
+}
+
 /// Answers one request line.
-pub(super) fn handle(run: &Run<'_>, line: &str, deadline: Instant) -> String {
+pub(super) fn handle(run: &Run<'_>, line: &str, deadline: Instant) -> Answer {
     let request: Request = match serde_json::from_str(line) {
         Ok(request) => request,
         Err(error) => {
-            return json!({"id": null, "error": {"kind": "infra", "message": format!("malformed request: {error}")}}).to_string()
+            let line = json!({"id": null, "error": {"kind": "infra", "message": format!("malformed request: {error}")}}).to_string();
+            return Answer { line, output: Vec::new() };
         }
     };
-    let reply = match dispatch(run, &request, deadline) {
-        Ok(value) => json!({"id": request.id, "ok": value}),
-        Err(Failure::Test(message)) => json!({"id": request.id, "error": {"kind": "test", "message": message}}),
-        Err(Failure::Infra(message)) => json!({"id": request.id, "error": {"kind": "infra", "message": message}}),
+    let (reply, output) = match command_call(run, &request, deadline).unwrap_or_else(|| dispatch(run, &request, deadline).map(|value| (value, None))) {
+        Ok((value, None)) => (json!({"id": request.id, "ok": value}), Vec::new()),
+        Ok((value, Some(output))) => (json!({"id": request.id, "ok": value, "output": output.len()}), output),
+        Err(Failure::Test(message)) => (json!({"id": request.id, "error": {"kind": "test", "message": message}}), Vec::new()),
+        Err(Failure::Infra(message)) => (json!({"id": request.id, "error": {"kind": "infra", "message": message}}), Vec::new()),
     };
-    reply.to_string()
+    Answer { line: reply.to_string(), output }
+}
+
+/// A result, and the command output that goes with it, if the call is one
+/// that returns output.
+type Reply = (Value, Option<Vec<u8>>);
+
+/// The calls that run a shell command for the script and hand it the
+/// command's standard output: `None` for any other method.
+fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<Result<Reply, Failure>> {
+    let method = request.method.as_str();
+    if !matches!(method, "execute" | "succeed" | "fail" | "wait_until_succeeds" | "wait_until_fails" | "systemctl" | "start_job" | "stop_job") {
+        return None;
+    }
+    let answer = request.node.as_deref().ok_or_else(|| Failure::Infra(format!("`{method}` needs a node"))).and_then(|name| {
+        let args = &request.args;
+        let log = &run.log;
+        match method {
+            "execute" => {
+                let command = string_arg(args, "command")?;
+                // What a person types at shell_interact() is not logged.
+                let quiet = args["quiet"].as_bool().unwrap_or(false);
+                let _block = (!quiet).then(|| log.block(Some(name), format!("executing: {command}")));
+                let outcome = script_command(&mut *locked(run, name)?, name, &command, seconds_arg(args, "timeout"))?;
+                Ok((json!({"status": outcome.status_code()}), outcome.stdout))
+            }
+            "succeed" | "fail" => {
+                let want_success = method == "succeed";
+                let commands = args["commands"].as_array().cloned().unwrap_or_default();
+                let mut machine = locked(run, name)?;
+                let mut stdout = Vec::new();
+                for command in commands {
+                    let command = command.as_str().ok_or_else(|| Failure::Infra("commands must be strings".into()))?;
+                    let verb = if want_success { "must succeed" } else { "must fail" };
+                    let _block = log.block(Some(name), format!("{verb}: {command}"));
+                    let outcome = script_command(&mut machine, name, command, seconds_arg(args, "timeout"))?;
+                    if outcome.succeeded() != want_success {
+                        return Err(Failure::Test(command_failure(name, command, &outcome, want_success)));
+                    }
+                    stdout.extend_from_slice(&outcome.stdout);
+                }
+                Ok((Value::Null, stdout))
+            }
+            // A wait that asks the machine again and again locks it for
+            // each try only, so that other threads' calls get through.
+            "wait_until_succeeds" | "wait_until_fails" => {
+                let want_success = method == "wait_until_succeeds";
+                let command = string_arg(args, "command")?;
+                let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
+                let verb = if want_success { "waiting for success" } else { "waiting for failure" };
+                let _block = log.block(Some(name), format!("{verb}: {command}"));
+                let until = give_up(limit, deadline);
+                let mut last = None;
+                let done = poll_until(until, RETRY_PAUSE, || {
+                    let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+                    let outcome = script_command(&mut *locked(run, name)?, name, &command, Some(left))?;
+                    let done = outcome.succeeded() == want_success;
+                    last = Some(outcome);
+                    Ok(done)
+                })?;
+                let outcome = last.expect("the command ran at least once");
+                if !done {
+                    let wanted = if want_success { "succeed" } else { "fail" };
+                    return Err(Failure::Test(format!("{name}: command `{command}` did not {wanted} within {} s\n{}", limit.as_secs(), output_report(&outcome))));
+                }
+                Ok((Value::Null, outcome.stdout))
+            }
+            _ => {
+                let query = match method {
+                    "systemctl" => string_arg(args, "query")?,
+                    verb => format!("{} {}", verb.trim_end_matches("_job"), shell_quote(&string_arg(args, "unit")?)),
+                };
+                let command = systemctl_command(&query, args["user"].as_str());
+                let outcome = script_command(&mut *locked(run, name)?, name, &command, None)?;
+                Ok((json!({"status": outcome.status_code()}), outcome.stdout))
+            }
+        }
+    });
+    Some(answer.map(|(value, output)| (value, Some(output))))
+}
+
+/// Runs a command whose output the script is handed: one that printed more
+/// than a script can take fails, saying where all of it is.
+fn script_command(machine: &mut Machine, node: &str, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, Failure> {
+    let outcome = machine.shell(command, timeout)?;
+    if let Some(overflow) = outcome.overflowed.first() {
+        let stream = match overflow.stream {
+            vmrig_proto::Stream::Stdout => "standard output",
+            vmrig_proto::Stream::Stderr => "standard error",
+        };
+        return Err(Failure::Test(format!(
+            "{node}: command `{command}` printed {} bytes on its {stream}, more than the {} MiB a script is handed; all of it is in {}",
+            overflow.bytes,
+            crate::vm::OUTPUT_LIMIT >> 20,
+            overflow.path.display()
+        )));
+    }
+    Ok(outcome)
 }
 
 fn string_arg(args: &Value, name: &str) -> Result<String, Failure> {
@@ -218,32 +330,6 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
         }
         // Waits that ask the machine again and again lock it for each try
         // only, so that other threads' calls get through between tries.
-        "wait_until_succeeds" | "wait_until_fails" => {
-            let want_success = request.method == "wait_until_succeeds";
-            let command = string_arg(args, "command")?;
-            let limit = seconds_arg(args, "timeout").unwrap_or(Duration::from_secs(900));
-            let verb = if want_success { "waiting for success" } else { "waiting for failure" };
-            let _block = log.block(Some(&node), format!("{verb}: {command}"));
-            let until = give_up(limit, deadline);
-            let mut last = None;
-            let done = poll_until(until, RETRY_PAUSE, || {
-                let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                let outcome = locked(run, name)?.shell(&command, Some(left))?;
-                let done = outcome.succeeded() == want_success;
-                last = Some(outcome);
-                Ok(done)
-            })?;
-            let outcome = last.expect("the command ran at least once");
-            if !done {
-                let wanted = if want_success { "succeed" } else { "fail" };
-                return Err(Failure::Test(format!(
-                    "{node}: command `{command}` did not {wanted} within {} s\n{}",
-                    limit.as_secs(),
-                    output_report(&outcome)
-                )));
-            }
-            return Ok(Value::String(text(&outcome.stdout)));
-        }
         "wait_for_unit" => {
             let unit = string_arg(args, "unit")?;
             let user = args["user"].as_str();
@@ -323,43 +409,11 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
         "shutdown" => machine.shutdown()?,
         "crash" => machine.crash()?,
         "reboot" => machine.reboot()?,
-        "execute" => {
-            let command = string_arg(args, "command")?;
-            // What a person types at shell_interact() is not logged.
-            let quiet = args["quiet"].as_bool().unwrap_or(false);
-            let _block = (!quiet).then(|| log.block(Some(&node), format!("executing: {command}")));
-            let outcome = machine.shell(&command, seconds_arg(args, "timeout"))?;
-            return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
-        }
-        "succeed" | "fail" => {
-            let want_success = request.method == "succeed";
-            let commands = args["commands"].as_array().cloned().unwrap_or_default();
-            let mut stdout = String::new();
-            for command in commands {
-                let command = command.as_str().ok_or_else(|| Failure::Infra("commands must be strings".into()))?;
-                let verb = if want_success { "must succeed" } else { "must fail" };
-                let _block = log.block(Some(&node), format!("{verb}: {command}"));
-                let outcome = machine.shell(command, seconds_arg(args, "timeout"))?;
-                if outcome.succeeded() != want_success {
-                    return Err(Failure::Test(command_failure(&node, command, &outcome, want_success)));
-                }
-                stdout.push_str(&text(&outcome.stdout));
-            }
-            return Ok(Value::String(stdout));
-        }
         "get_unit_info" => {
             let unit = string_arg(args, "unit")?;
             let info = unit_info(machine, &unit, args["user"].as_str())?
                 .ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))?;
             return Ok(json!(info));
-        }
-        "systemctl" | "start_job" | "stop_job" => {
-            let query = match request.method.as_str() {
-                "systemctl" => string_arg(args, "query")?,
-                verb => format!("{} {}", verb.trim_end_matches("_job"), shell_quote(&string_arg(args, "unit")?)),
-            };
-            let outcome = machine.shell(&systemctl_command(&query, args["user"].as_str()), None)?;
-            return Ok(json!({"status": outcome.status_code(), "stdout": text(&outcome.stdout)}));
         }
         "copy_from_host" => {
             let source = run.spec.dir.join(string_arg(args, "source")?);
@@ -695,7 +749,7 @@ mod tests {
 
     #[test]
     fn failures_name_node_command_status_and_output() {
-        let outcome = ExecOutcome { status: Some(2), signal: None, timed_out: false, stdout: b"o\n".to_vec(), stderr: b"no such file\n".to_vec() };
+        let outcome = ExecOutcome { status: Some(2), signal: None, timed_out: false, stdout: b"o\n".to_vec(), stderr: b"no such file\n".to_vec(), overflowed: Vec::new() };
         assert_eq!(
             command_failure("server", "ls /nope", &outcome, true),
             "server: command `ls /nope` failed (exit status 2)\nstdout: o\nstderr: no such file"

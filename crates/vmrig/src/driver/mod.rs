@@ -741,8 +741,8 @@ impl Run<'_> {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let reply = api::handle(self, &line, deadline);
-            if writeln!(writer, "{reply}").is_err() {
+            let answer = api::handle(self, &line, deadline);
+            if writeln!(writer, "{}", answer.line).and_then(|()| writer.write_all(&answer.output)).is_err() {
                 return;
             }
         }

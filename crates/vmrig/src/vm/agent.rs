@@ -4,8 +4,10 @@
 //! the codec, a reply that does not fit the request is an error for this
 //! node, and nothing here writes to the host's filesystem.
 
-use std::io;
+use std::fs::File;
+use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, SocketTarget, Stream, MAX_DATA};
@@ -40,6 +42,45 @@ pub struct ExecOutcome {
     pub stdout: Vec<u8>,
     /// Its standard error.
     pub stderr: Vec<u8>,
+    /// The streams that outgrew what is kept in memory: `stdout` or
+    /// `stderr` then holds their beginning only.
+    pub overflowed: Vec<Overflow>,
+}
+
+/// A stream of a command's output that outgrew the memory it is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overflow {
+    /// Which.
+    pub stream: Stream,
+    /// The file holding all of it.
+    pub path: PathBuf,
+    /// How long it was.
+    pub bytes: u64,
+}
+
+/// One stream of a command's output as it arrives.
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    bytes: u64,
+    file: Option<(PathBuf, File)>,
+}
+
+impl Captured {
+    fn take(&mut self, stream: Stream, data: &[u8], limit: usize, overflow: &mut impl FnMut(Stream) -> io::Result<(PathBuf, File)>) -> io::Result<()> {
+        self.bytes += data.len() as u64;
+        if self.file.is_none() && self.kept.len() + data.len() <= limit {
+            self.kept.extend_from_slice(data);
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let (path, mut file) = overflow(stream)?;
+            file.write_all(&self.kept)?;
+            self.file = Some((path, file));
+        }
+        let (_, file) = self.file.as_mut().expect("opened above");
+        file.write_all(data)
+    }
 }
 
 impl ExecOutcome {
@@ -135,9 +176,18 @@ impl AgentClient {
         }
     }
 
-    /// Runs `command`, feeding it `stdin` and showing each chunk of output
-    /// to `on_output` as it arrives.
-    pub fn exec(&mut self, command: Command, stdin: &[u8], mut on_output: impl FnMut(Stream, &[u8])) -> Result<ExecOutcome, AgentError> {
+    /// Runs `command`, feeding it `stdin`. Each stream of its output is kept
+    /// in memory up to `limit` bytes; a stream that grows past it goes on in
+    /// the file `overflow` opens for it (what was kept, then the rest), and
+    /// the outcome says where, so that no guest can exhaust the host's
+    /// memory.
+    pub fn exec(
+        &mut self,
+        command: Command,
+        stdin: &[u8],
+        limit: usize,
+        mut overflow: impl FnMut(Stream) -> io::Result<(PathBuf, File)>,
+    ) -> Result<ExecOutcome, AgentError> {
         if stdin.len() > MAX_DATA as usize {
             return Err(AgentError::Agent(format!("command input over {MAX_DATA} bytes is not supported")));
         }
@@ -145,18 +195,23 @@ impl AgentClient {
         // stopped answering altogether.
         let wait = command.timeout_ms.map(|ms| Duration::from_millis(ms) + Duration::from_secs(60));
         self.send(&Request::Exec(command), stdin)?;
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let mut streams = [Captured::default(), Captured::default()];
         loop {
             match self.receive(wait)? {
                 (Reply::Output { stream }, data) => {
-                    on_output(stream, &data);
-                    match stream {
-                        Stream::Stdout => stdout.extend_from_slice(&data),
-                        Stream::Stderr => stderr.extend_from_slice(&data),
-                    }
+                    let captured = match stream {
+                        Stream::Stdout => &mut streams[0],
+                        Stream::Stderr => &mut streams[1],
+                    };
+                    captured.take(stream, &data, limit, &mut overflow).map_err(|e| AgentError::Frame(FrameError::Io(e)))?;
                 }
                 (Reply::Exited { status, signal, timed_out }, _) => {
-                    return Ok(ExecOutcome { status, signal, timed_out, stdout, stderr })
+                    let [stdout, stderr] = streams;
+                    let overflowed = [(Stream::Stdout, &stdout), (Stream::Stderr, &stderr)]
+                        .into_iter()
+                        .filter_map(|(stream, c)| c.file.as_ref().map(|(path, _)| Overflow { stream, path: path.clone(), bytes: c.bytes }))
+                        .collect();
+                    return Ok(ExecOutcome { status, signal, timed_out, stdout: stdout.kept, stderr: stderr.kept, overflowed });
                 }
                 (Reply::Error { message }, _) => return Err(AgentError::Agent(message)),
                 (other, _) => return Err(AgentError::Unexpected(format!("{other:?}"))),
@@ -262,12 +317,34 @@ mod tests {
             write_frame(out, &Reply::Exited { status: Some(4), signal: None, timed_out: false }, &[]).unwrap();
         });
         let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None };
-        let mut seen = 0;
-        let outcome = agent.exec(command, b"in", |_, _| seen += 1).unwrap();
-        assert_eq!(seen, 3);
+        let outcome = agent.exec(command, b"in", 1024, |_| unreachable!("nothing overflows")).unwrap();
         assert_eq!((outcome.stdout.as_slice(), outcome.stderr.as_slice()), (b"out:in".as_slice(), b"err".as_slice()));
         assert_eq!(outcome.status_code(), 4);
         assert!(!outcome.succeeded());
+        assert!(outcome.overflowed.is_empty());
+    }
+
+    #[test]
+    fn output_past_the_limit_goes_to_a_file_whole_and_memory_keeps_its_start() {
+        let mut agent = fake_agent(|_, _, out| {
+            for chunk in [b"0123".as_slice(), b"4567", b"89"] {
+                write_frame(out, &Reply::Output { stream: Stream::Stdout }, chunk).unwrap();
+            }
+            write_frame(out, &Reply::Output { stream: Stream::Stderr }, b"small").unwrap();
+            write_frame(out, &Reply::Exited { status: Some(0), signal: None, timed_out: false }, &[]).unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None };
+        let outcome = agent
+            .exec(command, &[], 6, |stream| {
+                let path = dir.path().join(format!("{stream:?}"));
+                Ok((path.clone(), File::create(path)?))
+            })
+            .unwrap();
+        assert_eq!(outcome.stdout, b"0123");
+        assert_eq!(outcome.stderr, b"small");
+        assert_eq!(outcome.overflowed, [Overflow { stream: Stream::Stdout, path: dir.path().join("Stdout"), bytes: 10 }]);
+        assert_eq!(std::fs::read(dir.path().join("Stdout")).unwrap(), b"0123456789");
     }
 
     #[test]

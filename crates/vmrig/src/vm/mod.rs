@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use agent::{AgentClient, AgentError, ExecOutcome, PathEntry};
+pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
 pub use launcher::Launcher;
 use serde_json::{json, Value};
 use vmrig_proto::tunnel::TUNNEL_PORT;
@@ -42,6 +42,9 @@ use qmp::{Qmp, QmpError};
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to power off once asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How much of each stream of a command's output is kept in memory: what
+/// a script can be handed. The rest goes to a file in the node's report.
+pub const OUTPUT_LIMIT: usize = 64 << 20;
 
 /// Errors of the vm layer.
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +253,8 @@ pub struct Machine {
     identity: Option<std::thread::JoinHandle<Result<(AgentClient, String), AgentError>>>,
     /// The run's end: no command or wait of this machine outlives it.
     deadline: Option<Instant>,
+    /// How many commands ran, to name the files of output too long to keep.
+    commands: u64,
 }
 
 /// What a node's QEMU produced in this run, in order, shared with the
@@ -344,6 +349,7 @@ impl Machine {
             restored: false,
             identity: None,
             deadline: None,
+            commands: 0,
         }
     }
 
@@ -777,7 +783,17 @@ impl Machine {
             let limit = self.within_deadline(limit).max(Duration::from_millis(1));
             command.timeout_ms = Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
         }
-        let result = self.agent()?.exec(command, &[], |_, _| {});
+        self.commands += 1;
+        // Beside the console log: the node's folder of the report.
+        let base = self.config.console_log.with_file_name(format!("command-{}", self.commands));
+        let overflow = |stream| {
+            let path = base.with_extension(match stream {
+                vmrig_proto::Stream::Stdout => "stdout",
+                vmrig_proto::Stream::Stderr => "stderr",
+            });
+            File::create(&path).map(|file| (path, file))
+        };
+        let result = self.agent()?.exec(command, &[], OUTPUT_LIMIT, overflow);
         result.map_err(|e| self.agent_error(e))
     }
 
