@@ -21,8 +21,8 @@ fn machine_test(script: &str) -> tempfile::TempDir {
     dir
 }
 
-/// Whether a process whose command line contains `needle` runs (or is a
-/// zombie not reaped yet).
+/// The processes (pid and command line) whose command line contains
+/// `needle`.
 fn processes_with(needle: &str) -> Vec<String> {
     fs::read_dir("/proc")
         .unwrap()
@@ -46,7 +46,7 @@ fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
     // A QEMU that tells its version (a template's key holds it) and fails
     // to start anything, as one with a broken installation would.
     let bin = tempfile::tempdir().unwrap();
-    let real = which("qemu-system-x86_64");
+    let real = vmrig::host::find_program("qemu-system-x86_64").expect("QEMU is on the PATH");
     let wrapper = bin.path().join("qemu-system-x86_64");
     fs::write(
         &wrapper,
@@ -63,20 +63,11 @@ fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
     let started = Instant::now();
     let output = vmrig_run(test.path()).args(["--accel", "tcg", "--timeout", "600"]).env("PATH", path).output().unwrap();
     let took = started.elapsed();
-    let output = text(&output.clone()) + &format!("\nexit: {:?}", output.status.code());
+    let output = text(&output) + &format!("\nexit: {:?}", output.status.code());
     assert!(output.ends_with("exit: Some(3)"), "{output}");
     assert!(output.contains("broken on purpose by vmrig-robustness-test"), "QEMU's own words are not in the failure:\n{output}");
     assert!(took < Duration::from_secs(5), "a QEMU that exits at once took {took:?} to fail the run:\n{output}");
     assert!(processes_with(&test.path().display().to_string()).is_empty());
-}
-
-fn which(program: &str) -> std::path::PathBuf {
-    std::env::var("PATH")
-        .unwrap()
-        .split(':')
-        .map(|dir| Path::new(dir).join(program))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| panic!("{program} is not on the PATH"))
 }
 
 #[test]
