@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 import unittest
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 Timeout = Union[None, int, float, datetime.timedelta]
@@ -40,6 +41,7 @@ DRIVER_GLOBALS = [
     "machines",
     "driver",
     "os",
+    "Machine",
 ]
 
 
@@ -116,30 +118,90 @@ def _seconds(timeout: Timeout) -> Optional[float]:
     return float(timeout)
 
 
-#: What a machine has besides its methods; `vmrig check` reads this.
-MACHINE_ATTRIBUTES = ["name", "ip", "ipv6"]
+#: What a machine has besides its methods and properties; `vmrig check`
+#: reads this.
+MACHINE_ATTRIBUTES = ["name", "ip", "ipv6", "out_dir", "tmp_dir", "keep_machine_state", "callbacks", "logger", "process", "monitor_path"]
 
 
 class Machine:
-    """One node of the test."""
+    """One node of the test, with the attributes NixOS's `Machine` has."""
 
-    def __init__(self, driver: _Driver, node: Dict[str, Any]) -> None:
+    def __init__(self, driver: _Driver, node: Dict[str, Any], run: Dict[str, Any]) -> None:
         self._driver = driver
         self.name: str = node["name"]
         #: The machine's first IPv4 and IPv6 addresses (None without a VLAN).
         self.ip: Optional[str] = node["ip"]
         self.ipv6: Optional[str] = node["ipv6"]
+        #: The run's report folder, where copy_from_vm puts files.
+        self.out_dir = Path(run["out_dir"])
+        #: The run's private folder on the host (sockets, writable layers).
+        self.tmp_dir = Path(run["tmp_dir"])
+        #: Whether the machine's writable layer is kept for the next run.
+        self.keep_machine_state: bool = run["keep_machine_state"]
+        #: Functions called before each command, as in NixOS.
+        self.callbacks: List[Callable[[], Any]] = []
+        #: Where this machine's lines of the log go.
+        self.logger = _Log(driver)
+        #: NixOS's QEMU process object; vmrig's QEMU is the driver's child,
+        #: and `pid` gives its id.
+        self.process: Any = None
+        #: vmrig has no human monitor socket: send_monitor_command goes
+        #: through QMP (`qmp_path`).
+        self.monitor_path: Optional[Path] = None
         # Console lines already looked at by wait_for_console_text, and QMP
         # events by wait_for_qmp_event.
         self._console_seen = 0
         self._events_seen = 0
 
     def __repr__(self) -> str:
-        return f"<Machine {self.name}>"
+        return f"<Machine '{self.name}'>"
 
     def _call(self, method: str, **args: Any) -> Any:
         self._driver.check_polling_conditions()
         return self._driver.call(method, self.name, **args)
+
+    def _described(self, key: str) -> Any:
+        return self._driver.call("describe", self.name)[key]
+
+    @property
+    def booted(self) -> bool:
+        """Whether QEMU runs (it has been started and has not powered off)."""
+        return bool(self._described("booted"))
+
+    @property
+    def connected(self) -> bool:
+        """Whether the machine is booted and its agent has answered."""
+        return bool(self._described("connected"))
+
+    @property
+    def pid(self) -> Optional[int]:
+        """QEMU's process id while it runs."""
+        return self._described("pid")
+
+    @property
+    def state_dir(self) -> Path:
+        """The host folder holding the machine's writable layer."""
+        return Path(self._described("state_dir"))
+
+    @property
+    def qmp_path(self) -> Path:
+        """QEMU's QMP socket."""
+        return Path(self._described("qmp_path"))
+
+    @property
+    def shell_path(self) -> Path:
+        """The socket of the machine's agent (NixOS's is its root shell's)."""
+        return Path(self._described("shell_path"))
+
+    @property
+    def full_console_log(self) -> List[str]:
+        """Every line the machine's console printed in this run."""
+        return self.get_console_log().split("\n")
+
+    def run_callbacks(self) -> None:
+        """Calls each of `callbacks`, as every command does first."""
+        for callback in self.callbacks:
+            callback()
 
     def log(self, msg: str) -> None:
         """Writes a line about this machine in the run's log."""
@@ -188,9 +250,19 @@ class Machine:
         check_output: bool = True,
         timeout: Timeout = 900,
     ) -> Tuple[int, str]:
-        """Runs a shell command; returns its exit status and stdout."""
-        result = self._call("execute", command=command, timeout=_seconds(timeout))
-        return result["status"], result["stdout"] if check_output else ""
+        """Runs a shell command under `set -euo pipefail`, in /tmp; returns
+        its exit status and stdout. With check_return=False it returns
+        (-1, stdout) once stdout has closed, without waiting for the exit;
+        with check_output=False, (-2, "") as soon as it has started. What
+        it prints after that goes to the machine's console."""
+        self.run_callbacks()
+        answer = "exit" if check_output and check_return else "output_end" if check_output else "start"
+        result = self._call("execute", command=command, timeout=_seconds(timeout), answer=answer)
+        if not check_output:
+            return -2, ""
+        if not check_return:
+            return -1, result["stdout"]
+        return result["status"], result["stdout"]
 
     def _execute_quietly(self, command: str) -> Tuple[int, str]:
         """execute(), leaving nothing in the log: for what a person types."""
@@ -199,10 +271,12 @@ class Machine:
 
     def succeed(self, *commands: str, timeout: Timeout = None) -> str:
         """Runs each command, failing the test if one fails; returns their stdout."""
+        self.run_callbacks()
         return self._call("succeed", commands=list(commands), timeout=_seconds(timeout))
 
     def fail(self, *commands: str, timeout: Timeout = None) -> str:
         """Runs each command, failing the test if one succeeds."""
+        self.run_callbacks()
         return self._call("fail", commands=list(commands), timeout=_seconds(timeout))
 
     def wait_until_succeeds(self, command: str, timeout: Timeout = 900) -> str:
@@ -361,7 +435,7 @@ class Machine:
             if not line.strip():
                 continue
             command = (
-                f"cd {shlex.quote(directory)} 2>/dev/null\n{{ {line}\n}} 2>&1\n"
+                f"set +eu +o pipefail; cd {shlex.quote(directory)} 2>/dev/null\n{{ {line}\n}} 2>&1\n"
                 "__vmrig_status=$?; printf '\\0%s' \"$PWD\"; exit $__vmrig_status"
             )
             status, output = self._execute_quietly(command)
@@ -397,11 +471,12 @@ class Machine:
         raise _no_display("screenshot")
 
     def block(self) -> None:
-        """Cuts all of the machine's network links."""
+        """Unplugs the cable of the machine's NIC on its first VLAN (eth1),
+        as NixOS does: the guest sees its carrier go."""
         self._call("block")
 
     def unblock(self) -> None:
-        """Restores the machine's network links."""
+        """Plugs the cable of block() back in."""
         self._call("unblock")
 
     def sleep(self, secs: float) -> None:
@@ -506,7 +581,8 @@ class _Log:
 def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
     """The globals a script sees: its machines and the driver's names."""
     nodes = driver.call("nodes")
-    machines = {node["python_name"]: Machine(driver, node) for node in nodes}
+    run = driver.call("run_info")
+    machines = {node["python_name"]: Machine(driver, node, run) for node in nodes}
     log = _Log(driver)
 
     def start_all() -> None:
@@ -588,6 +664,7 @@ def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
         vlans=all_vlans,
         machines=list(machines.values()),
         os=os,
+        Machine=Machine,
     )
     namespace["driver"] = _DriverNames(namespace)
     namespace["__name__"] = "__vmrig_test__"

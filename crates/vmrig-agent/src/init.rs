@@ -190,6 +190,7 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), String> {
 /// Creates the node's users that do not exist yet (the writable layer
 /// keeps them across a reboot).
 pub(crate) fn create_users(list: &str) -> Result<(), String> {
+    let_root_in_without_password()?;
     let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
     for line in list.lines().filter(|l| !l.is_empty()) {
         let args: Vec<&str> = line.split('\t').collect();
@@ -200,6 +201,23 @@ pub(crate) fn create_users(list: &str) -> Result<(), String> {
         run_program("/usr/sbin/useradd", &args)?;
     }
     Ok(())
+}
+
+/// Gives root an empty password, as a NixOS test node's root has: a person
+/// (or a test typing on a console) logs in as `root` with no password.
+fn let_root_in_without_password() -> Result<(), String> {
+    let Ok(shadow) = fs::read_to_string("/etc/shadow") else { return Ok(()) };
+    let opened: String = shadow
+        .lines()
+        .map(|entry| match entry.split_once(':') {
+            Some(("root", rest)) => format!("root::{}\n", rest.split_once(':').map_or("", |(_, after)| after)),
+            _ => format!("{entry}\n"),
+        })
+        .collect();
+    if opened == shadow {
+        return Ok(());
+    }
+    fs::write("/etc/shadow", opened).map_err(|e| format!("cannot write /etc/shadow: {e}"))
 }
 
 /// Runs a program of the new root, failing if it fails.
@@ -246,10 +264,12 @@ pub(crate) enum NicsAre {
 
 /// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by
 /// its MAC address, with its addresses; before systemd starts, so that
-/// every unit sees the network as it will stay. One `ip -batch` does it
+/// every unit sees the network as it will stay. The k-th NIC listed (the
+/// node's k-th VLAN) is named `eth<k>`, counting from 1, as on a NixOS
+/// test node, whose `eth0` is QEMU's user network. One `ip -batch` does it
 /// all: each process started costs tens of milliseconds under TCG.
 pub(crate) fn configure_network(list: &str, nics: NicsAre) -> Result<(), String> {
-    let mut batch = String::from("link set dev lo up\n");
+    let mut devices = Vec::new();
     for (index, line) in list.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         let [mac, ipv4, ipv6] = fields.as_slice() else { continue };
@@ -263,15 +283,25 @@ pub(crate) fn configure_network(list: &str, nics: NicsAre) -> Result<(), String>
             .find(|d| fs::read_to_string(d.path().join("address")).is_ok_and(|a| a.trim() == found_by))
             .map(|d| d.file_name().to_string_lossy().into_owned())
             .ok_or_else(|| format!("no network device has MAC {found_by}"))?;
-        // Duplicate address detection only delays a link that is ours alone.
+        // Duplicate address detection only delays a link that is ours
+        // alone. The setting stays with the device when it is renamed.
         let dad = format!("/proc/sys/net/ipv6/conf/{device}/accept_dad");
         fs::write(&dad, "0").map_err(|e| format!("cannot write {dad}: {e}"))?;
+        devices.push((device, *mac, *ipv4, *ipv6));
+    }
+    let mut batch = String::from("link set dev lo up\n");
+    // A name is taken only once every NIC has let go of its own: the
+    // kernel's eth1 may be the one that is to become eth2.
+    for (index, (device, ..)) in devices.iter().enumerate() {
+        batch.push_str(&format!("link set dev {device} down\nlink set dev {device} name vmrig-nic{index}\n"));
+    }
+    for (index, (_, mac, ipv4, ipv6)) in devices.iter().enumerate() {
+        let (temporary, name) = (format!("vmrig-nic{index}"), format!("eth{}", index + 1));
+        batch.push_str(&format!("link set dev {temporary} name {name}\n"));
         if nics == NicsAre::FromTemplate {
-            batch.push_str(&format!("link set dev {device} address {mac}\n"));
+            batch.push_str(&format!("link set dev {name} address {mac}\n"));
         }
-        batch.push_str(&format!(
-            "address replace {ipv4} dev {device}\naddress replace {ipv6} dev {device}\nlink set dev {device} up\n"
-        ));
+        batch.push_str(&format!("address replace {ipv4} dev {name}\naddress replace {ipv6} dev {name}\nlink set dev {name} up\n"));
     }
     let mut ip = std::process::Command::new("/usr/sbin/ip")
         .args(["-batch", "-"])

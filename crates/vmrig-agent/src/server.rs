@@ -5,7 +5,8 @@
 //! apart and streamed back as they come. A command's time limit is
 //! enforced here, in the guest, by killing its whole group. A command that
 //! exits while a background child still holds its output open returns
-//! anyway, after a short grace for output already written.
+//! anyway, after a short grace for output already written; the child goes
+//! on, and what it prints later goes to the console.
 //!
 //! Forwarded ports are served by a thread of their own on a second port
 //! (see `vmrig_proto::tunnel`), so a long command never holds them up.
@@ -13,7 +14,7 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -23,9 +24,9 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use crate::worker::{Job, Worker};
+use crate::worker::{change_directory, Job, Worker, NODE_ENV, SHELL_SETUP};
 use vmrig_proto::tunnel::{Tunnel, TUNNEL_PORT};
-use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
+use vmrig_proto::{read_frame, write_frame, AnswerAt, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
 
 /// How long output is still collected after a command exits, for a
 /// background child that keeps its pipes open.
@@ -41,13 +42,6 @@ const CHUNK: usize = vmrig_proto::MAX_DATA as usize;
 /// under TCG each switch between a writer and the agent costs more than
 /// the copying, so a writer should fill as much as a frame carries.
 const PIPE_SIZE: i32 = vmrig_proto::MAX_DATA as i32;
-/// The environment every command starts from.
-const BASE_ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
-    ("HOME", "/root"),
-    ("LANG", "C.UTF-8"),
-    ("TERM", "dumb"),
-];
 
 /// Serves the driver until the machine stops; reopens the port after an
 /// error so that a confused driver never leaves the guest unreachable.
@@ -316,22 +310,26 @@ fn send_tree(path: &Path, relative: &str, out: &mut File) -> Result<(), TreeErro
     Ok(())
 }
 
-/// Runs `command` with `stdin` as its input, streaming its output: a shell
-/// command line by the worker shell (see [`crate::worker`]), started anew
-/// if it has died, and an argument vector, or anything the worker cannot
-/// take, as a process of its own.
+/// Runs `command` with `stdin` as its input, streaming its output until
+/// the point the driver asked to be answered at. A shell command answered
+/// at its exit runs in the worker shell (see [`crate::worker`]), started
+/// anew if it has died; anything else (an argument vector, a command
+/// answered earlier, one the worker cannot take) as a process of its own.
+/// Whatever is printed after the answer, by the command or by a child it
+/// left running, goes to the console (see [`to_console`]).
 fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Worker>) -> Result<(), FrameError> {
     let deadline = command.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-    if let Program::Shell(line) = &command.program {
+    let cwd = command.cwd.as_deref();
+    if let (Program::Shell(line), AnswerAt::Exit) = (&command.program, command.answer) {
         if !worker.as_mut().is_some_and(Worker::is_alive) {
-            *worker = Worker::spawn(BASE_ENV).ok();
+            *worker = Worker::spawn().ok();
         }
-        let cwd = command.cwd.as_deref().unwrap_or("/");
         let failed = match worker.as_mut().map(|w| w.start(line, &command.env, cwd, &stdin)) {
             Some(Ok((mut job, stdout, stderr))) => {
-                let pipes: Vec<(Stream, Box<dyn ReadFd>)> = vec![(Stream::Stdout, Box::new(stdout)), (Stream::Stderr, Box::new(stderr))];
-                let (ended, timed_out) = pump(&mut job, pipes, deadline, out)?;
-                return write_frame(out, &ended.reply(timed_out), &[]);
+                let pipes: Vec<Pipe> = vec![(Stream::Stdout, Box::new(stdout)), (Stream::Stderr, Box::new(stderr))];
+                let pumped = pump(&mut job, pipes, deadline, AnswerAt::Exit, out)?;
+                to_console(pumped.open, None);
+                return write_frame(out, &pumped.ended.unwrap_or_default().reply(pumped.timed_out), &[]);
             }
             Some(Err(_)) => true,
             None => false,
@@ -345,12 +343,13 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Wo
     let mut process = match &command.program {
         Program::Shell(line) => {
             let mut p = std::process::Command::new("/bin/bash");
-            p.arg("-c").arg(line);
+            let setup = format!("{SHELL_SETUP}; {}eval \"$1\"", change_directory(cwd));
+            p.args(["--norc", "--noprofile", "-c", &setup, "vmrig-command", line]);
             p
         }
         Program::Argv(argv) if !argv.is_empty() => {
             let mut p = std::process::Command::new(&argv[0]);
-            p.args(&argv[1..]);
+            p.args(&argv[1..]).current_dir(cwd.unwrap_or("/"));
             p
         }
         Program::Argv(_) => {
@@ -359,9 +358,8 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Wo
     };
     process
         .env_clear()
-        .envs(BASE_ENV.iter().copied())
+        .envs(NODE_ENV.iter().copied())
         .envs(command.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(command.cwd.as_deref().unwrap_or("/"))
         .process_group(0)
         .stdin(if stdin.is_empty() { Stdio::null() } else { Stdio::piped() })
         .stdout(Stdio::piped())
@@ -375,7 +373,7 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Wo
         // cannot stall the reading of its output.
         std::thread::spawn(move || input.write_all(&stdin));
     }
-    let mut pipes: Vec<(Stream, Box<dyn ReadFd>)> = Vec::new();
+    let mut pipes: Vec<Pipe> = Vec::new();
     if let Some(stdout) = child.stdout.take() {
         pipes.push((Stream::Stdout, Box::new(stdout)));
     }
@@ -384,8 +382,59 @@ fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Wo
     }
     let exit_fd = pidfd(child.id());
     let mut process = OwnProcess { child, exit_fd };
-    let (ended, timed_out) = pump(&mut process, pipes, deadline, out)?;
-    write_frame(out, &ended.reply(timed_out), &[])
+    let pumped = pump(&mut process, pipes, deadline, command.answer, out)?;
+    let reply = pumped.ended.unwrap_or_default().reply(pumped.timed_out);
+    // A command answered before its end is still collected when it ends.
+    to_console(pumped.open, pumped.ended.is_none().then_some(process.child));
+    write_frame(out, &reply, &[])
+}
+
+/// A command's output pipe, and which stream it is.
+type Pipe = (Stream, Box<dyn ReadFd + Send>);
+
+/// Copies what `pipes` still carry to the console until each is closed,
+/// then collects `child` when it ends, on a thread of its own. A NixOS test
+/// node's commands write their standard error to the serial console, and
+/// tests start daemons with `... >&2 &`: such a child must neither lose
+/// its output nor die writing to a pipe nobody reads.
+fn to_console(mut pipes: Vec<Pipe>, child: Option<Child>) {
+    if pipes.is_empty() && child.is_none() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let mut console = File::options().write(true).custom_flags(nix::libc::O_NOCTTY).open("/dev/console").ok();
+        let mut buffer = vec![0; CHUNK];
+        while !pipes.is_empty() {
+            let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
+            match poll(&mut fds, PollTimeout::NONE) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => break,
+                Ok(_) => {}
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+            drop(fds);
+            let mut index = 0;
+            pipes.retain_mut(|(_, pipe)| {
+                index += 1;
+                if !ready[index - 1] {
+                    return true;
+                }
+                match pipe.read(&mut buffer) {
+                    Ok(0) => false,
+                    Ok(n) => {
+                        if let Some(console) = console.as_mut() {
+                            let _ = console.write_all(&buffer[..n]);
+                        }
+                        true
+                    }
+                    Err(e) => matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock),
+                }
+            });
+        }
+        if let Some(mut child) = child {
+            let _ = child.wait();
+        }
+    });
 }
 
 /// How a command ended.
@@ -450,17 +499,20 @@ impl Running for Job<'_> {
     }
 }
 
-/// Forwards the command's output until it has ended and its pipes are
-/// drained (or the grace has passed), or until the deadline. The wait is
-/// one `poll` on the pipes and the command's exit descriptor, so that the
-/// agent hears of the end at once: under TCG every millisecond of a round
-/// trip shows.
-fn pump(
-    process: &mut dyn Running,
-    mut pipes: Vec<(Stream, Box<dyn ReadFd>)>,
-    deadline: Option<Instant>,
-    out: &mut File,
-) -> Result<(Ended, bool), FrameError> {
+/// What [`pump`] leaves: how the command ended, if it has, whether it was
+/// killed at its time limit, and the pipes still open.
+struct Pumped {
+    ended: Option<Ended>,
+    timed_out: bool,
+    open: Vec<Pipe>,
+}
+
+/// Forwards the command's output until the point `answer` names (for its
+/// exit: it has ended and its pipes are drained, or the grace has passed),
+/// or until the deadline. The wait is one `poll` on the pipes and the
+/// command's exit descriptor, so that the agent hears of the end at once:
+/// under TCG every millisecond of a round trip shows.
+fn pump(process: &mut dyn Running, mut pipes: Vec<Pipe>, deadline: Option<Instant>, answer: AnswerAt, out: &mut File) -> Result<Pumped, FrameError> {
     let mut ended: Option<(Ended, Instant)> = None;
     let mut buffer = vec![0; CHUNK];
     for (_, pipe) in &pipes {
@@ -469,6 +521,19 @@ fn pump(
         let _ = nix::fcntl::fcntl(pipe.fd(), nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
     }
     loop {
+        let output_ended = !pipes.iter().any(|(stream, _)| *stream == Stream::Stdout);
+        let answered = match (answer, ended) {
+            (AnswerAt::Start, _) => true,
+            (AnswerAt::OutputEnd, _) if output_ended => true,
+            (_, Some((_, at))) => pipes.is_empty() || at.elapsed() >= DRAIN_GRACE,
+            (_, None) => false,
+        };
+        if answered {
+            return Ok(Pumped { ended: ended.map(|(end, _)| end), timed_out: false, open: pipes });
+        }
+        if ended.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Pumped { ended: Some(process.kill()), timed_out: true, open: Vec::new() });
+        }
         let until = match ended {
             Some((_, at)) => Some(at + DRAIN_GRACE),
             None => deadline,
@@ -510,11 +575,6 @@ fn pump(
                 ended = Some((end, Instant::now()));
             }
         }
-        match ended {
-            Some((end, at)) if pipes.is_empty() || at.elapsed() >= DRAIN_GRACE => return Ok((end, false)),
-            None if deadline.is_some_and(|d| Instant::now() >= d) => return Ok((process.kill(), true)),
-            _ => {}
-        }
     }
 }
 
@@ -541,6 +601,7 @@ impl<T: Read + AsFd> ReadFd for T {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmrig_proto::shell_quote;
 
     /// `line` run by a worker shell, and by a bash of its own.
     fn both_ways(line: &str) -> [Program; 2] {
@@ -548,10 +609,14 @@ mod tests {
     }
 
     fn run(program: Program, timeout_ms: Option<u64>, worker: &mut Option<Worker>) -> (Vec<Reply>, Vec<u8>, Vec<u8>) {
+        run_answered(program, timeout_ms, AnswerAt::Exit, worker)
+    }
+
+    fn run_answered(program: Program, timeout_ms: Option<u64>, answer: AnswerAt, worker: &mut Option<Worker>) -> (Vec<Reply>, Vec<u8>, Vec<u8>) {
         let dir = tempfile_dir();
         let path = dir.join("wire");
         let mut wire = File::options().create(true).truncate(true).read(true).write(true).open(&path).unwrap();
-        let command = Command { program, env: vec![("GREETING".into(), "hi".into())], cwd: None, timeout_ms };
+        let command = Command { program, env: vec![("GREETING".into(), "hi".into())], cwd: None, timeout_ms, answer };
         exec(command, Vec::new(), &mut wire, worker).unwrap();
         let mut bytes = fs::read(&path).unwrap();
         let mut reader = bytes.as_mut_slice() as &[u8];
@@ -631,13 +696,67 @@ mod tests {
         let mut worker = None;
         run(Program::Shell("cd /tmp; export LEAK=1".into()), None, &mut worker);
         let (_, stdout, _) = run(Program::Shell(r#"echo "$PWD ${LEAK:-none}""#.into()), None, &mut worker);
-        assert_eq!(stdout, b"/ none\n");
+        assert_eq!(stdout, b"/tmp none\n");
         let (replies, _, _) = run(Program::Shell("kill -9 $$".into()), None, &mut worker);
         assert!(matches!(replies[..], [Reply::Exited { .. }]), "{replies:?}");
         let line = "echo 'quoted '\\''words'\\' && cat <<EOF\nheredoc\nEOF";
         let (replies, stdout, _) = run(Program::Shell(line.into()), None, &mut worker);
         assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
         assert_eq!(stdout, b"quoted 'words'\nheredoc\n");
+    }
+
+    #[test]
+    fn commands_start_as_a_nixos_test_nodes_root_shell() {
+        let mut worker = None;
+        for program in [Program::Shell("x".into()), Program::Argv(vec!["x".into()])] {
+            let line = r#"echo "$USER $HOME $DISPLAY [$PAGER] $PWD""#;
+            let program = match program {
+                Program::Shell(_) => Program::Shell(line.into()),
+                // A command answered before its exit runs outside the worker.
+                Program::Argv(_) => Program::Shell(line.into()),
+            };
+            let (_, stdout, _) = run(program.clone(), None, &mut worker);
+            assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
+            let (_, stdout, _) = run_answered(program, None, AnswerAt::OutputEnd, &mut worker);
+            assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
+        }
+    }
+
+    #[test]
+    fn a_background_child_outlives_its_command_and_keeps_writing() {
+        // Not tempfile_dir(): each run removes that.
+        let dir = tempfile_dir().with_extension("marks");
+        fs::create_dir_all(&dir).unwrap();
+        let mark = dir.join("alive");
+        let line = format!("(sleep 0.5; echo later >&2; echo later; touch {}) & echo started", shell_quote(&mark.display().to_string()));
+        let mut worker = None;
+        for program in both_ways(&line) {
+            let _ = fs::remove_file(&mark);
+            let (replies, stdout, _) = run(program, None, &mut worker);
+            assert_eq!(replies, [Reply::Exited { status: Some(0), signal: None, timed_out: false }]);
+            assert_eq!(stdout, b"started\n");
+            // Its writes after the answer went to the console, not into a
+            // closed pipe that would have killed it.
+            let started = Instant::now();
+            while !mark.exists() && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(mark.exists(), "the background child died");
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn answers_at_the_end_of_output_or_at_once_when_asked() {
+        let mut worker = None;
+        let started = Instant::now();
+        let (replies, stdout, _) = run_answered(Program::Shell("echo out; exec >&-; sleep 20".into()), None, AnswerAt::OutputEnd, &mut worker);
+        assert_eq!(replies, [Reply::Exited { status: None, signal: None, timed_out: false }]);
+        assert_eq!(stdout, b"out\n");
+        let (replies, stdout, _) = run_answered(Program::Shell("sleep 20; echo never".into()), None, AnswerAt::Start, &mut worker);
+        assert_eq!(replies, [Reply::Exited { status: None, signal: None, timed_out: false }]);
+        assert!(stdout.is_empty());
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! worker runs with job control on), and its output on two FIFOs the agent
 //! reads like pipes.
 //!
-//! The worker's standard input carries one line per command:
-//! `( redirections; cd; exports; eval 'COMMAND' ) & echo "pid $!"; wait $!;
+//! The worker starts as a NixOS test node's root shell does (see
+//! [`SHELL_SETUP`]), so every command sees that shell's environment and
+//! directory. Its standard input then carries one line per command:
+//! `( redirections; [cd;] exports; eval 'COMMAND' ) & echo "pid $!"; wait $!;
 //! echo "status $?"`, and its standard output the two answers.
 
 use std::fs::{self, File};
@@ -27,6 +29,23 @@ use vmrig_proto::shell_quote;
 
 /// Where the FIFOs and input files of commands live.
 const RUN_DIR: &str = "/run/vmrig-agent";
+
+/// The environment a command's shell starts from: a NixOS test node's
+/// root shell has `USER`, `HOME` and `DISPLAY` set so.
+pub const NODE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    ("USER", "root"),
+    ("HOME", "/root"),
+    ("DISPLAY", ":0.0"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "dumb"),
+];
+
+/// What a command's shell runs before the command, as NixOS's backdoor
+/// shell does once: `/etc/profile` (and so `/etc/profile.d/*.sh`) read,
+/// no pager, `/tmp` as the directory. Whatever the profile prints is
+/// dropped: the worker's output carries its answers.
+pub const SHELL_SETUP: &str = "[ -r /etc/profile ] && . /etc/profile </dev/null >/dev/null 2>&1; export PAGER=; cd /tmp 2>/dev/null || cd /";
 
 /// The running `bash`.
 pub struct Worker {
@@ -51,12 +70,12 @@ pub struct Job<'w> {
 pub type JobStatus = Option<i32>;
 
 impl Worker {
-    /// Starts a worker with `env` as its environment.
-    pub fn spawn(env: &[(&str, &str)]) -> io::Result<Self> {
+    /// Starts a worker, set up as [`SHELL_SETUP`] says.
+    pub fn spawn() -> io::Result<Self> {
         let mut bash = std::process::Command::new("/bin/bash")
             .args(["--norc", "--noprofile", "-s"])
             .env_clear()
-            .envs(env.iter().copied())
+            .envs(NODE_ENV.iter().copied())
             .current_dir("/")
             .process_group(0)
             .stdin(Stdio::piped())
@@ -67,7 +86,7 @@ impl Worker {
         let answers = bash.stdout.take().expect("piped");
         // Job control puts each command's subshell in a process group of
         // its own, which a time limit can kill whole.
-        commands.write_all(b"set -m\n")?;
+        commands.write_all(format!("{SHELL_SETUP}\nset -m\n").as_bytes())?;
         Ok(Self { bash, commands, answers, next: 0 })
     }
 
@@ -76,10 +95,10 @@ impl Worker {
         matches!(self.bash.try_wait(), Ok(None))
     }
 
-    /// Starts `line` (a shell command line) with `env` added, in `cwd`,
-    /// reading `stdin`; returns the job and its standard output and error,
-    /// open for reading without blocking.
-    pub fn start(&mut self, line: &str, env: &[(String, String)], cwd: &str, stdin: &[u8]) -> io::Result<(Job<'_>, File, File)> {
+    /// Starts `line` (a shell command line) with `env` added, in `cwd`
+    /// (else the worker's `/tmp`), reading `stdin`; returns the job and its
+    /// standard output and error, open for reading without blocking.
+    pub fn start(&mut self, line: &str, env: &[(String, String)], cwd: Option<&str>, stdin: &[u8]) -> io::Result<(Job<'_>, File, File)> {
         self.next += 1;
         // Made each time: systemd mounts a fresh /run over the one the
         // agent saw before it started.
@@ -106,11 +125,11 @@ impl Worker {
         let (stdout, stderr) = (open(&out_path)?, open(&err_path)?);
         let exports: String = env.iter().map(|(k, v)| format!("export {}={}; ", k, shell_quote(v))).collect();
         let script = format!(
-            "( exec <{} >{} 2>{}; cd -- {} || exit 127; {exports}eval {} ) & echo \"pid $!\"; wait $!; echo \"status $?\"\n",
+            "( exec <{} >{} 2>{}; {}{exports}eval {} ) & echo \"pid $!\"; wait $!; echo \"status $?\"\n",
             shell_quote(&input),
             shell_quote(&out_path.display().to_string()),
             shell_quote(&err_path.display().to_string()),
-            shell_quote(cwd),
+            change_directory(cwd),
             shell_quote(line),
         );
         self.commands.write_all(script.as_bytes())?;
@@ -138,6 +157,12 @@ impl Worker {
             .map(Some)
             .ok_or_else(|| io::Error::other(format!("the worker shell said {line:?}, not {word}")))
     }
+}
+
+/// The shell words that move a command into `cwd`, if it names one, and
+/// end it with 127 if that fails.
+pub fn change_directory(cwd: Option<&str>) -> String {
+    cwd.map(|dir| format!("cd -- {} || exit 127; ", shell_quote(dir))).unwrap_or_default()
 }
 
 impl Drop for Worker {

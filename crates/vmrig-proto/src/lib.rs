@@ -107,13 +107,32 @@ pub struct Command {
     /// Variables added to the agent's environment.
     #[serde(default)]
     pub env: Vec<(String, String)>,
-    /// Working directory; `/` when absent.
+    /// Working directory; `/tmp` when absent, as for a NixOS test
+    /// node's commands.
     #[serde(default)]
     pub cwd: Option<String>,
     /// Time limit in milliseconds, enforced in the guest; the whole process
     /// group is killed when it passes.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// When the agent answers. Whatever the command (or a child it left
+    /// running) prints after the answer goes to the guest's console.
+    #[serde(default)]
+    pub answer: AnswerAt,
+}
+
+/// When the agent answers a command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnswerAt {
+    /// Once it has exited, with its status.
+    #[default]
+    Exit,
+    /// Once its standard output has closed, with what it printed there and
+    /// no status (NixOS's `execute(..., check_return=False)`).
+    OutputEnd,
+    /// As soon as it has started, with nothing (`check_output=False`).
+    Start,
 }
 
 /// What to execute.
@@ -368,6 +387,7 @@ mod tests {
             env: vec![("A".into(), "b".into())],
             cwd: None,
             timeout_ms: Some(5),
+            answer: AnswerAt::OutputEnd,
         });
         write_frame(&mut wire, &request, &[0, 255, 10, 13]).unwrap();
         write_frame(&mut wire, &Request::Hello { nonce: 7 }, &[]).unwrap();

@@ -42,7 +42,6 @@ pub const MASKED_UNITS: &[&str] = &[
     "getty@.service",
     "serial-getty@.service",
     "modprobe@.service",
-    "kmod-static-nodes.service",
     "dev-hugepages.mount",
     "sys-kernel-debug.mount",
     "sys-kernel-tracing.mount",
@@ -74,6 +73,28 @@ const JOURNALD_DROP_IN: &str = "/etc/systemd/journald.conf.d/vmrig.conf";
 /// printed on the serial console, so that services' logs are `node # …`
 /// lines of the run's log and `wait_for_console_text` sees them.
 const JOURNAL_TO_CONSOLE: &str = "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=debug\n";
+
+/// Where the service manager's settings for a test node go.
+const MANAGER_DROP_IN: &str = "/etc/systemd/system.conf.d/vmrig.conf";
+/// Where the same for each user's manager go.
+const USER_MANAGER_DROP_IN: &str = "/etc/systemd/user.conf.d/vmrig.conf";
+
+/// A NixOS test node's service manager: no status lines on the console
+/// (the journal is there already), and five minutes for a unit to start
+/// or a device to appear, since an emulated machine is slow; Debian's 90 s
+/// fail services that a NixOS test waits for.
+const MANAGER_SETTINGS: &str = "[Manager]\nShowStatus=no\nDefaultTimeoutStartSec=300\nDefaultDeviceTimeoutSec=300\n";
+/// The same timeouts for users' managers.
+const USER_MANAGER_SETTINGS: &str = "[Manager]\nDefaultTimeoutStartSec=300\nDefaultDeviceTimeoutSec=300\n";
+
+/// Where a test node's kernel settings go.
+const SYSCTL_FILE: &str = "/etc/sysctl.d/50-vmrig-test-node.conf";
+
+/// A NixOS test node's kernel settings: a task blocked for a while on a
+/// slow emulated disk is no alarm, and running out of memory panics the
+/// machine rather than letting the OOM killer pick a process, which makes
+/// failures hard to read.
+const KERNEL_SETTINGS: &str = "kernel.hung_task_timeout_secs = 600\nvm.panic_on_oom = 2\n";
 
 /// Targets a NixOS test node reaches at boot, and scripts wait for, that a
 /// stock Debian boot without a network manager never pulls in. The node's
@@ -131,8 +152,9 @@ struct Layer<W: Write> {
 
 impl<W: Write> Layer<W> {
     /// What every guest of a test gets, node or template: the units and
-    /// generators masked, the journal on the console, the boot targets a
-    /// NixOS test node reaches, and the target a template boots to.
+    /// generators masked, the journal on the console, the service
+    /// manager's and the kernel's settings of a NixOS test node, the boot
+    /// targets it reaches, and the target a template boots to.
     fn test_node_settings(&mut self) -> io::Result<()> {
         for unit in MASKED_UNITS {
             self.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
@@ -141,6 +163,9 @@ impl<W: Write> Layer<W> {
             self.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
         }
         self.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
+        self.file(MANAGER_DROP_IN, 0o644, MANAGER_SETTINGS.as_bytes())?;
+        self.file(USER_MANAGER_DROP_IN, 0o644, USER_MANAGER_SETTINGS.as_bytes())?;
+        self.file(SYSCTL_FILE, 0o644, KERNEL_SETTINGS.as_bytes())?;
         for target in BOOT_TARGETS {
             self.symlink(&format!("/etc/systemd/system/multi-user.target.wants/{target}"), &format!("/lib/systemd/system/{target}"))?;
         }

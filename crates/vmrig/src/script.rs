@@ -31,7 +31,8 @@ pub fn driver_globals() -> Vec<&'static str> {
 /// Reads `{"script", "machines", "client"}` on stdin and prints, as JSON,
 /// the script's syntax error, or the global names it reads without
 /// defining them and the attributes it uses on a machine (a variable named
-/// after a node) that the client's `Machine` does not have.
+/// after a node, a loop variable over `machines`, a parameter annotated
+/// `Machine`) that the client's `Machine` does not have.
 const LINT_PY: &str = r#"
 import ast, builtins, json, sys
 given = json.load(sys.stdin)
@@ -58,6 +59,16 @@ for node in ast.walk(tree):
         defined.add(node.name)
     elif type(node).__name__ in ("MatchAs", "MatchStar") and node.name:
         defined.add(node.name)
+# Names that hold a machine without being named after one: loop variables
+# over `machines` and parameters annotated `Machine`.
+machine_vars = set()
+for node in ast.walk(tree):
+    if isinstance(node, (ast.For, ast.comprehension)) and isinstance(node.target, ast.Name):
+        source = node.iter
+        if (isinstance(source, ast.Name) and source.id == "machines") or (isinstance(source, ast.Attribute) and source.attr == "machines"):
+            machine_vars.add(node.target.id)
+    elif isinstance(node, ast.arg) and isinstance(node.annotation, ast.Name) and node.annotation.id == "Machine":
+        machine_vars.add(node.arg)
 free = {}
 attributes = []
 for node in ast.walk(tree):
@@ -66,7 +77,7 @@ for node in ast.walk(tree):
         if node.id not in free or place < free[node.id]:
             free[node.id] = place
     elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in given["machines"] and node.value.id not in defined
+          and ((node.value.id in given["machines"] and node.value.id not in defined) or node.value.id in machine_vars)
           and node.attr not in machine_names and node.end_lineno == node.lineno):
         column = node.end_col_offset - len(node.attr) + 1
         attributes.append({"name": node.attr, "machine": node.value.id, "line": node.lineno, "column": column})

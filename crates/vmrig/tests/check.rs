@@ -115,3 +115,28 @@ fn a_broken_definition_still_gets_its_script_checked_down_to_machine_methods() {
     );
     assert_eq!(output, expected);
 }
+
+#[test]
+fn machines_reached_through_loops_and_annotations_are_linted_with_nixos_attributes() {
+    let dir = tempfile::tempdir().unwrap();
+    let definition = r#"[nodes.one]
+[nodes.two]
+
+[test]
+script = '''
+def check(node: Machine) -> None:
+    assert node.booted and node.connected, node.state_dir
+    node.shared_dri
+for m in machines:
+    print(m.name, m.pid, m.out_dir, m.full_console_log, m.keep_machine_state)
+    m.bootd
+'''
+"#;
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("machine `node` has no method or attribute `shared_dri`"), "{output}");
+    assert!(output.contains("machine `m` has no method or attribute `bootd`"), "{output}");
+    assert!(output.contains("did you mean `booted`?"), "{output}");
+    assert_eq!(output.matches("error:").count(), 2, "{output}");
+}

@@ -38,8 +38,8 @@ start_all()
 for machine in machines:
     machine.wait_for_unit("default.target")
     identity = machine.succeed(
-        "cat /etc/machine-id; hostname; cat /sys/class/net/eth0/address;"
-        " ip -4 -br address show dev eth0 | tr -s ' ' | cut -d' ' -f3; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+        "cat /etc/machine-id; hostname; cat /sys/class/net/eth1/address;"
+        " ip -4 -br address show dev eth1 | tr -s ' ' | cut -d' ' -f3; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
     ).split()
     print("IDENTITY", machine.name, " ".join(identity))
     guest_time = float(machine.succeed("date +%s.%N"))

@@ -108,7 +108,7 @@ client.succeed(ping)
     fs::write(test.path().join("vmrig.toml"), format!("{TWO_NODES}{script}")).unwrap();
     let (code, output) = run(test.path());
     assert_eq!(code, Some(0), "{output}");
-    assert!(output.contains("server: cutting every link"), "{output}");
+    assert!(output.contains("server: unplugging the link to its first VLAN"), "{output}");
     assert!(output.contains("partitioning the network"), "{output}");
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use vmrig_proto::{shell_quote, EntryKind, SocketTarget, BECOMING_MARKER};
+use vmrig_proto::{shell_quote, AnswerAt, EntryKind, SocketTarget, BECOMING_MARKER};
 
 use super::Run;
 use crate::vm::{ExecOutcome, Machine, PathEntry, VmError};
@@ -96,8 +96,14 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
                 let command = string_arg(args, "command")?;
                 // What a person types at shell_interact() is not logged.
                 let quiet = args["quiet"].as_bool().unwrap_or(false);
+                let answer = match args["answer"].as_str() {
+                    None | Some("exit") => AnswerAt::Exit,
+                    Some("output_end") => AnswerAt::OutputEnd,
+                    Some("start") => AnswerAt::Start,
+                    Some(other) => return Err(Failure::Infra(format!("unknown answer point `{other}`"))),
+                };
                 let _block = (!quiet).then(|| log.block(Some(name), format!("executing: {command}")));
-                let outcome = script_command(&mut *locked(run, name)?, name, &command, seconds_arg(args, "timeout"))?;
+                let outcome = script_command(&mut *locked(run, name)?, name, &command, seconds_arg(args, "timeout"), answer)?;
                 Ok((json!({"status": outcome.status_code()}), outcome.stdout))
             }
             "succeed" | "fail" => {
@@ -109,7 +115,7 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
                     let command = command.as_str().ok_or_else(|| Failure::Infra("commands must be strings".into()))?;
                     let verb = if want_success { "must succeed" } else { "must fail" };
                     let _block = log.block(Some(name), format!("{verb}: {command}"));
-                    let outcome = script_command(&mut machine, name, command, seconds_arg(args, "timeout"))?;
+                    let outcome = script_command(&mut machine, name, command, seconds_arg(args, "timeout"), AnswerAt::Exit)?;
                     if outcome.succeeded() != want_success {
                         return Err(Failure::Test(command_failure(name, command, &outcome, want_success)));
                     }
@@ -129,7 +135,7 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
                 let mut last = None;
                 let done = poll_until(until, RETRY_PAUSE, || {
                     let left = until.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
-                    let outcome = script_command(&mut *locked(run, name)?, name, &command, Some(left))?;
+                    let outcome = script_command(&mut *locked(run, name)?, name, &command, Some(left), AnswerAt::Exit)?;
                     let done = outcome.succeeded() == want_success;
                     last = Some(outcome);
                     Ok(done)
@@ -147,7 +153,7 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
                     verb => format!("{} {}", verb.trim_end_matches("_job"), shell_quote(&string_arg(args, "unit")?)),
                 };
                 let command = systemctl_command(&query, args["user"].as_str());
-                let outcome = script_command(&mut *locked(run, name)?, name, &command, None)?;
+                let outcome = script_command(&mut *locked(run, name)?, name, &command, None, AnswerAt::Exit)?;
                 Ok((json!({"status": outcome.status_code()}), outcome.stdout))
             }
         }
@@ -155,10 +161,14 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
     Some(answer.map(|(value, output)| (value, Some(output))))
 }
 
-/// Runs a command whose output the script is handed: one that printed more
-/// than a script can take fails, saying where all of it is.
-fn script_command(machine: &mut Machine, node: &str, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, Failure> {
-    let outcome = machine.shell(command, timeout)?;
+/// Runs a command whose output the script is handed, as NixOS's driver
+/// runs it: under `set -euo pipefail`, so that a failing command of a list
+/// or of a pipeline fails the whole, and so does an unset variable. One
+/// that printed more than a script can take fails, saying where all of it
+/// is.
+fn script_command(machine: &mut Machine, node: &str, command: &str, timeout: Option<Duration>, answer: AnswerAt) -> Result<ExecOutcome, Failure> {
+    let line = format!("set -euo pipefail; {command}");
+    let outcome = machine.exec(crate::vm::shell_command(line, timeout, answer))?;
     if let Some(overflow) = outcome.overflowed.first() {
         let stream = match overflow.stream {
             vmrig_proto::Stream::Stdout => "standard output",
@@ -213,6 +223,13 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
                     })
                 })
                 .collect())
+        }
+        "run_info" => {
+            return Ok(json!({
+                "out_dir": run.result_dir,
+                "tmp_dir": run.tmp_dir,
+                "keep_machine_state": run.keep_state,
+            }))
         }
         "log" => {
             let message = string_arg(args, "message")?;
@@ -381,18 +398,13 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
     let machine = &mut *machine;
     match request.method.as_str() {
         "block" | "unblock" => {
-            let number = node_number(run, &node)?;
-            let mut rules = run.rules.lock().unwrap_or_else(|p| p.into_inner());
-            if request.method == "block" {
-                log.line(format!("{node}: cutting every link"));
-                rules.blocked.insert(number);
-            } else {
-                log.line(format!("{node}: restoring every link"));
-                rules.blocked.remove(&number);
-            }
+            let up = request.method == "unblock";
+            log.line(format!("{node}: {} the link to its first VLAN", if up { "plugging back" } else { "unplugging" }));
+            machine.set_first_link(up)?;
         }
         "start" => machine.start(args["allow_reboot"].as_bool().unwrap_or(false))?,
         "is_up" => return Ok(json!(machine.is_up())),
+        "describe" => return Ok(machine.describe()),
         "send_console" => machine.send_console(string_arg(args, "chars")?.as_bytes())?,
         "tty_text" => {
             let tty = tty_arg(args)?;

@@ -320,6 +320,8 @@ impl<'a> Prepared<'a> {
             _switches: switches,
             log,
             result_dir: result_dir.clone(),
+            tmp_dir: private.path().to_path_buf(),
+            keep_state: self.options.keep_state,
             subtests: Mutex::default(),
             nested: Mutex::default(),
         };
@@ -578,6 +580,10 @@ pub(crate) struct Run<'a> {
     _switches: Vec<Switch>,
     log: RunLog,
     result_dir: PathBuf,
+    /// The run's private folder (sockets, writable layers).
+    tmp_dir: PathBuf,
+    /// Whether writable layers are kept for the next run.
+    keep_state: bool,
     subtests: Mutex<Subtests>,
     /// The script's open `nested(...)` blocks, by number.
     nested: Mutex<BTreeMap<u64, Block>>,

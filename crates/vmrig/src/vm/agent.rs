@@ -316,7 +316,7 @@ mod tests {
             write_frame(out, &Reply::Output { stream: Stream::Stdout }, &stdin).unwrap();
             write_frame(out, &Reply::Exited { status: Some(4), signal: None, timed_out: false }, &[]).unwrap();
         });
-        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None };
+        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None, answer: Default::default() };
         let outcome = agent.exec(command, b"in", 1024, |_| unreachable!("nothing overflows")).unwrap();
         assert_eq!((outcome.stdout.as_slice(), outcome.stderr.as_slice()), (b"out:in".as_slice(), b"err".as_slice()));
         assert_eq!(outcome.status_code(), 4);
@@ -334,7 +334,7 @@ mod tests {
             write_frame(out, &Reply::Exited { status: Some(0), signal: None, timed_out: false }, &[]).unwrap();
         });
         let dir = tempfile::tempdir().unwrap();
-        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None };
+        let command = Command { program: vmrig_proto::Program::Shell("x".into()), env: vec![], cwd: None, timeout_ms: None, answer: Default::default() };
         let outcome = agent
             .exec(command, &[], 6, |stream| {
                 let path = dir.path().join(format!("{stream:?}"));

@@ -508,6 +508,24 @@ impl Machine {
         self.is_running() && self.running.as_ref().is_some_and(|r| r.agent.is_some())
     }
 
+    /// QEMU's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.is_running().then(|| self.running.as_ref().map(|r| r.qemu.id())).flatten()
+    }
+
+    /// What the machine is, on the host: its name's attributes in a NixOS
+    /// script (`booted`, `connected`, `pid`, `state_dir`, the sockets).
+    pub fn describe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "booted": self.is_running(),
+            "connected": self.is_up(),
+            "pid": self.pid(),
+            "state_dir": self.config.state_disk.parent(),
+            "qmp_path": self.qmp_socket(),
+            "shell_path": self.agent_socket(),
+        })
+    }
+
     /// Starts QEMU unless it runs; returns without waiting for the guest.
     /// A guest that reboots itself is restarted when `allow_reboot`;
     /// otherwise its QEMU exits, as the NixOS driver's does.
@@ -800,12 +818,7 @@ impl Machine {
     /// Runs shell `command` on the node, within `timeout` and the run's
     /// deadline.
     pub fn shell(&mut self, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, VmError> {
-        self.exec(vmrig_proto::Command {
-            program: vmrig_proto::Program::Shell(command.to_string()),
-            env: Vec::new(),
-            cwd: None,
-            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        })
+        self.exec(shell_command(command.to_string(), timeout, vmrig_proto::AnswerAt::Exit))
     }
 
     /// Writes a file in the guest.
@@ -919,6 +932,17 @@ impl Machine {
         Ok(running.qmp.as_mut().expect("set above"))
     }
 
+    /// Plugs the cable of the NIC on the node's first VLAN out or back in,
+    /// as NixOS's `block()` and `unblock()` do: the guest sees its carrier
+    /// go and come back. A node not yet started starts.
+    pub fn set_first_link(&mut self, up: bool) -> Result<(), VmError> {
+        self.ensure_running()?;
+        if self.config.nics.is_empty() {
+            return Ok(());
+        }
+        self.qmp_execute("set_link", Some(serde_json::json!({"name": "nic0", "up": up}))).map(drop)
+    }
+
     /// Sends a human monitor command to QEMU and returns its output.
     pub fn monitor_command(&mut self, command_line: &str) -> Result<String, VmError> {
         let node = self.config.name.clone();
@@ -952,6 +976,17 @@ impl Drop for Machine {
 /// Size of a node's writable layer. The file is sparse: only what the guest
 /// writes takes room.
 const STATE_DISK_BYTES: u64 = 8 << 30;
+
+/// Shell command `line`, with a time limit, answered at `answer`.
+pub fn shell_command(line: String, timeout: Option<Duration>, answer: vmrig_proto::AnswerAt) -> vmrig_proto::Command {
+    vmrig_proto::Command {
+        program: vmrig_proto::Program::Shell(line),
+        env: Vec::new(),
+        cwd: None,
+        timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        answer,
+    }
+}
 
 /// A fresh, sparse ext4 image for a node's writable layer.
 pub fn make_state_disk(path: &Path) -> Result<(), FileError> {

@@ -1,0 +1,109 @@
+//! A node as a NixOS test script sees it, on real VMs: interface names,
+//! the shell commands run in, daemons started in the background, the
+//! attributes of `Machine`, the service manager's settings, and `block()`
+//! as an unplugged cable. Each check is something a nixpkgs test relies
+//! on; the test runs with templates and with cold boots (`scripts/test`).
+
+mod common;
+
+use std::fs;
+
+use common::run;
+
+#[test]
+fn a_node_is_what_nixos_test_scripts_expect() {
+    let test = tempfile::tempdir().unwrap();
+    let definition = r#"
+[defaults]
+packages = ["busybox", "curl"]
+
+[nodes.server]
+firewall.allowed_tcp_ports = [7000]
+files."/etc/profile.d/vmrig-test.sh" = { text = "export FROM_PROFILE=profile-was-read\n" }
+files."/srv/www/index.html" = { text = "served" }
+
+[nodes.client]
+
+[test]
+script = '''
+import time
+
+assert not server.booted and not server.connected and server.pid is None
+start_all()
+
+with subtest("the root shell of a NixOS test node"):
+    shell = server.succeed('echo "$USER $HOME $PWD $DISPLAY [$PAGER] $FROM_PROFILE"')
+    assert shell == "root /root /tmp :0.0 [] profile-was-read\n", shell
+    server.succeed("echo relative > out")
+    assert server.succeed("cat /tmp/out") == "relative\n"
+    # Commands run under `set -euo pipefail`.
+    server.fail("false; true")
+    server.fail("false | true")
+    server.fail("echo $NOT_SET_ANYWHERE")
+
+with subtest("a daemon started with >&2 & keeps running and printing"):
+    server.succeed("(sleep 1; echo daemon-said-hello >&2; exec busybox httpd -f -vv -p 7000 -h /srv/www) >&2 &")
+    started = time.monotonic()
+    server.wait_for_console_text("daemon-said-hello")
+    client.wait_until_succeeds("curl -sf --max-time 5 http://server:7000/index.html")
+
+with subtest("interfaces are named as on NixOS"):
+    assert "192.168.1.2/24" in server.succeed("ip -4 -o address show dev eth1")
+    server.succeed("ip link show eth1")
+    server.fail("ip link show eth0")
+
+with subtest("execute answers early when told not to wait"):
+    assert server.execute("echo early; exec >&-; sleep 60", check_return=False) == (-1, "early\n")
+    assert server.execute("sleep 60", check_output=False) == (-2, "")
+
+with subtest("the Machine attributes of NixOS's driver"):
+    for m in machines:
+        assert m.booted and m.connected and m.pid > 0, m
+        assert m.state_dir.is_dir() and m.out_dir.is_dir() and m.tmp_dir.is_dir(), m
+        assert m.qmp_path.exists() and m.shell_path.exists(), m
+        assert m.keep_machine_state is False and m.process is None and m.monitor_path is None
+        assert m.callbacks == [] and isinstance(m.full_console_log, list)
+        m.logger.info(f"{m.name} logs through its logger")
+
+    def name_of(node: Machine) -> str:
+        return node.name
+
+    assert name_of(server) == "server" and repr(server) == "<Machine 'server'>"
+    called = []
+    client.callbacks.append(lambda: called.append(True))
+    client.succeed("true")
+    client.execute("true")
+    assert called == [True, True]
+    client.callbacks.clear()
+
+with subtest("a test node's service manager and kernel settings"):
+    assert server.succeed("systemctl show -p DefaultTimeoutStartUSec") == "DefaultTimeoutStartUSec=5min\n"
+    assert server.succeed("systemctl show -p DefaultDeviceTimeoutUSec") == "DefaultDeviceTimeoutUSec=5min\n"
+    assert server.succeed("cat /proc/sys/vm/panic_on_oom") == "2\n"
+    assert server.succeed("cat /proc/sys/kernel/hung_task_timeout_secs") == "600\n"
+    server.succeed("grep -q '^root::' /etc/shadow")
+    server.fail("ip route show default | grep -q .")
+
+with subtest("block() unplugs the cable and unblock() plugs it back"):
+    server.block()
+    assert server.succeed("cat /sys/class/net/eth1/carrier") == "0\n"
+    client.fail("curl -sf --max-time 3 http://server:7000/index.html")
+    server.unblock()
+    client.succeed("curl -sf --max-time 10 http://server:7000/index.html")
+    assert server.succeed("cat /sys/class/net/eth1/carrier") == "1\n"
+
+with subtest("the daemon still answers a minute and many commands later"):
+    time.sleep(max(0, 60 - (time.monotonic() - started)))
+    assert client.succeed("curl -sf --max-time 5 http://server:7000/index.html") == "served"
+'''
+"#;
+    fs::write(test.path().join("vmrig.toml"), definition).unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("server: unplugging the link to its first VLAN"), "{output}");
+    // The daemon's request log, printed long after its command returned,
+    // is in the node's console log.
+    let console = fs::read_to_string(test.path().join("result/nodes/server/console.log")).unwrap();
+    assert!(console.contains("daemon-said-hello"), "{console}");
+    assert!(console.contains("url:/index.html"), "the daemon's later output is not on the console:\n{console}");
+}
