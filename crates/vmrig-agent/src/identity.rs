@@ -17,7 +17,9 @@
 //!    a node's services are read when first needed; a reload skips the
 //!    generators that had nothing to say), journald starts over under the
 //!    new id, and what early boot did with files the layer changed is done
-//!    again (sysctl, tmpfiles, modules, udev rules);
+//!    again (sysctl, tmpfiles, modules, udev rules); the services packages
+//!    enable into early boot (ferm into `sysinit.target`, say), which ran
+//!    in the template with the image's files, run again with the node's;
 //! 6. the default target is started, as a boot would have.
 //!
 //! The agent answers after step 4, as a cold boot's agent answers once
@@ -157,9 +159,33 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
             steps.done(step);
         }
     }
+    // A unit that fails now is reported by systemd as it would be after a
+    // cold boot; the node goes on to its default target all the same.
+    for unit in early_package_services() {
+        systemd.restart(&unit)?;
+        steps.done(&unit);
+    }
     systemd.start_no_block("default.target")?;
     steps.done("default target queued");
     Ok(())
+}
+
+/// The targets a template passes on its way to its own, into which a
+/// package may enable a service.
+const EARLY_TARGETS: [&str; 5] = ["local-fs-pre.target", "local-fs.target", "sysinit.target", "network-pre.target", "basic.target"];
+
+/// The services packages enabled into [`EARLY_TARGETS`], systemd's own
+/// left out (what they read is replayed above, where the layer changed it).
+fn early_package_services() -> Vec<String> {
+    let mut units: Vec<String> = EARLY_TARGETS
+        .iter()
+        .flat_map(|target| fs::read_dir(format!("/etc/systemd/system/{target}.wants")).into_iter().flatten().flatten())
+        .map(|link| link.file_name().to_string_lossy().into_owned())
+        .filter(|unit| unit.ends_with(".service") && !unit.starts_with("systemd-"))
+        .collect();
+    units.sort_unstable();
+    units.dedup();
+    units
 }
 
 /// Whether `changed` (the layer's guest paths the template did not have

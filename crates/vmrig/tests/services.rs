@@ -62,3 +62,8 @@ fn memcached_stores_counts_and_expires_values() {
 fn bind_serves_its_zone_to_another_node_and_reloads_it() {
     passes("bind");
 }
+
+#[test]
+fn ferm_loads_the_nodes_own_rules_in_early_boot_and_reloads_them() {
+    passes("ferm");
+}
