@@ -308,15 +308,29 @@ pub fn firewall_rules(firewall: &crate::spec::Firewall) -> String {
     if !firewall.enable {
         return "flush ruleset\n".into();
     }
-    let ports = |list: &[u16]| list.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
     let mut rules = String::from(
-        "flush ruleset\ntable inet vmrig {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    iif lo accept\n    ct state established,related accept\n    icmp type echo-request accept\n    icmpv6 type { echo-request, nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept\n",
+        "flush ruleset\ntable inet vmrig {\n  chain input {\n    type filter hook input priority filter; policy drop;\n    iif lo accept\n    ct state established,related accept\n    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept\n",
     );
-    if !firewall.allowed_tcp_ports.is_empty() {
-        writeln!(rules, "    tcp dport {{ {} }} accept", ports(&firewall.allowed_tcp_ports)).expect("writing to a String");
+    if firewall.allow_ping {
+        rules.push_str("    icmp type echo-request accept\n    icmpv6 type echo-request accept\n");
     }
-    if !firewall.allowed_udp_ports.is_empty() {
-        writeln!(rules, "    udp dport {{ {} }} accept", ports(&firewall.allowed_udp_ports)).expect("writing to a String");
+    let ports = [
+        ("tcp", &firewall.allowed_tcp_ports, &firewall.allowed_tcp_port_ranges),
+        ("udp", &firewall.allowed_udp_ports, &firewall.allowed_udp_port_ranges),
+    ];
+    for (protocol, single, ranges) in ports {
+        let set: Vec<String> = single
+            .iter()
+            .map(u16::to_string)
+            .chain(ranges.iter().map(|r| format!("{}-{}", r.start(), r.end())))
+            .collect();
+        if !set.is_empty() {
+            writeln!(rules, "    {protocol} dport {{ {} }} accept", set.join(", ")).expect("writing to a String");
+        }
+    }
+    if !firewall.allowed_protocols.is_empty() {
+        let numbers: Vec<String> = firewall.allowed_protocols.iter().map(u8::to_string).collect();
+        writeln!(rules, "    meta l4proto {{ {} }} accept", numbers.join(", ")).expect("writing to a String");
     }
     rules.push_str("  }\n}\n");
     rules
@@ -480,5 +494,22 @@ mod tests {
         assert_eq!(fs::metadata(root.join("etc/motd")).unwrap().permissions().mode() & 0o777, 0o600);
         let users = fs::read_to_string(dir.path().join(INITRAMFS_USERS)).unwrap();
         assert_eq!(users, "--create-home\t--groups\tadm\t--shell\t/bin/bash\talice\n");
+    }
+
+    #[test]
+    fn firewall_rules_admit_ports_ranges_and_protocols_and_pings_only_when_allowed() {
+        let firewall = crate::spec::Firewall {
+            allowed_tcp_ports: vec![22],
+            allowed_tcp_port_ranges: vec![8000..=8010],
+            allowed_protocols: vec![112],
+            allow_ping: false,
+            ..crate::spec::Firewall::default()
+        };
+        let rules = firewall_rules(&firewall);
+        assert!(rules.contains("tcp dport { 22, 8000-8010 } accept"), "{rules}");
+        assert!(!rules.contains("udp dport"), "{rules}");
+        assert!(rules.contains("meta l4proto { 112 } accept"), "{rules}");
+        assert!(!rules.contains("echo-request"), "{rules}");
+        assert!(firewall_rules(&crate::spec::Firewall::default()).contains("icmp type echo-request accept"));
     }
 }

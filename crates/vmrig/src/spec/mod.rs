@@ -13,6 +13,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -158,6 +159,15 @@ pub struct Firewall {
     pub allowed_tcp_ports: Vec<u16>,
     /// UDP ports open to other nodes.
     pub allowed_udp_ports: Vec<u16>,
+    /// Ranges of TCP ports open to other nodes.
+    pub allowed_tcp_port_ranges: Vec<RangeInclusive<u16>>,
+    /// Ranges of UDP ports open to other nodes.
+    pub allowed_udp_port_ranges: Vec<RangeInclusive<u16>>,
+    /// IP protocols other than TCP and UDP admitted whole, by number
+    /// (VRRP is 112).
+    pub allowed_protocols: Vec<u8>,
+    /// Whether pings are answered.
+    pub allow_ping: bool,
 }
 
 impl Default for Firewall {
@@ -166,6 +176,10 @@ impl Default for Firewall {
             enable: true,
             allowed_tcp_ports: Vec::new(),
             allowed_udp_ports: Vec::new(),
+            allowed_tcp_port_ranges: Vec::new(),
+            allowed_udp_port_ranges: Vec::new(),
+            allowed_protocols: Vec::new(),
+            allow_ping: true,
         }
     }
 }

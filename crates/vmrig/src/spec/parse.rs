@@ -58,7 +58,32 @@ const RESTART_POLICIES: &[&str] = &[
     "on-abort",
     "always",
 ];
-const FIREWALL_KEYS: &[&str] = &["enable", "allowed_tcp_ports", "allowed_udp_ports"];
+const FIREWALL_KEYS: &[&str] = &[
+    "enable",
+    "allowed_tcp_ports",
+    "allowed_udp_ports",
+    "allowed_tcp_port_ranges",
+    "allowed_udp_port_ranges",
+    "allowed_protocols",
+    "allow_ping",
+];
+
+/// IP protocols a firewall may admit by name, with their numbers (as
+/// `/etc/protocols` has them; a number admits any other).
+const IP_PROTOCOLS: &[(&str, u8)] = &[
+    ("icmp", 1),
+    ("igmp", 2),
+    ("ipip", 4),
+    ("gre", 47),
+    ("esp", 50),
+    ("ah", 51),
+    ("ipv6-icmp", 58),
+    ("ospf", 89),
+    ("pim", 103),
+    ("vrrp", 112),
+    ("l2tp", 115),
+    ("sctp", 132),
+];
 const USER_KEYS: &[&str] = &["groups", "home", "shell"];
 const TEST_KEYS: &[&str] = &["script", "script_file"];
 
@@ -320,25 +345,29 @@ impl Parser<'_> {
         }
         let mut nodes = BTreeMap::new();
         let mut complete = true;
+        let mut python_names: BTreeMap<String, String> = BTreeMap::new();
         for (key, value) in table.iter() {
             let name = key.get_ref().to_string();
+            if let Some(other) = python_names.insert(python_identifier(&name), name.clone()) {
+                self.error(
+                    key.span(),
+                    format!("nodes `{other}` and `{name}` would both be `{}` in the test script: rename one", python_identifier(&name)),
+                );
+            }
             if !is_node_name(&name) {
                 self.error(
                     key.span(),
-                    format!("`{name}` is not a valid node name: it is the node's hostname, so use letters, digits and `-`, starting with a letter, at most 63 characters"),
+                    format!("`{name}` is not a valid node name: it is the node's hostname, so use letters, digits, `-` and `_`, starting with a letter, at most 63 characters"),
                 );
             }
             let Some(node_table) = self.table(value, &format!("node `{name}`")) else {
                 complete = false;
                 continue;
             };
-            // `[defaults]` fills in whatever the node does not set itself.
-            let mut merged = node_table.clone();
-            for (key, value) in defaults.into_iter().flat_map(|d| d.iter()) {
-                if field(&merged, key.get_ref()).is_none() {
-                    merged.insert(key.clone(), value.clone());
-                }
-            }
+            let merged = match defaults {
+                Some(defaults) => with_defaults(node_table, defaults, true),
+                None => node_table.clone(),
+            };
             match self.node(&name, &merged) {
                 Some(node) => {
                     nodes.insert(name, node);
@@ -663,10 +692,12 @@ impl Parser<'_> {
         self.known_keys(table, FIREWALL_KEYS, "`firewall`");
         let mut firewall = Firewall::default();
         let mut ok = true;
-        if let Some(v) = field(table, "enable") {
-            match self.boolean(v, "`firewall.enable`") {
-                Some(enable) => firewall.enable = enable,
-                None => ok = false,
+        for (key, target) in [("enable", &mut firewall.enable), ("allow_ping", &mut firewall.allow_ping)] {
+            if let Some(v) = field(table, key) {
+                match self.boolean(v, &format!("`firewall.{key}`")) {
+                    Some(value) => *target = value,
+                    None => ok = false,
+                }
             }
         }
         for (key, target) in [
@@ -678,6 +709,23 @@ impl Parser<'_> {
                     Some(ports) => *target = ports,
                     None => ok = false,
                 }
+            }
+        }
+        for (key, target) in [
+            ("allowed_tcp_port_ranges", &mut firewall.allowed_tcp_port_ranges),
+            ("allowed_udp_port_ranges", &mut firewall.allowed_udp_port_ranges),
+        ] {
+            if let Some(v) = field(table, key) {
+                match self.port_ranges(v, key) {
+                    Some(ranges) => *target = ranges,
+                    None => ok = false,
+                }
+            }
+        }
+        if let Some(v) = field(table, "allowed_protocols") {
+            match self.protocols(v) {
+                Some(protocols) => firewall.allowed_protocols = protocols,
+                None => ok = false,
             }
         }
         ok.then_some(firewall)
@@ -697,6 +745,71 @@ impl Parser<'_> {
             }
         }
         ok.then_some(ports)
+    }
+
+    /// A list of `{ from = N, to = M }`, as NixOS writes port ranges.
+    fn port_ranges(&mut self, value: &Value<'_>, key: &str) -> Option<Vec<RangeInclusive<u16>>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, &format!("`{key}`"), "a list of `{ from = PORT, to = PORT }`");
+            return None;
+        };
+        let mut ranges = Vec::new();
+        let mut ok = true;
+        for item in array.iter() {
+            let Some(range) = self.table(item, "a port range") else {
+                ok = false;
+                continue;
+            };
+            self.known_keys(range, &["from", "to"], "a port range");
+            let bound = |parser: &mut Self, end: &str| match field(range, end) {
+                Some(v) => parser.integer(v, &format!("`{end}`"), 1..=65535).and_then(|p| u16::try_from(p).ok()),
+                None => {
+                    parser.error(item.span(), format!("a port range needs `{end}`"));
+                    None
+                }
+            };
+            match (bound(self, "from"), bound(self, "to")) {
+                (Some(from), Some(to)) if from <= to => ranges.push(from..=to),
+                (Some(from), Some(to)) => {
+                    self.error(item.span(), format!("the range {from} to {to} is empty: `from` must not exceed `to`"));
+                    ok = false;
+                }
+                _ => ok = false,
+            }
+        }
+        ok.then_some(ranges)
+    }
+
+    /// A list of IP protocols, by name (see [`IP_PROTOCOLS`]) or number.
+    fn protocols(&mut self, value: &Value<'_>) -> Option<Vec<u8>> {
+        let Some(array) = value.get_ref().as_array() else {
+            self.wrong_type(value, "`allowed_protocols`", "a list of IP protocol names or numbers");
+            return None;
+        };
+        let mut protocols = Vec::new();
+        let mut ok = true;
+        for item in array.iter() {
+            let number = match item.get_ref() {
+                DeValue::String(name) => match IP_PROTOCOLS.iter().find(|(known, _)| *known == name.as_ref()) {
+                    Some((_, number)) => Some(*number),
+                    None => {
+                        let names = IP_PROTOCOLS.iter().map(|(known, _)| *known);
+                        let help = match nearest(name, names.clone()) {
+                            Some(near) => format!("did you mean `{near}`?"),
+                            None => format!("{}, or the protocol's number", one_of(&names.collect::<Vec<_>>())),
+                        };
+                        self.error_with_help(item.span(), format!("`{name}` is not an IP protocol vmrig knows by name"), help);
+                        None
+                    }
+                },
+                _ => self.integer(item, "an IP protocol number", 0..=255).and_then(|n| u8::try_from(n).ok()),
+            };
+            match number {
+                Some(number) => protocols.push(number),
+                None => ok = false,
+            }
+        }
+        ok.then_some(protocols)
     }
 
     fn users(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, User>> {
@@ -809,10 +922,45 @@ impl Parser<'_> {
     }
 }
 
-/// A node name is its hostname: one DNS label, starting with a letter.
+/// The lists of a node that `[defaults]` adds to rather than gives when
+/// the node has none: what every node gets plus what this one needs.
+const ADDED_UP_LISTS: [&str; 2] = ["packages", "kernel_params"];
+
+/// A node's table with `[defaults]` under it: tables (`files`, `services`,
+/// `firewall`, `users`, …) merge key by key, the node's value winning where
+/// both set one; the [`ADDED_UP_LISTS`] hold the defaults' items, then the
+/// node's; any other value the node sets replaces the default. `top` says
+/// whether `own` is the node's table itself.
+fn with_defaults<'i>(own: &DeTable<'i>, defaults: &DeTable<'i>, top: bool) -> DeTable<'i> {
+    let mut merged = own.clone();
+    for (key, default) in defaults.iter() {
+        let Some((_, mine)) = merged.iter_mut().find(|(k, _)| k.get_ref() == key.get_ref()) else {
+            merged.insert(key.clone(), default.clone());
+            continue;
+        };
+        let span = mine.span();
+        match (mine.get_mut(), default.get_ref()) {
+            (DeValue::Table(mine_table), DeValue::Table(default_table)) => {
+                *mine_table = with_defaults(mine_table, default_table, false);
+            }
+            (DeValue::Array(mine_list), DeValue::Array(default_list)) if top && ADDED_UP_LISTS.contains(&key.get_ref().as_ref()) => {
+                let mut list = default_list.clone();
+                for item in mine_list.iter() {
+                    list.push(item.clone());
+                }
+                *mine = Spanned::new(span, DeValue::Array(list));
+            }
+            _ => {}
+        }
+    }
+    merged
+}
+
+/// A node name is its hostname: one label of letters, digits, `-` and `_`
+/// (as NixOS allows, and Python names need), starting with a letter.
 fn is_node_name(name: &str) -> bool {
     name.len() <= 63
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
-        && !name.ends_with('-')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.ends_with(['-', '_'])
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }

@@ -75,6 +75,35 @@ fn defaults_fill_in_what_nodes_leave_out() {
 }
 
 #[test]
+fn defaults_merge_into_a_nodes_own_tables_and_add_to_its_packages() {
+    let (_dir, spec) = load(&with_script(
+        r#"
+[defaults]
+packages = ["curl"]
+files."/etc/common" = { text = "every node" }
+firewall.allowed_tcp_ports = [22]
+vlans = [1]
+[nodes.a]
+packages = ["nginx-light"]
+files."/etc/own" = { text = "a alone" }
+firewall.enable = false
+vlans = [2]
+[nodes.b]
+files."/etc/common" = { text = "b's own" }
+"#,
+    ));
+    let spec = spec.unwrap();
+    let (a, b) = (&spec.nodes["a"], &spec.nodes["b"]);
+    assert_eq!(a.packages, ["curl", "nginx-light"]);
+    assert_eq!(a.files.keys().collect::<Vec<_>>(), ["/etc/common", "/etc/own"]);
+    assert!(!a.firewall.enable);
+    assert_eq!(a.firewall.allowed_tcp_ports, [22]);
+    assert_eq!(a.vlans, [2]);
+    assert_eq!(b.packages, ["curl"]);
+    assert_eq!(b.files["/etc/common"].content, FileContent::Text("b's own".into()));
+}
+
+#[test]
 fn reads_every_node_field() {
     let (dir, spec) = load(&with_script(
         r#"
@@ -219,8 +248,16 @@ fn types_are_checked() {
 
 #[test]
 fn node_names_are_hostnames() {
-    let (_, _, message, _) = error(&with_script("[nodes.\"my_node\"]\n"));
-    assert!(message.starts_with("`my_node` is not a valid node name"), "{message}");
+    let (_, _, message, _) = error(&with_script("[nodes.\"my node\"]\n"));
+    assert!(message.starts_with("`my node` is not a valid node name"), "{message}");
+    let (_, _, message, _) = error(&with_script("[nodes.\"2fast\"]\n"));
+    assert!(message.starts_with("`2fast` is not a valid node name"), "{message}");
+    let (_dir, spec) = load(&with_script("[nodes.local_router]\n[nodes.web-1]\n"));
+    let spec = spec.unwrap();
+    assert_eq!(spec.nodes["local_router"].python_name(), "local_router");
+    assert_eq!(spec.nodes["web-1"].python_name(), "web_1");
+    let (_, _, message, _) = error(&with_script("[nodes.web-1]\n[nodes.web_1]\n"));
+    assert_eq!(message, "nodes `web-1` and `web_1` would both be `web_1` in the test script: rename one");
 }
 
 #[test]
@@ -245,4 +282,30 @@ fn a_directory_without_a_definition_is_named() {
     let error = TestSpec::load(dir.path()).unwrap_err();
     assert!(matches!(error, SpecError::Missing(_)));
     assert!(error.to_string().ends_with("has no vmrig.toml"));
+}
+
+#[test]
+fn firewalls_take_port_ranges_protocols_and_pings() {
+    let (_dir, spec) = load(&with_script(
+        r#"
+[nodes.a]
+firewall.allowed_tcp_port_ranges = [{ from = 8000, to = 8010 }]
+firewall.allowed_udp_port_ranges = [{ from = 5000, to = 5000 }]
+firewall.allowed_protocols = ["vrrp", 47]
+firewall.allow_ping = false
+"#,
+    ));
+    let firewall = &spec.unwrap().nodes["a"].firewall;
+    assert_eq!(firewall.allowed_tcp_port_ranges, [8000..=8010]);
+    assert_eq!(firewall.allowed_udp_port_ranges, [5000..=5000]);
+    assert_eq!(firewall.allowed_protocols, [112, 47]);
+    assert!(!firewall.allow_ping);
+
+    let (_, _, message, help) = error(&with_script("[nodes.a]\nfirewall.allowed_protocols = [\"vrpp\"]\n"));
+    assert_eq!(message, "`vrpp` is not an IP protocol vmrig knows by name");
+    assert_eq!(help.as_deref(), Some("did you mean `vrrp`?"));
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nfirewall.allowed_tcp_port_ranges = [{ from = 9, to = 8 }]\n"));
+    assert_eq!(message, "the range 9 to 8 is empty: `from` must not exceed `to`");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nfirewall.allowed_tcp_port_ranges = [{ from = 9 }]\n"));
+    assert_eq!(message, "a port range needs `to`");
 }
