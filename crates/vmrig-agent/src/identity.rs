@@ -19,7 +19,9 @@
 //!    new id, and what early boot did with files the layer changed is done
 //!    again (sysctl, tmpfiles, modules, udev rules); the services packages
 //!    enable into early boot (ferm into `sysinit.target`, say), which ran
-//!    in the template with the image's files, run again with the node's;
+//!    in the template with the image's files, run again with the node's,
+//!    and what the layer adds to a target the template has reached (a
+//!    timer into `timers.target`) is started;
 //! 6. the default target is started, as a boot would have.
 //!
 //! The agent answers after step 4, as a cold boot's agent answers once
@@ -165,19 +167,47 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
         systemd.restart(&unit)?;
         steps.done(&unit);
     }
+    // Starting the default target does not start what a target the
+    // template already reached has come to want since.
+    for unit in wanted_by_reached_targets(written) {
+        systemd.start_no_block(&unit)?;
+        steps.done(&unit);
+    }
     systemd.start_no_block("default.target")?;
     steps.done("default target queued");
     Ok(())
 }
 
-/// The targets a template passes on its way to its own, into which a
-/// package may enable a service.
-const EARLY_TARGETS: [&str; 5] = ["local-fs-pre.target", "local-fs.target", "sysinit.target", "network-pre.target", "basic.target"];
+/// The targets a template has reached on its way to its own.
+const REACHED_TARGETS: [&str; 9] = [
+    "local-fs-pre.target",
+    "local-fs.target",
+    "sysinit.target",
+    "sockets.target",
+    "timers.target",
+    "paths.target",
+    "slices.target",
+    "swap.target",
+    "basic.target",
+];
 
-/// The services packages enabled into [`EARLY_TARGETS`], systemd's own
-/// left out (what they read is replayed above, where the layer changed it).
+/// What the layer links into the `.wants` of a [`REACHED_TARGETS`] target
+/// (a node's timer, say): a cold boot starts it as it reaches the target.
+fn wanted_by_reached_targets(written: &[String]) -> Vec<String> {
+    written
+        .iter()
+        .filter_map(|path| path.strip_prefix("/etc/systemd/system/"))
+        .filter_map(|rest| rest.split_once(".wants/"))
+        .filter(|(target, unit)| REACHED_TARGETS.contains(target) && !unit.contains('/'))
+        .map(|(_, unit)| unit.to_string())
+        .collect()
+}
+
+/// The services packages enabled into a target a template reaches (ferm
+/// into `sysinit.target`, say), systemd's own left out (what they read is
+/// replayed above, where the layer changed it).
 fn early_package_services() -> Vec<String> {
-    let mut units: Vec<String> = EARLY_TARGETS
+    let mut units: Vec<String> = REACHED_TARGETS
         .iter()
         .flat_map(|target| fs::read_dir(format!("/etc/systemd/system/{target}.wants")).into_iter().flatten().flatten())
         .map(|link| link.file_name().to_string_lossy().into_owned())
@@ -396,5 +426,17 @@ mod tests {
         assert_eq!(fs::read_link(unpacked.join("etc/masked.service")).unwrap(), Path::new("/dev/null"));
         assert!(fs::read_to_string(target.path().join(INITRAMFS_NETWORK)).unwrap().starts_with("52:54:00:12:01:01 "));
         assert!(unpack_cpio(b"not an archive", target.path()).is_err());
+    }
+
+    #[test]
+    fn what_the_layer_adds_to_a_reached_target_is_found() {
+        let written = [
+            "/etc/systemd/system/timers.target.wants/tick.timer",
+            "/etc/systemd/system/multi-user.target.wants/app.service",
+            "/etc/systemd/system/tick.timer",
+            "/etc/hostname",
+        ]
+        .map(String::from);
+        assert_eq!(wanted_by_reached_targets(&written), ["tick.timer"]);
     }
 }

@@ -198,9 +198,25 @@ pub(crate) fn create_users(list: &str) -> Result<(), String> {
         if passwd.lines().any(|entry| entry.split(':').next() == Some(name)) {
             continue;
         }
+        for group in named_groups(&args) {
+            let groups = fs::read_to_string("/etc/group").unwrap_or_default();
+            if !groups.lines().any(|entry| entry.split(':').next() == Some(group)) {
+                run_program("/usr/sbin/groupadd", &[group])?;
+            }
+        }
         run_program("/usr/sbin/useradd", &args)?;
     }
     Ok(())
+}
+
+/// The groups `useradd` arguments name (`--gid`, `--groups`), by name:
+/// each is made first if it does not exist, as a user's definition says.
+fn named_groups<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    args.windows(2)
+        .filter(|pair| pair[0] == "--gid" || pair[0] == "--groups")
+        .flat_map(|pair| pair[1].split(','))
+        .filter(|group| !group.is_empty() && !group.bytes().all(|b| b.is_ascii_digit()))
+        .collect()
 }
 
 /// Gives root an empty password, as a NixOS test node's root has: a person
@@ -325,4 +341,15 @@ fn wait_for(device: &str) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_groups_a_user_names_are_found_by_name() {
+        let args = ["--create-home", "--gid", "devs", "--groups", "adm,wheel,100", "--uid", "1500", "alice"];
+        assert_eq!(named_groups(&args), ["devs", "adm", "wheel"]);
+    }
 }

@@ -15,7 +15,7 @@ use vmrig_proto::{FIREWALL_RULES, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INIT
 
 use crate::image::CpioWriter;
 use crate::net;
-use crate::spec::{FileContent, Node, Service, ServiceFields, TestSpec, DEFINITION_FILE, RESULT_DIR};
+use crate::spec::{FileContent, Node, Password, Service, ServiceFields, TestSpec, DEFINITION_FILE, RESULT_DIR};
 
 /// A node's configuration could not be gathered.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,22 @@ const USER_MANAGER_DROP_IN: &str = "/etc/systemd/user.conf.d/vmrig.conf";
 const MANAGER_SETTINGS: &str = "[Manager]\nShowStatus=no\nDefaultTimeoutStartSec=300\nDefaultDeviceTimeoutSec=300\n";
 /// The same timeouts for users' managers.
 const USER_MANAGER_SETTINGS: &str = "[Manager]\nDefaultTimeoutStartSec=300\nDefaultDeviceTimeoutSec=300\n";
+
+/// `password` hashed as glibc's `crypt` hashes with SHA-512 (`$6$`).
+fn crypt_sha512(password: &str, salt: &str) -> String {
+    let params = sha_crypt::Sha512Params::new(sha_crypt::ROUNDS_DEFAULT).expect("the default rounds are valid");
+    let hash = sha_crypt::sha512_crypt_b64(password.as_bytes(), salt.as_bytes(), &params).expect("a salt of at most 16 characters");
+    format!("$6${salt}${hash}")
+}
+
+/// The salt of user `user`'s password on `node`: drawn from both names,
+/// so that one definition always makes the same layer (a layer is one of
+/// the inputs a recorded pass is keyed by).
+fn password_salt(node: &str, user: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let digest = blake3::hash(format!("vmrig password salt\0{node}\0{user}").as_bytes());
+    digest.as_bytes()[..16].iter().map(|byte| char::from(ALPHABET[usize::from(byte % 64)])).collect()
+}
 
 /// Where a test node's kernel settings go.
 const SYSCTL_FILE: &str = "/etc/sysctl.d/50-vmrig-test-node.conf";
@@ -230,16 +246,20 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
         layer.test_node_settings()?;
-        for (name, service) in &node.services {
-            let unit_path = format!("/etc/systemd/system/{name}.service");
-            let (text, wanted_by) = match service {
-                Service::Raw(text) => (text.clone(), Vec::new()),
-                Service::Fields(fields) => (unit_file(name, fields), fields.wanted_by.clone()),
-            };
+        let services = node.services.iter().map(|(name, service)| match service {
+            Service::Raw(raw) => (format!("{name}.service"), raw.text.clone(), raw.wanted_by.clone()),
+            Service::Fields(fields) => (format!("{name}.service"), unit_file(name, fields), fields.wanted_by.clone()),
+        });
+        let others = node.units.iter().map(|(name, raw)| (name.clone(), raw.text.clone(), raw.wanted_by.clone()));
+        for (name, text, wanted_by) in services.chain(others) {
+            let unit_path = format!("/etc/systemd/system/{name}");
             layer.file(&unit_path, 0o644, text.as_bytes())?;
             for target in wanted_by {
-                layer.symlink(&format!("/etc/systemd/system/{target}.wants/{name}.service"), &unit_path)?;
+                layer.symlink(&format!("/etc/systemd/system/{target}.wants/{name}"), &unit_path)?;
             }
+        }
+        for (unit, text) in &node.drop_ins {
+            layer.file(&format!("/etc/systemd/system/{unit}.d/vmrig.conf"), 0o644, text.as_bytes())?;
         }
         Ok(())
     })()
@@ -260,8 +280,19 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
     let mut users = String::new();
     for (name, user) in &node.users {
         let mut args = vec!["--create-home".to_string()];
+        if let Some(group) = &user.group {
+            args.extend(["--gid".into(), group.clone()]);
+        }
         if !user.groups.is_empty() {
             args.extend(["--groups".into(), user.groups.join(",")]);
+        }
+        if let Some(uid) = user.uid {
+            args.extend(["--uid".into(), uid.to_string()]);
+        }
+        match &user.password {
+            Some(Password::Plain(password)) => args.extend(["--password".into(), crypt_sha512(password, &password_salt(&node.name, name))]),
+            Some(Password::Hashed(hash)) => args.extend(["--password".into(), hash.clone()]),
+            None => {}
         }
         if let Some(home) = &user.home {
             args.extend(["--home-dir".into(), home.clone()]);
@@ -511,5 +542,17 @@ mod tests {
         assert!(rules.contains("meta l4proto { 112 } accept"), "{rules}");
         assert!(!rules.contains("echo-request"), "{rules}");
         assert!(firewall_rules(&crate::spec::Firewall::default()).contains("icmp type echo-request accept"));
+    }
+
+    #[test]
+    fn passwords_are_hashed_as_crypt_does() {
+        // The SHA-512 example of the SHA-crypt specification.
+        assert_eq!(
+            crypt_sha512("Hello world!", "saltstring"),
+            "$6$saltstring$svn8UoSVapNtMuq1ukKS4tPQd8iKwSMHWjl/O817G3uBnIFNjnQJuesI68u4OTLiBFdcbYEdFCoEOfaS35inz1"
+        );
+        let salt = password_salt("server", "alice");
+        assert_eq!((salt.len(), salt.clone()), (16, password_salt("server", "alice")));
+        assert_ne!(salt, password_salt("client", "alice"));
     }
 }

@@ -18,11 +18,21 @@ fn a_node_is_what_nixos_test_scripts_expect() {
 packages = ["busybox", "curl"]
 
 [nodes.server]
-firewall.allowed_tcp_ports = [7000]
+firewall.allowed_tcp_port_ranges = [{ from = 7000, to = 7010 }]
 files."/etc/profile.d/vmrig-test.sh" = { text = "export FROM_PROFILE=profile-was-read\n" }
 files."/srv/www/index.html" = { text = "served" }
+users.alice = { password = "secret", group = "devs", groups = ["audio", "testers"], uid = 1500 }
+drop_ins."dpkg-db-backup.service" = "[Service]\nEnvironment=FROM_DROP_IN=yes\n"
+units."tick.timer" = { unit = "[Timer]\nOnActiveSec=1\n", wanted_by = ["timers.target"] }
 
-[nodes.client]
+[nodes.server.services.tick]
+unit = "[Service]\nType=oneshot\nExecStart=/bin/touch /run/ticked\n"
+
+[nodes.server.services.sleeper]
+unit = "[Service]\nExecStart=/bin/sleep infinity\n"
+wanted_by = ["multi-user.target"]
+
+[nodes.web_client]
 
 [test]
 script = '''
@@ -45,10 +55,10 @@ with subtest("a daemon started with >&2 & keeps running and printing"):
     server.succeed("(sleep 1; echo daemon-said-hello >&2; exec busybox httpd -f -vv -p 7000 -h /srv/www) >&2 &")
     started = time.monotonic()
     server.wait_for_console_text("daemon-said-hello")
-    client.wait_until_succeeds("curl -sf --max-time 5 http://server:7000/index.html")
+    web_client.wait_until_succeeds("curl -sf --max-time 5 http://server:7000/index.html")
 
 with subtest("interfaces are named as on NixOS"):
-    assert "192.168.1.2/24" in server.succeed("ip -4 -o address show dev eth1")
+    assert f"{server.ip}/24" in server.succeed("ip -4 -o address show dev eth1")
     server.succeed("ip link show eth1")
     server.fail("ip link show eth0")
 
@@ -70,11 +80,11 @@ with subtest("the Machine attributes of NixOS's driver"):
 
     assert name_of(server) == "server" and repr(server) == "<Machine 'server'>"
     called = []
-    client.callbacks.append(lambda: called.append(True))
-    client.succeed("true")
-    client.execute("true")
+    web_client.callbacks.append(lambda: called.append(True))
+    web_client.succeed("true")
+    web_client.execute("true")
     assert called == [True, True]
-    client.callbacks.clear()
+    web_client.callbacks.clear()
 
 with subtest("a test node's service manager and kernel settings"):
     assert server.succeed("systemctl show -p DefaultTimeoutStartUSec") == "DefaultTimeoutStartUSec=5min\n"
@@ -84,17 +94,26 @@ with subtest("a test node's service manager and kernel settings"):
     server.succeed("grep -q '^root::' /etc/shadow")
     server.fail("ip route show default | grep -q .")
 
+with subtest("users, units and drop-ins as the definition declares them"):
+    assert server.succeed("id -u alice; id -gn alice") == "1500\ndevs\n"
+    assert set(server.succeed("id -Gn alice").split()) == {"devs", "audio", "testers"}
+    server.succeed("""hash=$(getent shadow alice | cut -d: -f2); test "$(perl -e 'print crypt($ARGV[0], $ARGV[1])' secret "$hash")" = "$hash" """)
+    server.wait_for_unit("sleeper.service", timeout=60)
+    server.wait_for_file("/run/ticked", timeout=60)
+    assert "FROM_DROP_IN=yes" in server.succeed("systemctl show -p Environment dpkg-db-backup.service")
+    assert web_client.succeed("hostname") == "web_client\n"
+
 with subtest("block() unplugs the cable and unblock() plugs it back"):
     server.block()
     assert server.succeed("cat /sys/class/net/eth1/carrier") == "0\n"
-    client.fail("curl -sf --max-time 3 http://server:7000/index.html")
+    web_client.fail("curl -sf --max-time 3 http://server:7000/index.html")
     server.unblock()
-    client.succeed("curl -sf --max-time 10 http://server:7000/index.html")
+    web_client.succeed("curl -sf --max-time 10 http://server:7000/index.html")
     assert server.succeed("cat /sys/class/net/eth1/carrier") == "1\n"
 
 with subtest("the daemon still answers a minute and many commands later"):
     time.sleep(max(0, 60 - (time.monotonic() - started)))
-    assert client.succeed("curl -sf --max-time 5 http://server:7000/index.html") == "served"
+    assert web_client.succeed("curl -sf --max-time 5 http://server:7000/index.html") == "served"
 '''
 "#;
     fs::write(test.path().join("vmrig.toml"), definition).unwrap();

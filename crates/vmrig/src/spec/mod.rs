@@ -63,6 +63,12 @@ pub struct Node {
     pub files: BTreeMap<String, FileSpec>,
     /// systemd services, by name without the `.service` suffix.
     pub services: BTreeMap<String, Service>,
+    /// Units other than services (timers, targets, sockets, paths,
+    /// mounts), by full name.
+    pub units: BTreeMap<String, RawUnit>,
+    /// Drop-ins changing a unit the node's packages (or `units`) hold,
+    /// by the unit's full name.
+    pub drop_ins: BTreeMap<String, String>,
     /// Inbound packet filtering.
     pub firewall: Firewall,
     /// Extra user accounts, by name.
@@ -114,9 +120,19 @@ pub struct FileSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Service {
     /// A unit written verbatim by the user.
-    Raw(String),
+    Raw(RawUnit),
     /// A unit vmrig writes from these fields.
     Fields(Box<ServiceFields>),
+}
+
+/// A unit written verbatim, and the targets that want it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RawUnit {
+    /// The unit file.
+    pub text: String,
+    /// Targets it is enabled into (`WantedBy=`, as `systemctl enable`
+    /// would link it).
+    pub wanted_by: Vec<String>,
 }
 
 /// The fields of a service that vmrig turns into a unit file.
@@ -187,12 +203,28 @@ impl Default for Firewall {
 /// An extra user account.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct User {
-    /// Supplementary groups.
+    /// Primary group, made if it does not exist; else a group of the
+    /// user's own name.
+    pub group: Option<String>,
+    /// Supplementary groups, each made if it does not exist.
     pub groups: Vec<String>,
+    /// User id; else the next free one.
+    pub uid: Option<u32>,
+    /// How the user logs in: a password, or a hash as `crypt` makes it.
+    pub password: Option<Password>,
     /// Home directory.
     pub home: Option<String>,
     /// Login shell.
     pub shell: Option<String>,
+}
+
+/// A user's password.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Password {
+    /// In plain text, hashed for the guest by vmrig.
+    Plain(String),
+    /// Already hashed (`$6$…`, as `mkpasswd` prints it).
+    Hashed(String),
 }
 
 /// The test script and where it was written, so that errors in it can point

@@ -11,7 +11,7 @@ use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
 use super::{
-    nearest, python_identifier, BootMode, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
+    nearest, python_identifier, BootMode, Password, RawUnit, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
     ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User,
 };
 
@@ -25,6 +25,8 @@ const NODE_KEYS: &[&str] = &[
     "vlans",
     "files",
     "services",
+    "units",
+    "drop_ins",
     "firewall",
     "users",
     "kernel_params",
@@ -84,7 +86,7 @@ const IP_PROTOCOLS: &[(&str, u8)] = &[
     ("l2tp", 115),
     ("sctp", 132),
 ];
-const USER_KEYS: &[&str] = &["groups", "home", "shell"];
+const USER_KEYS: &[&str] = &["group", "groups", "uid", "password", "hashed_password", "home", "shell"];
 const TEST_KEYS: &[&str] = &["script", "script_file"];
 
 const DEFAULT_DISTRO: &str = "bookworm";
@@ -409,6 +411,14 @@ impl Parser<'_> {
             Some(v) => self.services(v),
             None => Some(BTreeMap::new()),
         };
+        let units = match field(table, "units") {
+            Some(v) => self.units(v),
+            None => Some(BTreeMap::new()),
+        };
+        let drop_ins = match field(table, "drop_ins") {
+            Some(v) => self.drop_ins(v),
+            None => Some(BTreeMap::new()),
+        };
         let firewall = match field(table, "firewall") {
             Some(v) => self.firewall(v),
             None => Some(Firewall::default()),
@@ -441,6 +451,8 @@ impl Parser<'_> {
             vlans: vlans?,
             files: files?,
             services: services?,
+            units: units?,
+            drop_ins: drop_ins?,
             firewall: firewall?,
             users: users?,
             kernel_params: kernel_params?,
@@ -624,12 +636,8 @@ impl Parser<'_> {
         let context = format!("service `{name}`");
         let table = self.table(value, &context)?;
         self.known_keys(table, SERVICE_KEYS, &context);
-        if let Some(unit) = field(table, "unit") {
-            if let Some((other, _)) = table.iter().find(|(k, _)| k.get_ref() != "unit") {
-                self.error(other.span(), format!("{context} is given as a raw `unit`, so it takes no other keys"));
-                return None;
-            }
-            return self.string(unit, "`unit`").map(Service::Raw);
+        if field(table, "unit").is_some() {
+            return self.raw_unit(table, &context).map(Service::Raw);
         }
         let Some(exec_start) = field(table, "exec_start") else {
             self.error(name_span, format!("{context} needs `exec_start` (or a raw `unit`)"));
@@ -664,6 +672,80 @@ impl Parser<'_> {
             ok = false;
         }
         ok.then_some(Service::Fields(Box::new(fields)))
+    }
+
+    /// A unit given as `unit` (its text) and `wanted_by`, and nothing else.
+    fn raw_unit(&mut self, table: &DeTable<'_>, context: &str) -> Option<RawUnit> {
+        if let Some((other, _)) = table.iter().find(|(k, _)| !["unit", "wanted_by"].contains(&k.get_ref().as_ref())) {
+            self.error(other.span(), format!("{context} is given as a raw `unit`, so it takes only `wanted_by` besides"));
+            return None;
+        }
+        let text = field(table, "unit").and_then(|unit| self.string(unit, "`unit`"));
+        let wanted_by = match field(table, "wanted_by") {
+            Some(v) => self.string_list(v, "`wanted_by`"),
+            None => Some(Vec::new()),
+        };
+        Some(RawUnit { text: text?, wanted_by: wanted_by? })
+    }
+
+    /// `units`: units other than services, by full name.
+    fn units(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, RawUnit>> {
+        let table = self.table(value, "`units`")?;
+        let mut units = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            if let Some(stem) = name.strip_suffix(".service") {
+                self.error_with_help(key.span(), "services are declared under `services`", format!("write `services.{stem}.unit`"));
+                ok = false;
+                continue;
+            }
+            if !is_unit_name(&name, OTHER_UNIT_TYPES) {
+                self.error_with_help(key.span(), format!("`{name}` is not a unit name"), format!("name it with its type: {}", one_of(OTHER_UNIT_TYPES)));
+                ok = false;
+                continue;
+            }
+            let context = format!("unit `{name}`");
+            let Some(unit_table) = self.table(value, &context) else {
+                ok = false;
+                continue;
+            };
+            if field(unit_table, "unit").is_none() {
+                self.error(key.span(), format!("{context} needs `unit`, its text"));
+                ok = false;
+                continue;
+            }
+            match self.raw_unit(unit_table, &context) {
+                Some(unit) => {
+                    units.insert(name, unit);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(units)
+    }
+
+    /// `drop_ins`: unit name → the text of a drop-in for it.
+    fn drop_ins(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, String>> {
+        let table = self.table(value, "`drop_ins`")?;
+        let mut drop_ins = BTreeMap::new();
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            let types: Vec<&str> = std::iter::once(".service").chain(OTHER_UNIT_TYPES.iter().copied()).collect();
+            if !is_unit_name(&name, &types) {
+                self.error_with_help(key.span(), format!("`{name}` is not a unit name"), "name the unit with its type, as `nginx.service`".into());
+                ok = false;
+                continue;
+            }
+            match self.string(value, &format!("the drop-in for `{name}`")) {
+                Some(text) => {
+                    drop_ins.insert(name, text);
+                }
+                None => ok = false,
+            }
+        }
+        ok.then_some(drop_ins)
     }
 
     /// One command or a list of them.
@@ -840,11 +922,30 @@ impl Parser<'_> {
                     Vec::new()
                 });
             }
-            for (key, target) in [("home", &mut user.home), ("shell", &mut user.shell)] {
+            for (key, target) in [("home", &mut user.home), ("shell", &mut user.shell), ("group", &mut user.group)] {
                 if let Some(v) = field(user_table, key) {
                     *target = self.string(v, &format!("`{key}`"));
                     ok &= target.is_some();
                 }
+            }
+            if let Some(v) = field(user_table, "uid") {
+                user.uid = self.integer(v, "`uid`", 1..=65533).and_then(|uid| u32::try_from(uid).ok());
+                ok &= user.uid.is_some();
+            }
+            match (field(user_table, "password"), field(user_table, "hashed_password")) {
+                (Some(_), Some(hashed)) => {
+                    self.error(hashed.span(), format!("{context} has both `password` and `hashed_password`: keep one"));
+                    ok = false;
+                }
+                (Some(v), None) => {
+                    user.password = self.string(v, "`password`").map(Password::Plain);
+                    ok &= user.password.is_some();
+                }
+                (None, Some(v)) => {
+                    user.password = self.string(v, "`hashed_password`").map(Password::Hashed);
+                    ok &= user.password.is_some();
+                }
+                (None, None) => {}
             }
             users.insert(name, user);
         }
@@ -920,6 +1021,19 @@ impl Parser<'_> {
             }
         }
     }
+}
+
+/// The types of unit `units` declares (services have `services`).
+const OTHER_UNIT_TYPES: &[&str] = &[".target", ".timer", ".socket", ".path", ".mount", ".automount", ".swap", ".slice"];
+
+/// Whether `name` names a unit of one of `types`: a name systemd takes,
+/// then the type.
+fn is_unit_name(name: &str, types: &[&str]) -> bool {
+    types.iter().any(|suffix| {
+        name.strip_suffix(suffix).is_some_and(|stem| {
+            !stem.is_empty() && stem.chars().all(|c| c.is_ascii_alphanumeric() || ":-_.@\\".contains(c))
+        })
+    })
 }
 
 /// The lists of a node that `[defaults]` adds to rather than gives when

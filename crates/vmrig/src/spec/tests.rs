@@ -122,6 +122,12 @@ users.alice = { groups = ["wheel"], shell = "/bin/bash" }
 firewall = { enable = false, allowed_udp_ports = [53] }
 [nodes.web-1.services.raw]
 unit = "[Service]\nExecStart=/bin/true\n"
+wanted_by = ["multi-user.target"]
+[nodes.web-1.units."nightly.timer"]
+unit = "[Timer]\nOnCalendar=daily\n"
+wanted_by = ["timers.target"]
+[nodes.web-1.drop_ins]
+"nginx.service" = "[Service]\nRestart=always\n"
 [nodes.web-1.services.job]
 exec_start = "/bin/true"
 exec_start_pre = "/bin/echo pre"
@@ -152,7 +158,9 @@ after = ["network.target"]
     assert_eq!(node.users["alice"].groups, ["wheel"]);
     assert!(!node.firewall.enable);
     assert_eq!(node.firewall.allowed_udp_ports, [53]);
-    assert!(matches!(&node.services["raw"], Service::Raw(text) if text.contains("ExecStart=/bin/true")));
+    assert!(matches!(&node.services["raw"], Service::Raw(raw) if raw.text.contains("ExecStart=/bin/true") && raw.wanted_by == ["multi-user.target"]));
+    assert_eq!(node.units["nightly.timer"].wanted_by, ["timers.target"]);
+    assert_eq!(node.drop_ins["nginx.service"], "[Service]\nRestart=always\n");
     let Service::Fields(job) = &node.services["job"] else { panic!() };
     assert_eq!(job.exec_start_pre, ["/bin/echo pre"]);
     assert_eq!(job.exec_start_post, ["/bin/echo post", "/bin/echo ready"]);
@@ -220,7 +228,7 @@ fn services_need_a_command_or_a_unit() {
     assert_eq!((line, column), (1, 19));
     assert_eq!(message, "service `app` needs `exec_start` (or a raw `unit`)");
     let (_, _, message, _) = error(&with_script("[nodes.a.services.app]\nunit = \"x\"\nuser = \"y\"\n"));
-    assert!(message.contains("raw `unit`, so it takes no other keys"), "{message}");
+    assert!(message.contains("raw `unit`, so it takes only `wanted_by` besides"), "{message}");
     let (_, _, message, help) = error(&with_script("[nodes.a.services.\"app.service\"]\nexec_start = \"x\"\n"));
     assert_eq!(message, "service names are written without `.service`");
     assert_eq!(help.as_deref(), Some("write `app`"));
@@ -308,4 +316,18 @@ firewall.allow_ping = false
     assert_eq!(message, "the range 9 to 8 is empty: `from` must not exceed `to`");
     let (_, _, message, _) = error(&with_script("[nodes.a]\nfirewall.allowed_tcp_port_ranges = [{ from = 9 }]\n"));
     assert_eq!(message, "a port range needs `to`");
+}
+
+#[test]
+fn units_are_named_with_their_type_and_services_stay_under_services() {
+    let (_, _, message, help) = error(&with_script("[nodes.a.units.\"web.service\"]\nunit = \"\"\n"));
+    assert_eq!((message.as_str(), help.as_deref()), ("services are declared under `services`", Some("write `services.web.unit`")));
+    let (_, _, message, _) = error(&with_script("[nodes.a.units.nightly]\nunit = \"\"\n"));
+    assert_eq!(message, "`nightly` is not a unit name");
+    let (_, _, message, _) = error(&with_script("[nodes.a.units.\"x.timer\"]\nwanted_by = []\n"));
+    assert_eq!(message, "unit `x.timer` needs `unit`, its text");
+    let (_, _, message, _) = error(&with_script("[nodes.a.drop_ins]\nnginx = \"\"\n"));
+    assert_eq!(message, "`nginx` is not a unit name");
+    let (_, _, message, _) = error(&with_script("[nodes.a.services.s]\nunit = \"\"\nuser = \"x\"\n"));
+    assert_eq!(message, "service `s` is given as a raw `unit`, so it takes only `wanted_by` besides");
 }
