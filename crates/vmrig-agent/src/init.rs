@@ -258,14 +258,21 @@ pub(crate) fn load_firewall() -> Result<(), String> {
 }
 
 /// Names the machine from `/etc/hostname` now, as systemd would later, so
-/// that commands the agent runs before systemd see the node's name.
+/// that commands the agent runs before systemd see the node's name; as
+/// systemd does, without the characters a hostname may not hold (a node
+/// named `web_client` is `webclient`, and its name still resolves through
+/// `/etc/hosts`).
 pub(crate) fn set_hostname() -> Result<(), String> {
-    let name = fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let name = name.trim();
+    let name: String = fs::read_to_string("/etc/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .collect();
     if name.is_empty() {
         return Ok(());
     }
-    nix::unistd::sethostname(name).map_err(|e| format!("cannot set the hostname to {name}: {e}"))
+    nix::unistd::sethostname(&name).map_err(|e| format!("cannot set the hostname to {name}: {e}"))
 }
 
 /// How the NICs a network list names are found.

@@ -220,8 +220,47 @@ fn record(pcap: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     pcap.write_all(frame)
 }
 
-/// A frame held back by an impairment until it is due.
-type Held = Reverse<(Instant, u64, usize, Vec<u8>)>;
+/// How many frames a VLAN holds back at most, as netem's default queue
+/// (1000 packets): past it, a frame is dropped, as from a full queue.
+const HELD_LIMIT: usize = 1000;
+
+/// A held frame: when it is due, its arrival number, its port, itself.
+type Held = (Instant, u64, usize, Vec<u8>);
+
+/// Frames held back by an impairment until they are due, in due order
+/// (and in arrival order when due at once).
+#[derive(Default)]
+struct HeldFrames {
+    frames: BinaryHeap<Reverse<Held>>,
+    arrivals: u64,
+}
+
+impl HeldFrames {
+    /// Whether `count` more frames fit.
+    fn has_room_for(&self, count: usize) -> bool {
+        self.frames.len() + count <= HELD_LIMIT
+    }
+
+    /// Holds `frame` for `port` until `due`.
+    fn hold(&mut self, due: Instant, port: usize, frame: &[u8]) {
+        self.arrivals += 1;
+        self.frames.push(Reverse((due, self.arrivals, port, frame.to_vec())));
+    }
+
+    /// The next frame due by `now`, with its port.
+    fn next_due(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
+        if self.frames.peek().is_some_and(|Reverse((due, ..))| *due <= now) {
+            self.frames.pop().map(|Reverse((_, _, port, data))| (port, data))
+        } else {
+            None
+        }
+    }
+
+    /// When the next frame is due.
+    fn next_time(&self) -> Option<Instant> {
+        self.frames.peek().map(|Reverse((due, ..))| *due)
+    }
+}
 
 /// A small xorshift generator: loss and jitter need randomness, not
 /// cryptography.
@@ -247,19 +286,17 @@ impl Random {
 fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, pcap: &mut impl Write, stop: &AtomicBool) {
     let mut learned: HashMap<[u8; 6], usize> = HashMap::new();
     let mut frame = vec![0u8; MAX_FRAME];
-    let mut held: BinaryHeap<Held> = BinaryHeap::new();
-    let mut sequence = 0u64;
+    let mut held = HeldFrames::default();
     let mut random = Random::seeded();
     let mut link_free = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        while held.peek().is_some_and(|Reverse((due, ..))| *due <= Instant::now()) {
-            let Reverse((_, _, port, data)) = held.pop().expect("peeked");
+        while let Some((port, data)) = held.next_due(Instant::now()) {
             let _ = socket.send_to(&data, &ports[port]);
         }
         // Wake for the next held frame, and now and then to notice `stop`.
         let wait = held
-            .peek()
-            .map_or(Duration::from_millis(200), |Reverse((due, ..))| due.saturating_duration_since(Instant::now()))
+            .next_time()
+            .map_or(Duration::from_millis(200), |due| due.saturating_duration_since(Instant::now()))
             .clamp(Duration::from_millis(1), Duration::from_millis(200));
         let _ = socket.set_read_timeout(Some(wait));
         let (len, from) = match socket.recv_from(&mut frame) {
@@ -299,23 +336,28 @@ fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rul
         if impairment.loss > 0.0 && random.next() < impairment.loss {
             continue;
         }
-        let mut due = Instant::now() + impairment.delay;
+        let now = Instant::now();
+        let mut due = now + impairment.delay;
         if !impairment.jitter.is_zero() {
             let swing = impairment.jitter.as_secs_f64() * (2.0 * random.next() - 1.0);
             due = if swing >= 0.0 { due + Duration::from_secs_f64(swing) } else { due - Duration::from_secs_f64(-swing) };
         }
+        let mut link_free_after = link_free;
         if let Some(rate) = impairment.rate_bps.filter(|r| *r > 0) {
-            link_free = link_free.max(Instant::now()) + Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
-            due = due.max(link_free);
+            link_free_after = link_free.max(now) + Duration::from_secs_f64(len as f64 * 8.0 / rate as f64);
+            due = due.max(link_free_after);
         }
+        if due > now && !held.has_room_for(targets.len()) {
+            continue;
+        }
+        link_free = link_free_after;
         for port in targets {
-            if due <= Instant::now() {
+            if due <= now {
                 // A node that is not running has no socket: its frames are
                 // lost, as on a cable with nothing at the other end.
                 let _ = socket.send_to(&frame[..len], &ports[port]);
             } else {
-                sequence += 1;
-                held.push(Reverse((due, sequence, port, frame[..len].to_vec())));
+                held.hold(due, port, &frame[..len]);
             }
         }
     }
@@ -425,5 +467,25 @@ mod tests {
         assert_eq!(&pcap[..4], &0xa1b2_c3d4u32.to_le_bytes());
         assert_eq!(pcap.windows(5).filter(|w| *w == b"hello").count(), 1);
         assert_eq!(pcap.windows(8).filter(|w| *w == b"together").count(), 1);
+    }
+
+    #[test]
+    fn held_frames_leave_in_due_order_and_stop_at_netems_limit() {
+        let mut held = HeldFrames::default();
+        let now = Instant::now();
+        held.hold(now + Duration::from_millis(20), 1, b"later");
+        held.hold(now + Duration::from_millis(10), 2, b"sooner");
+        held.hold(now + Duration::from_millis(10), 3, b"sooner too");
+        assert_eq!(held.next_due(now), None);
+        assert_eq!(held.next_time(), Some(now + Duration::from_millis(10)));
+        let after = now + Duration::from_millis(30);
+        assert_eq!(held.next_due(after), Some((2, b"sooner".to_vec())));
+        assert_eq!(held.next_due(after), Some((3, b"sooner too".to_vec())));
+        assert_eq!(held.next_due(after), Some((1, b"later".to_vec())));
+        for _ in 0..HELD_LIMIT - 1 {
+            held.hold(now, 0, b"x");
+        }
+        assert!(held.has_room_for(1));
+        assert!(!held.has_room_for(2));
     }
 }

@@ -101,7 +101,9 @@ with subtest("users, units and drop-ins as the definition declares them"):
     server.wait_for_unit("sleeper.service", timeout=60)
     server.wait_for_file("/run/ticked", timeout=60)
     assert "FROM_DROP_IN=yes" in server.succeed("systemctl show -p Environment dpkg-db-backup.service")
-    assert web_client.succeed("hostname") == "web_client\n"
+    # As systemd names it, and as its name resolves.
+    assert web_client.succeed("hostname") == "webclient\n"
+    server.succeed("getent hosts web_client")
 
 with subtest("block() unplugs the cable and unblock() plugs it back"):
     server.block()

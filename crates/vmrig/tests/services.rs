@@ -67,3 +67,8 @@ fn bind_serves_its_zone_to_another_node_and_reloads_it() {
 fn ferm_loads_the_nodes_own_rules_in_early_boot_and_reloads_them() {
     passes("ferm");
 }
+
+#[test]
+fn keepalived_moves_its_address_to_the_backup_on_a_crash_and_back() {
+    passes("keepalived");
+}
