@@ -95,3 +95,8 @@ fn vsftpd_serves_anonymous_downloads_and_a_users_uploads_through_passive_ports()
 fn dovecot_lets_a_user_in_with_her_password_and_keeps_her_mail() {
     passes("dovecot");
 }
+
+#[test]
+fn etcd_members_form_a_cluster_that_etcdctl_finds_through_profile_d() {
+    passes("etcd");
+}
