@@ -19,7 +19,8 @@
 //!    new id, and what early boot did with files the layer changed is done
 //!    again (sysctl, tmpfiles, modules, udev rules); the services packages
 //!    enable into early boot (ferm into `sysinit.target`, say), which ran
-//!    in the template with the image's files, run again with the node's,
+//!    in the template with the image's files (and were stopped before the
+//!    layer was applied, to undo that), run again with the node's,
 //!    and what the layer adds to a target the template has reached (a
 //!    timer into `timers.target`) is started;
 //! 6. the default target is started, as a boot would have.
@@ -99,6 +100,18 @@ fn apply_identity(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &str
     // the template had already.
     let overlay = unpacked.join(INITRAMFS_OVERLAY_DIR);
     let written: Vec<String> = in_layer.into_iter().filter(|path| differs(&overlay, path)).collect();
+    // The services packages enable into early boot ran with the image's
+    // files: stopped while those are still in place, they undo what they
+    // did (ferm flushes the rules of every domain it loaded), so that
+    // starting them with the node's files gives what a cold boot gives.
+    let early = early_package_services();
+    if !early.is_empty() {
+        let mut systemd = Systemd::connect()?;
+        for unit in &early {
+            systemd.stop(unit)?;
+        }
+        steps.done("early services stopped");
+    }
     copy_tree(&overlay, Path::new("/"))?;
     steps.done("files");
     create_users(&fs::read_to_string(unpacked.join(INITRAMFS_USERS)).unwrap_or_default())?;
@@ -161,7 +174,9 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
             steps.done(step);
         }
     }
-    // A unit that fails now is reported by systemd as it would be after a
+    // Stopped before the layer was applied (a unit the layer enabled into
+    // early boot was not running): each starts with the node's files. A
+    // unit that fails now is reported by systemd as it would be after a
     // cold boot; the node goes on to its default target all the same.
     for unit in early_package_services() {
         systemd.restart(&unit)?;

@@ -111,16 +111,28 @@ impl Systemd {
     /// Restarts `unit` and waits until the job has ended, as `systemctl
     /// restart` does.
     pub fn restart(&mut self, unit: &str) -> Result<(), String> {
+        self.run_job("RestartUnit", unit)
+    }
+
+    /// Stops `unit` and waits until the job has ended, as `systemctl stop`
+    /// does.
+    pub fn stop(&mut self, unit: &str) -> Result<(), String> {
+        self.run_job("StopUnit", unit)
+    }
+
+    /// Calls `method` (a job of the manager's) on `unit` and waits for the
+    /// job's `JobRemoved`.
+    fn run_job(&mut self, method: &str, unit: &str) -> Result<(), String> {
         if !self.subscribed {
             self.expect_return("Subscribe", &[])?;
             self.subscribed = true;
         }
-        let job = self.expect_return("RestartUnit", &[unit, "replace"])?.ok_or_else(|| format!("systemd: RestartUnit {unit} named no job"))?;
+        let job = self.expect_return(method, &[unit, "replace"])?.ok_or_else(|| format!("systemd: {method} {unit} named no job"))?;
         let started = Instant::now();
         while !self.ended_jobs.contains(&job) {
-            match self.next_message("RestartUnit", false)? {
+            match self.next_message(method, false)? {
                 Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
-                _ if started.elapsed() > CALL_TIMEOUT => return Err(format!("systemd: restarting {unit} takes over {} s", CALL_TIMEOUT.as_secs())),
+                _ if started.elapsed() > CALL_TIMEOUT => return Err(format!("systemd: {method} {unit} takes over {} s", CALL_TIMEOUT.as_secs())),
                 _ => {}
             }
         }

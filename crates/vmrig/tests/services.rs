@@ -65,14 +65,6 @@ fn bind_serves_its_zone_to_another_node_and_reloads_it() {
 
 #[test]
 fn ferm_loads_the_nodes_own_rules_in_early_boot_and_reloads_them() {
-    // Known bug: after a cold boot, legacy iptables tables (which ferm
-    // prefers) see no packets, so ferm's rules do not apply; after a
-    // restore from a template they do. Until it is found, ferm runs from
-    // templates only (see the README's known limits).
-    if std::env::var("VMRIG_BOOT").is_ok_and(|mode| mode == "cold") {
-        eprintln!("ferm: not run with cold boots (known bug: legacy iptables rules do not apply after a cold boot)");
-        return;
-    }
     passes("ferm");
 }
 
