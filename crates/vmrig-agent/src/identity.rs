@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 
 use vmrig_proto::{BECOMING_MARKER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
-use crate::init::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
+use crate::layer::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
 use crate::systemd::Systemd;
 
 /// Where the layer is unpacked.

@@ -7,6 +7,7 @@
 
 mod identity;
 mod init;
+mod layer;
 mod server;
 mod sockets;
 mod systemd;
