@@ -137,17 +137,18 @@ pub enum NicsAre {
     FromTemplate,
 }
 
-/// Brings up loopback and each NIC listed (`MAC IPV4/P IPV6/P`), found by
-/// its MAC address, with its addresses; before systemd starts, so that
-/// every unit sees the network as it will stay. The k-th NIC listed (the
-/// node's k-th VLAN) is named `eth<k>`, counting from 1, as on a NixOS
-/// test node, whose `eth0` is QEMU's user network. One `ip -batch` does it
-/// all: each process started costs tens of milliseconds under TCG.
+/// Brings up loopback and each NIC listed (`NAME MAC IPV4/P IPV6/P`),
+/// found by its MAC address, with its name and addresses; before systemd
+/// starts, so that every unit sees the network as it will stay. (vmrig
+/// names the NIC on a node's k-th VLAN `eth<k>`, as on a NixOS test node,
+/// whose `eth0` is QEMU's user network, unless the node names it.) One
+/// `ip -batch` does it all: each process started costs tens of
+/// milliseconds under TCG.
 pub fn configure_network(list: &str, nics: NicsAre) -> Result<(), String> {
     let mut devices = Vec::new();
     for (index, line) in list.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [mac, ipv4, ipv6] = fields.as_slice() else { continue };
+        let [name, mac, ipv4, ipv6] = fields.as_slice() else { continue };
         let found_by = match nics {
             NicsAre::Named => mac.to_string(),
             NicsAre::FromTemplate => vmrig_proto::template_mac(index),
@@ -162,7 +163,7 @@ pub fn configure_network(list: &str, nics: NicsAre) -> Result<(), String> {
         // alone. The setting stays with the device when it is renamed.
         let dad = format!("/proc/sys/net/ipv6/conf/{device}/accept_dad");
         fs::write(&dad, "0").map_err(|e| format!("cannot write {dad}: {e}"))?;
-        devices.push((device, *mac, *ipv4, *ipv6));
+        devices.push((device, *name, *mac, *ipv4, *ipv6));
     }
     let mut batch = String::from("link set dev lo up\n");
     // A name is taken only once every NIC has let go of its own: the
@@ -170,8 +171,8 @@ pub fn configure_network(list: &str, nics: NicsAre) -> Result<(), String> {
     for (index, (device, ..)) in devices.iter().enumerate() {
         batch.push_str(&format!("link set dev {device} down\nlink set dev {device} name vmrig-nic{index}\n"));
     }
-    for (index, (_, mac, ipv4, ipv6)) in devices.iter().enumerate() {
-        let (temporary, name) = (format!("vmrig-nic{index}"), format!("eth{}", index + 1));
+    for (index, (_, name, mac, ipv4, ipv6)) in devices.iter().enumerate() {
+        let temporary = format!("vmrig-nic{index}");
         batch.push_str(&format!("link set dev {temporary} name {name}\n"));
         if nics == NicsAre::FromTemplate {
             batch.push_str(&format!("link set dev {name} address {mac}\n"));

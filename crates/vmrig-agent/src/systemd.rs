@@ -422,7 +422,9 @@ mod tests {
             while reader.fill_buf().is_ok_and(|b| !b.is_empty()) {
                 let call = parse_call(&mut reader);
                 for message in answer(&call, calls.len()) {
-                    reader.get_ref().write_all(&message).unwrap();
+                    // The client may have its answer and be gone before
+                    // the rest is written.
+                    let _ = reader.get_ref().write_all(&message);
                 }
                 calls.push(call);
             }

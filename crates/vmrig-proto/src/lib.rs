@@ -62,7 +62,7 @@ pub const INITRAMFS_OVERLAY_DIR: &str = "vmrig/root";
 pub const INITRAMFS_USERS: &str = "vmrig/users";
 
 /// The file, inside the initramfs, describing the node's NICs: one line
-/// each, `MAC IPV4/PREFIX IPV6/PREFIX`.
+/// each, `NAME MAC IPV4/PREFIX IPV6/PREFIX`.
 pub const INITRAMFS_NETWORK: &str = "vmrig/network";
 
 /// The node's firewall ruleset, in the root filesystem; `/init` loads it

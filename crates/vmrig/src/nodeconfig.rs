@@ -302,8 +302,8 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         writeln!(users, "{}", args.join("\t")).expect("writing to a String");
     }
     let mut network = String::new();
-    for nic in net::nics(spec, &node.name) {
-        writeln!(network, "{} {}/24 {}/64", nic.mac(), nic.ipv4(), nic.ipv6()).expect("writing to a String");
+    for (nic, name) in net::nics(spec, &node.name).iter().zip(&node.interface_names) {
+        writeln!(network, "{name} {} {}/24 {}/64", nic.mac(), nic.ipv4(), nic.ipv6()).expect("writing to a String");
     }
     (|| -> io::Result<()> {
         layer.parents(INITRAMFS_NETWORK)?;

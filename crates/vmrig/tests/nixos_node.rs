@@ -33,6 +33,7 @@ unit = "[Service]\nExecStart=/bin/sleep infinity\n"
 wanted_by = ["multi-user.target"]
 
 [nodes.web_client]
+interfaces.lan = { vlan = 1 }
 
 [test]
 script = '''
@@ -61,6 +62,9 @@ with subtest("interfaces are named as on NixOS"):
     assert f"{server.ip}/24" in server.succeed("ip -4 -o address show dev eth1")
     server.succeed("ip link show eth1")
     server.fail("ip link show eth0")
+    # A node may name its interfaces, as virtualisation.interfaces does.
+    web_client.succeed("ip link show lan")
+    web_client.fail("ip link show eth1")
 
 with subtest("execute answers early when told not to wait"):
     assert server.execute("echo early; exec >&-; sleep 60", check_return=False) == (-1, "early\n")

@@ -59,6 +59,10 @@ pub struct Node {
     pub cpus: u32,
     /// The VLANs the node joins, one NIC each.
     pub vlans: Vec<u8>,
+    /// Each NIC's name in the guest, in the order of `vlans`: `eth1`,
+    /// `eth2`, … as on a NixOS test node, unless the node names them
+    /// (`interfaces`).
+    pub interface_names: Vec<String>,
     /// Files placed in the guest, by absolute guest path.
     pub files: BTreeMap<String, FileSpec>,
     /// systemd services, by name without the `.service` suffix.

@@ -23,6 +23,7 @@ const NODE_KEYS: &[&str] = &[
     "memory",
     "cpus",
     "vlans",
+    "interfaces",
     "files",
     "services",
     "units",
@@ -399,9 +400,17 @@ impl Parser<'_> {
             Some(v) => self.integer(v, "`cpus`", 1..=64),
             None => Some(1),
         };
-        let vlans = match field(table, "vlans") {
-            Some(v) => self.vlans(v),
-            None => Some(vec![1]),
+        let nics = match (field(table, "vlans"), field(table, "interfaces")) {
+            (Some(_), Some(interfaces)) => {
+                self.error(interfaces.span(), format!("{context} gives both `vlans` and `interfaces`: keep one (an interface names its VLAN)"));
+                None
+            }
+            (Some(v), None) => self.vlans(v).map(|vlans| {
+                let names = (1..=vlans.len()).map(|n| format!("eth{n}")).collect();
+                (vlans, names)
+            }),
+            (None, Some(v)) => self.interfaces(v),
+            (None, None) => Some((vec![1], vec!["eth1".to_string()])),
         };
         let files = match field(table, "files") {
             Some(v) => self.files(v),
@@ -443,12 +452,14 @@ impl Parser<'_> {
         if !ok {
             return None;
         }
+        let (vlans, interface_names) = nics?;
         Some(Node {
             name: name.to_string(),
             packages,
             memory_mib: u32::try_from(memory_mib?).ok()?,
             cpus: u32::try_from(cpus?).ok()?,
-            vlans: vlans?,
+            vlans,
+            interface_names,
             files: files?,
             services: services?,
             units: units?,
@@ -511,6 +522,50 @@ impl Parser<'_> {
             vlans.push(vlan);
         }
         Some(vlans)
+    }
+
+    /// `interfaces`: NIC name → `{ vlan = N }`, as NixOS's
+    /// `virtualisation.interfaces`; the VLANs and the names, in the order
+    /// written.
+    fn interfaces(&mut self, value: &Value<'_>) -> Option<(Vec<u8>, Vec<String>)> {
+        let table = self.table(value, "`interfaces`")?;
+        let (mut vlans, mut names) = (Vec::new(), Vec::new());
+        let mut ok = true;
+        for (key, value) in table.iter() {
+            let name = key.get_ref().to_string();
+            if !is_interface_name(&name) {
+                self.error(key.span(), format!("`{name}` is not a network interface name: letters, digits, `-`, `_` and `.`, starting with a letter, at most 15 characters"));
+                ok = false;
+                continue;
+            }
+            let context = format!("interface `{name}`");
+            let Some(interface) = self.table(value, &context) else {
+                ok = false;
+                continue;
+            };
+            self.known_keys(interface, &["vlan"], &context);
+            let Some(vlan_value) = field(interface, "vlan") else {
+                self.error(key.span(), format!("{context} needs `vlan`"));
+                ok = false;
+                continue;
+            };
+            let Some(vlan) = self.integer(vlan_value, "a VLAN number", 1..=254).and_then(|v| u8::try_from(v).ok()) else {
+                ok = false;
+                continue;
+            };
+            if vlans.contains(&vlan) {
+                self.error(vlan_value.span(), format!("VLAN {vlan} has two interfaces"));
+                ok = false;
+                continue;
+            }
+            vlans.push(vlan);
+            names.push(name);
+        }
+        if ok && vlans.is_empty() {
+            self.error(value.span(), "`interfaces` names no interface: a node needs at least one");
+            ok = false;
+        }
+        ok.then_some((vlans, names))
     }
 
     fn files(&mut self, value: &Value<'_>) -> Option<BTreeMap<String, FileSpec>> {
@@ -1068,6 +1123,15 @@ fn with_defaults<'i>(own: &DeTable<'i>, defaults: &DeTable<'i>, top: bool) -> De
         }
     }
     merged
+}
+
+/// A name the kernel takes for a network interface, and not one the
+/// guest's own devices have (`lo`).
+fn is_interface_name(name: &str) -> bool {
+    name.len() <= 15
+        && name != "lo"
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// A node name is its hostname: one label of letters, digits, `-` and `_`

@@ -331,3 +331,18 @@ fn units_are_named_with_their_type_and_services_stay_under_services() {
     let (_, _, message, _) = error(&with_script("[nodes.a.services.s]\nunit = \"\"\nuser = \"x\"\n"));
     assert_eq!(message, "service `s` is given as a raw `unit`, so it takes only `wanted_by` besides");
 }
+
+#[test]
+fn nics_are_eth1_onwards_unless_the_node_names_its_interfaces() {
+    let (_dir, spec) = load(&with_script("[nodes.a]\nvlans = [3, 1]\n[nodes.b]\ninterfaces.wan = { vlan = 2 }\ninterfaces.lan = { vlan = 1 }\n"));
+    let spec = spec.unwrap();
+    assert_eq!((spec.nodes["a"].vlans.as_slice(), spec.nodes["a"].interface_names.as_slice()), ([3, 1].as_slice(), ["eth1", "eth2"].map(String::from).as_slice()));
+    assert_eq!(spec.nodes["b"].vlans, [2, 1]);
+    assert_eq!(spec.nodes["b"].interface_names, ["wan", "lan"]);
+    let (_, _, message, _) = error(&with_script("[nodes.a]\nvlans = [1]\ninterfaces.lan = { vlan = 1 }\n"));
+    assert_eq!(message, "node `a` gives both `vlans` and `interfaces`: keep one (an interface names its VLAN)");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\ninterfaces.lan = { vlan = 1 }\ninterfaces.lan2 = { vlan = 1 }\n"));
+    assert_eq!(message, "VLAN 1 has two interfaces");
+    let (_, _, message, _) = error(&with_script("[nodes.a]\ninterfaces.\"a-very-long-interface\" = { vlan = 1 }\n"));
+    assert!(message.starts_with("`a-very-long-interface` is not a network interface name"), "{message}");
+}
