@@ -96,11 +96,9 @@ fn command_call(run: &Run<'_>, request: &Request, deadline: Instant) -> Option<R
                 let command = string_arg(args, "command")?;
                 // What a person types at shell_interact() is not logged.
                 let quiet = args["quiet"].as_bool().unwrap_or(false);
-                let answer = match args["answer"].as_str() {
-                    None | Some("exit") => AnswerAt::Exit,
-                    Some("output_end") => AnswerAt::OutputEnd,
-                    Some("start") => AnswerAt::Start,
-                    Some(other) => return Err(Failure::Infra(format!("unknown answer point `{other}`"))),
+                let answer = match &args["answer"] {
+                    Value::Null => AnswerAt::Exit,
+                    given => AnswerAt::deserialize(given).map_err(|e| Failure::Infra(format!("argument `answer`: {e}")))?,
                 };
                 let _block = (!quiet).then(|| log.block(Some(name), format!("executing: {command}")));
                 let outcome = script_command(&mut *locked(run, name)?, name, &command, seconds_arg(args, "timeout"), answer)?;
@@ -404,7 +402,17 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
         }
         "start" => machine.start(args["allow_reboot"].as_bool().unwrap_or(false))?,
         "is_up" => return Ok(json!(machine.is_up())),
-        "describe" => return Ok(machine.describe()),
+        // A machine's attributes in a NixOS script.
+        "describe" => {
+            return Ok(json!({
+                "booted": machine.is_running(),
+                "connected": machine.is_up(),
+                "pid": machine.pid(),
+                "state_dir": machine.state_dir(),
+                "qmp_path": machine.qmp_socket(),
+                "shell_path": machine.agent_socket(),
+            }))
+        }
         "send_console" => machine.send_console(string_arg(args, "chars")?.as_bytes())?,
         "tty_text" => {
             let tty = tty_arg(args)?;

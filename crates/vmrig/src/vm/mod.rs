@@ -381,7 +381,8 @@ impl Machine {
         }
     }
 
-    fn agent_socket(&self) -> PathBuf {
+    /// The socket QEMU connects the agent's port to.
+    pub fn agent_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.agent", self.config.name))
     }
 
@@ -389,7 +390,8 @@ impl Machine {
         self.config.socket_dir.join(format!("{}.tunnel", self.config.name))
     }
 
-    fn qmp_socket(&self) -> PathBuf {
+    /// QEMU's QMP socket.
+    pub fn qmp_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.qmp", self.config.name))
     }
 
@@ -513,17 +515,9 @@ impl Machine {
         self.is_running().then(|| self.running.as_ref().map(|r| r.qemu.id())).flatten()
     }
 
-    /// What the machine is, on the host: its name's attributes in a NixOS
-    /// script (`booted`, `connected`, `pid`, `state_dir`, the sockets).
-    pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({
-            "booted": self.is_running(),
-            "connected": self.is_up(),
-            "pid": self.pid(),
-            "state_dir": self.config.state_disk.parent(),
-            "qmp_path": self.qmp_socket(),
-            "shell_path": self.agent_socket(),
-        })
+    /// The host folder holding the machine's writable layer.
+    pub fn state_dir(&self) -> &Path {
+        self.config.state_disk.parent().unwrap_or(Path::new("/"))
     }
 
     /// Starts QEMU unless it runs; returns without waiting for the guest.
