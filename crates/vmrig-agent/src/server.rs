@@ -405,31 +405,18 @@ fn to_console(mut pipes: Vec<Pipe>, child: Option<Child>) {
         let mut console = File::options().write(true).custom_flags(nix::libc::O_NOCTTY).open("/dev/console").ok();
         let mut buffer = vec![0; CHUNK];
         while !pipes.is_empty() {
-            let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
-            match poll(&mut fds, PollTimeout::NONE) {
+            let ready = match poll_pipes(&pipes, None, PollTimeout::NONE) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 Err(_) => break,
-                Ok(_) => {}
-            }
-            let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
-            drop(fds);
-            let mut index = 0;
-            pipes.retain_mut(|(_, pipe)| {
-                index += 1;
-                if !ready[index - 1] {
-                    return true;
+                Ok(ready) => ready,
+            };
+            let copied = read_ready(&mut pipes, &ready, &mut buffer, |_, data| {
+                if let Some(console) = console.as_mut() {
+                    let _ = console.write_all(data);
                 }
-                match pipe.read(&mut buffer) {
-                    Ok(0) => false,
-                    Ok(n) => {
-                        if let Some(console) = console.as_mut() {
-                            let _ = console.write_all(&buffer[..n]);
-                        }
-                        true
-                    }
-                    Err(e) => matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock),
-                }
+                Ok::<(), std::convert::Infallible>(())
             });
+            let Ok(()) = copied;
         }
         if let Some(mut child) = child {
             let _ = child.wait();
@@ -499,6 +486,35 @@ impl Running for Job<'_> {
     }
 }
 
+/// Waits until one of `pipes`, or `exit` after them, is readable or
+/// closed, for `timeout` at most; which are, in that order.
+fn poll_pipes(pipes: &[Pipe], exit: Option<BorrowedFd<'_>>, timeout: PollTimeout) -> nix::Result<Vec<bool>> {
+    let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).chain(exit.map(|fd| PollFd::new(fd, PollFlags::POLLIN))).collect();
+    poll(&mut fds, timeout)?;
+    Ok(fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect())
+}
+
+/// Reads once from each of `pipes` that [`poll_pipes`] found `ready`,
+/// handing what it read to `sink`, and drops the pipes that have ended.
+fn read_ready<E>(pipes: &mut Vec<Pipe>, ready: &[bool], buffer: &mut [u8], mut sink: impl FnMut(Stream, &[u8]) -> Result<(), E>) -> Result<(), E> {
+    let mut ended = Vec::new();
+    for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
+        if !ready.get(index).copied().unwrap_or(false) {
+            continue;
+        }
+        match pipe.read(buffer) {
+            Ok(0) => ended.push(index),
+            Ok(n) => sink(*stream, &buffer[..n])?,
+            Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
+            Err(_) => ended.push(index),
+        }
+    }
+    for index in ended.into_iter().rev() {
+        pipes.remove(index);
+    }
+    Ok(())
+}
+
 /// What [`pump`] leaves: how the command ended, if it has, whether it was
 /// killed at its time limit, and the pipes still open.
 struct Pumped {
@@ -543,33 +559,14 @@ fn pump(process: &mut dyn Running, mut pipes: Vec<Pipe>, deadline: Option<Instan
         if !has_exit_fd && ended.is_none() {
             wait = Some(wait.map_or(EXIT_POLL, |w| w.min(EXIT_POLL)));
         }
-        let mut fds: Vec<PollFd> = pipes.iter().map(|(_, p)| PollFd::new(p.fd(), PollFlags::POLLIN)).collect();
-        if let (Some(fd), None) = (process.exit_fd(), &ended) {
-            fds.push(PollFd::new(fd, PollFlags::POLLIN));
-        }
+        let exit_fd = if ended.is_none() { process.exit_fd() } else { None };
         let timeout = wait.map_or(PollTimeout::NONE, |w| PollTimeout::try_from(w).unwrap_or(PollTimeout::MAX));
-        match poll(&mut fds, timeout) {
+        let ready = match poll_pipes(&pipes, exit_fd, timeout) {
             Err(nix::errno::Errno::EINTR) => continue,
             other => other.map_err(io::Error::from)?,
         };
-        let ready: Vec<bool> = fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
         let exit_ready = ended.is_none() && (!has_exit_fd || ready.get(pipes.len()).copied().unwrap_or(false));
-        drop(fds);
-        let mut closed = Vec::new();
-        for (index, (stream, pipe)) in pipes.iter_mut().enumerate() {
-            if !ready[index] {
-                continue;
-            }
-            match pipe.read(&mut buffer) {
-                Ok(0) => closed.push(index),
-                Ok(n) => write_frame(out, &Reply::Output { stream: *stream }, &buffer[..n])?,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock) => {}
-                Err(_) => closed.push(index),
-            }
-        }
-        for index in closed.into_iter().rev() {
-            pipes.remove(index);
-        }
+        read_ready(&mut pipes, &ready, &mut buffer, |stream, data| write_frame(out, &Reply::Output { stream }, data))?;
         if exit_ready {
             if let Some(end) = process.ended()? {
                 ended = Some((end, Instant::now()));
@@ -708,18 +705,13 @@ mod tests {
     #[test]
     fn commands_start_as_a_nixos_test_nodes_root_shell() {
         let mut worker = None;
-        for program in [Program::Shell("x".into()), Program::Argv(vec!["x".into()])] {
-            let line = r#"echo "$USER $HOME $DISPLAY [$PAGER] $PWD""#;
-            let program = match program {
-                Program::Shell(_) => Program::Shell(line.into()),
-                // A command answered before its exit runs outside the worker.
-                Program::Argv(_) => Program::Shell(line.into()),
-            };
-            let (_, stdout, _) = run(program.clone(), None, &mut worker);
-            assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
-            let (_, stdout, _) = run_answered(program, None, AnswerAt::OutputEnd, &mut worker);
-            assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
-        }
+        let program = Program::Shell(r#"echo "$USER $HOME $DISPLAY [$PAGER] $PWD""#.into());
+        // Run by the worker, and (answered before its exit) by a bash of
+        // its own.
+        let (_, stdout, _) = run(program.clone(), None, &mut worker);
+        assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
+        let (_, stdout, _) = run_answered(program, None, AnswerAt::OutputEnd, &mut worker);
+        assert_eq!(stdout, b"root /root :0.0 [] /tmp\n");
     }
 
     #[test]

@@ -107,8 +107,8 @@ pub struct Command {
     /// Variables added to the agent's environment.
     #[serde(default)]
     pub env: Vec<(String, String)>,
-    /// Working directory; `/tmp` when absent, as for a NixOS test
-    /// node's commands.
+    /// Working directory; when absent, `/tmp` for a shell command, as for
+    /// a NixOS test node's commands, and `/` for an argument vector.
     #[serde(default)]
     pub cwd: Option<String>,
     /// Time limit in milliseconds, enforced in the guest; the whole process
