@@ -147,6 +147,9 @@ impl ImageRequest {
         parts.extend(self.sources.iter().map(AptEntry::to_line));
         parts.push(String::new());
         parts.extend(self.packages.iter().cloned());
+        // The boot modules are packed with the image (`modules.cpio`).
+        parts.push(String::new());
+        parts.extend(BOOT_MODULES.iter().map(|module| module.to_string()));
         key_of(parts)
     }
 
