@@ -42,6 +42,13 @@ DRIVER_GLOBALS = [
     "driver",
     "os",
     "Machine",
+    "BaseMachine",
+    "machines_qemu",
+    "machines_nspawn",
+    "test_script",
+    "run_tests",
+    "create_machine",
+    "debug",
 ]
 
 
@@ -120,7 +127,7 @@ def _seconds(timeout: Timeout) -> Optional[float]:
 
 #: What a machine has besides its methods and properties; `vmrig check`
 #: reads this.
-MACHINE_ATTRIBUTES = ["name", "ip", "ipv6", "out_dir", "tmp_dir", "keep_machine_state", "callbacks", "logger", "process", "monitor_path"]
+MACHINE_ATTRIBUTES = ["name", "ip", "ipv6", "out_dir", "tmp_dir", "shared_dir", "keep_machine_state", "callbacks", "logger", "process", "monitor_path"]
 
 
 class Machine:
@@ -136,6 +143,8 @@ class Machine:
         self.out_dir = Path(run["out_dir"])
         #: The run's private folder on the host (sockets, writable layers).
         self.tmp_dir = Path(run["tmp_dir"])
+        #: The run's folder every machine sees at /tmp/shared.
+        self.shared_dir = Path(run["shared_dir"])
         #: Whether the machine's writable layer is kept for the next run.
         self.keep_machine_state: bool = run["keep_machine_state"]
         #: Functions called before each command, as in NixOS.
@@ -491,6 +500,14 @@ class Vlan:
         self._driver = driver
         self.number = number
 
+    @property
+    def nr(self) -> int:
+        """The VLAN's number, as NixOS's VLan calls it."""
+        return self.number
+
+    def __repr__(self) -> str:
+        return f"<Vlan {self.number}>"
+
     def impair(
         self,
         delay: Union[Timeout, str] = None,
@@ -578,7 +595,26 @@ class _Log:
     info = warning = error = __call__
 
 
-def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
+class _Debug:
+    """`debug`: NixOS's hook for stopping a script to look around."""
+
+    def __init__(self, driver: _Driver, namespace: Dict[str, Any], interactive: bool) -> None:
+        self._driver = driver
+        self._namespace = namespace
+        self._interactive = interactive
+
+    def breakpoint(self) -> None:
+        """Opens a prompt with the script's names where a person is at one
+        (`vmrig interactive`); elsewhere says so in the log and goes on."""
+        if self._interactive and sys.stdin.isatty():
+            import code
+
+            code.interact(banner="breakpoint: the script's names are here; Ctrl-D goes on", local=self._namespace, exitmsg="")
+        else:
+            self._driver.call("log", message="debug.breakpoint(): not an interactive run, going on")
+
+
+def _namespace(driver: _Driver, path: str, compiled: Any, interactive: bool) -> Dict[str, Any]:
     """The globals a script sees: its machines and the driver's names."""
     nodes = driver.call("nodes")
     run = driver.call("run_info")
@@ -643,10 +679,20 @@ def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
     def vlan(number: int) -> Vlan:
         return Vlan(driver, number)
 
+    def test_script() -> None:
+        """Runs the test's script (again) with these machines."""
+        exec(compiled, namespace)
+
+    def create_machine(*args: Any, **kwargs: Any) -> Machine:
+        raise TestFailure(
+            "create_machine() starts a VM from a NixOS start script; a vmrig node is declared in vmrig.toml's [nodes]"
+        )
+
     namespace: Dict[str, Any] = dict(machines)
     if len(machines) == 1:
         namespace["machine"] = next(iter(machines.values()))
-    all_vlans = sorted({v for node in nodes for v in node["vlans"]})
+    all_vlans = [Vlan(driver, number) for number in sorted({v for node in nodes for v in node["vlans"]})]
+    namespace.update({f"vlan{v.number}": v for v in all_vlans})
 
     namespace.update(
         start_all=start_all,
@@ -665,7 +711,14 @@ def _namespace(driver: _Driver, path: str) -> Dict[str, Any]:
         machines=list(machines.values()),
         os=os,
         Machine=Machine,
+        BaseMachine=Machine,
+        machines_qemu=list(machines.values()),
+        machines_nspawn=[],
+        test_script=test_script,
+        run_tests=test_script,
+        create_machine=create_machine,
     )
+    namespace["debug"] = _Debug(driver, namespace, interactive)
     namespace["driver"] = _DriverNames(namespace)
     namespace["__name__"] = "__vmrig_test__"
     assert set(DRIVER_GLOBALS) <= set(namespace)
@@ -677,13 +730,16 @@ class _DriverNames:
 
     def __init__(self, namespace: Dict[str, Any]) -> None:
         self.machines: List[Machine] = namespace["machines"]
-        self.vlans: List[int] = namespace["vlans"]
+        self.vlans: List[Vlan] = namespace["vlans"]
         self.start_all: Callable[[], None] = namespace["start_all"]
         self.join_all: Callable[[], None] = namespace["join_all"]
         self.subtest = namespace["subtest"]
         self.polling_condition = namespace["polling_condition"]
         self.serial_stdout_on: Callable[[], None] = namespace["serial_stdout_on"]
         self.serial_stdout_off: Callable[[], None] = namespace["serial_stdout_off"]
+        self.test_script: Callable[[], None] = namespace["test_script"]
+        self.run_tests: Callable[[], None] = namespace["run_tests"]
+        self.create_machine: Callable[..., Machine] = namespace["create_machine"]
 
     def __repr__(self) -> str:
         return "<vmrig driver>"
@@ -697,8 +753,8 @@ def _compile(script: str, path: str, first_line: int) -> Any:
 
 def _run(script: str, path: str, first_line: int) -> int:
     driver = _Driver(os.environ["VMRIG_DRIVER"])
-    namespace = _namespace(driver, path)
     code = _compile(script, path, first_line)
+    namespace = _namespace(driver, path, code, interactive=False)
     try:
         exec(code, namespace)
     except SystemExit as exit:
@@ -733,14 +789,7 @@ def _interact(script: str, path: str, first_line: int) -> int:
     import code
 
     driver = _Driver(os.environ["VMRIG_DRIVER"])
-    namespace = _namespace(driver, path)
-    compiled = _compile(script, path, first_line)
-
-    def test_script() -> None:
-        """Runs the test's script here, with these machines."""
-        exec(compiled, namespace)
-
-    namespace["test_script"] = test_script
+    namespace = _namespace(driver, path, _compile(script, path, first_line), interactive=True)
     machines = ", ".join(sorted({v.name for v in namespace.values() if isinstance(v, Machine)}))
     code.interact(
         banner=f"vmrig interactive: machines {machines} (not started); start_all(), test_script(), "

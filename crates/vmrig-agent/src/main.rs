@@ -9,6 +9,7 @@ mod identity;
 mod init;
 mod layer;
 mod server;
+mod shared;
 mod sockets;
 mod systemd;
 mod worker;

@@ -9,7 +9,8 @@
 //! on, and what it prints later goes to the console.
 //!
 //! Forwarded ports are served by a thread of their own on a second port
-//! (see `vmrig_proto::tunnel`), so a long command never holds them up.
+//! (see `vmrig_proto::tunnel`), so a long command never holds them up; the
+//! shared directory by a FUSE session on a third (see [`crate::shared`]).
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use crate::shared::SharedMount;
 use crate::worker::{change_directory, Job, Worker, NODE_ENV, SHELL_SETUP};
 use vmrig_proto::tunnel::{Tunnel, TUNNEL_PORT};
 use vmrig_proto::{read_frame, write_frame, AnswerAt, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
@@ -37,6 +39,9 @@ const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
 const EXIT_POLL: Duration = Duration::from_millis(5);
 /// Size of the chunks file contents and output travel in: the largest a
 /// frame carries, so that a fast writer costs as few frames as can be.
+/// The shared directory's mount in this boot.
+static SHARED: SharedMount = SharedMount::new();
+
 const CHUNK: usize = vmrig_proto::MAX_DATA as usize;
 /// How much a command's output pipes hold (Linux's default is 64 KiB):
 /// under TCG each switch between a writer and the agent costs more than
@@ -66,7 +71,7 @@ pub fn serve() -> ! {
 
 /// The device of the virtio-serial port `name`, found through sysfs since
 /// no udev runs this early to make `/dev/virtio-ports/` links.
-fn find_port(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_port(name: &str) -> Option<PathBuf> {
     fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten().find_map(|dirent| {
         let port_name = fs::read_to_string(dirent.path().join("name")).unwrap_or_default();
         let device = Path::new("/dev").join(dirent.file_name());
@@ -130,6 +135,7 @@ fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), 
             }
             Request::Connect(target) => write_frame(&mut output, &crate::sockets::probe(&target), &[])?,
             Request::ServeTunnel => write_frame(&mut output, &tunnel.serve(), &[])?,
+            Request::ServeShared => write_frame(&mut output, &SHARED.serve(), &[])?,
             Request::Become { layer, unix_nanos, entropy, machine_id } => {
                 let became = crate::identity::become_node(Path::new(&layer), unix_nanos, &entropy, &machine_id);
                 // The kept shell was started as the template: commands now
@@ -318,6 +324,8 @@ fn send_tree(path: &Path, relative: &str, out: &mut File) -> Result<(), TreeErro
 /// Whatever is printed after the answer, by the command or by a child it
 /// left running, goes to the console (see [`to_console`]).
 fn exec(command: Command, stdin: Vec<u8>, out: &mut File, worker: &mut Option<Worker>) -> Result<(), FrameError> {
+    // A command may read what another node left in the shared directory.
+    SHARED.wait();
     let deadline = command.timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
     let cwd = command.cwd.as_deref();
     if let (Program::Shell(line), AnswerAt::Exit) = (&command.program, command.answer) {

@@ -114,6 +114,12 @@ impl Systemd {
         self.run_job("RestartUnit", unit)
     }
 
+    /// Starts `unit` and waits until the job has ended, as `systemctl
+    /// start` does (a unit already started ends the job at once).
+    pub fn start(&mut self, unit: &str) -> Result<(), String> {
+        self.run_job("StartUnit", unit)
+    }
+
     /// Stops `unit` and waits until the job has ended, as `systemctl stop`
     /// does.
     pub fn stop(&mut self, unit: &str) -> Result<(), String> {

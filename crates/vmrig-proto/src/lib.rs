@@ -16,7 +16,8 @@
 //!    [`Reply::Entry`]s), [`Reply::Ack`] for the rest, or [`Reply::Error`].
 //!
 //! Forwarded TCP connections travel apart from these requests, on a port
-//! of their own: see [`tunnel`].
+//! of their own: see [`tunnel`]; so do the shared directory's requests,
+//! which the guest makes: see [`shared`].
 //!
 //! # Frames
 //!
@@ -27,6 +28,7 @@
 //! other allocate without limit; anything else malformed is an error for
 //! that connection, never a panic.
 
+pub mod shared;
 pub mod tunnel;
 
 use std::io::{self, Read, Write};
@@ -190,6 +192,10 @@ pub enum Request {
     /// Serve forwarded connections on the port named
     /// [`tunnel::TUNNEL_PORT`] (see [`tunnel`]), unless already serving.
     ServeTunnel,
+    /// Mount the shared directory at [`shared::SHARED_MOUNT`], served on
+    /// the port named [`shared::SHARED_PORT`] (see [`shared`]), unless it
+    /// is mounted; commands wait for the mount.
+    ServeShared,
     /// Make this guest, restored from a template, the node whose layer (a
     /// newc cpio laid out as the initramfs's) was written to `layer`:
     /// clock, random pool, machine-id, the layer's files, users, hostname,

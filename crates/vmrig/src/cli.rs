@@ -218,7 +218,7 @@ fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
     let (spec, mut problems, context) = match TestSpec::load_for_check(test) {
         Ok(spec) => {
             let context = spec.script_context();
-            (Some(spec), Vec::new(), Some(context))
+            (Some(spec), Vec::new(), Some(Box::new(context)))
         }
         Err((SpecError::Invalid(Diagnostics(problems)), context)) => (None, problems, context),
         Err((error, _)) => return Err(error.into()),

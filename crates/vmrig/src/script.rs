@@ -174,7 +174,11 @@ pub fn lint(context: &ScriptContext) -> Result<Vec<Diagnostic>, ScriptError> {
     }
     let mut known: Vec<&str> = machines.iter().map(String::as_str).collect();
     known.extend(driver_globals());
-    let unknown_names = parsed.free.iter().filter(|f| !known.contains(&f.name.as_str())).map(|f| match nearest(&f.name, nodes.iter().map(String::as_str)) {
+    let vlan_names: Vec<String> = context.vlans.iter().flatten().map(|vlan| format!("vlan{vlan}")).collect();
+    known.extend(vlan_names.iter().map(String::as_str));
+    // Without the definition's VLANs, any `vlanN` may be one of them.
+    let unsure_vlan = |name: &str| context.vlans.is_none() && name.strip_prefix("vlan").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    let unknown_names = parsed.free.iter().filter(|f| !known.contains(&f.name.as_str()) && !unsure_vlan(&f.name)).map(|f| match nearest(&f.name, nodes.iter().map(String::as_str)) {
         Some(node) => at(f, format!("unknown node `{}` in the test script", f.name)).with_help(format!("did you mean `{node}`?")),
         None => {
             let help = match nearest(&f.name, known.iter().copied()) {

@@ -33,7 +33,7 @@ use crate::vm::{Accel, FirstStart, Launcher, Machine, MachineConfig, VmError};
 /// Store entry kind of templates.
 pub const TEMPLATE_KIND: &str = "templates";
 /// Bumped when what a template holds or how it is made changes.
-const TEMPLATE_FORMAT: &str = "template-v2";
+const TEMPLATE_FORMAT: &str = "template-v3";
 const STATE_FILE: &str = "devices.state";
 const MEMORY_FILE: &str = "memory.ram";
 const LAYER_FILE: &str = "layer.extents";
@@ -159,6 +159,7 @@ fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &
         nics: (0..shape.nics).map(|i| Nic { vlan: i as u8 + 1, number: 1 }).collect(),
         socket_dir: socket_dir.to_path_buf(),
         console_log: dir.join(CONSOLE_FILE),
+        shared_dir: None,
         first_start: FirstStart::AsTemplate { memory: dir.join(MEMORY_FILE) },
     };
     let mut machine = Machine::new(config, log.clone(), launcher.clone());

@@ -140,3 +140,27 @@ for m in machines:
     assert!(output.contains("did you mean `booted`?"), "{output}");
     assert_eq!(output.matches("error:").count(), 2, "{output}");
 }
+
+#[test]
+fn every_global_of_the_nixos_driver_is_known_and_vlans_by_their_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let definition = r#"[nodes.one]
+vlans = [1, 3]
+[nodes.two]
+
+[test]
+script = '''
+def check(node: BaseMachine) -> None:
+    print(node.shared_dir)
+assert machines_qemu == machines and machines_nspawn == [] and vlan1.nr == 1
+print(vlan3, vlans, driver.vlans, test_script, run_tests, create_machine, t, os, log)
+debug.breakpoint()
+print(vlan2)
+'''
+"#;
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("uses `vlan2`, which nothing defines"), "{output}");
+    assert_eq!(output.matches("error:").count(), 1, "{output}");
+}

@@ -1,8 +1,9 @@
 //! A node as a NixOS test script sees it, on real VMs: interface names,
 //! the shell commands run in, daemons started in the background, the
-//! attributes of `Machine`, the service manager's settings, and `block()`
-//! as an unplugged cable. Each check is something a nixpkgs test relies
-//! on; the test runs with templates and with cold boots (`scripts/test`).
+//! attributes of `Machine`, the service manager's settings, the shared
+//! folder at `/tmp/shared`, and `block()` as an unplugged cable. Each check
+//! is something a nixpkgs test relies on; the test runs with templates and
+//! with cold boots (`scripts/test`).
 
 mod common;
 
@@ -37,6 +38,7 @@ interfaces.lan = { vlan = 1 }
 
 [test]
 script = '''
+import hashlib
 import time
 
 assert not server.booted and not server.connected and server.pid is None
@@ -73,7 +75,7 @@ with subtest("execute answers early when told not to wait"):
 with subtest("the Machine attributes of NixOS's driver"):
     for m in machines:
         assert m.booted and m.connected and m.pid > 0, m
-        assert m.state_dir.is_dir() and m.out_dir.is_dir() and m.tmp_dir.is_dir(), m
+        assert m.state_dir.is_dir() and m.out_dir.is_dir() and m.tmp_dir.is_dir() and m.shared_dir.is_dir(), m
         assert m.qmp_path.exists() and m.shell_path.exists(), m
         assert m.keep_machine_state is False and m.process is None and m.monitor_path is None
         assert m.callbacks == [] and isinstance(m.full_console_log, list)
@@ -116,6 +118,21 @@ with subtest("block() unplugs the cable and unblock() plugs it back"):
     server.unblock()
     web_client.succeed("curl -sf --max-time 10 http://server:7000/index.html")
     assert server.succeed("cat /sys/class/net/eth1/carrier") == "1\n"
+
+with subtest("every node sees the run's shared folder at /tmp/shared"):
+    (server.shared_dir / "from-host").write_text("host wrote this")
+    assert web_client.succeed("cat /tmp/shared/from-host") == "host wrote this"
+    server.succeed("mountpoint -q /tmp/shared")
+    server.succeed("mkdir -p /tmp/shared/backup && head -c 3000000 /dev/urandom > /tmp/shared/backup/base.tar")
+    digest = server.succeed("cd /tmp/shared/backup && sha256sum base.tar")
+    assert web_client.succeed("cd /tmp/shared/backup && sha256sum base.tar") == digest
+    assert hashlib.sha256((server.shared_dir / "backup/base.tar").read_bytes()).hexdigest() == digest.split()[0]
+    web_client.succeed("mv /tmp/shared/backup /tmp/shared/restored && echo appended >> /tmp/shared/from-host")
+    assert server.succeed("ls /tmp/shared/restored && tail -c 9 /tmp/shared/from-host") == "base.tar\nappended\n"
+    # Open to every user of the node, as NixOS's is.
+    server.succeed("runuser -u alice -- sh -c 'echo mine > /tmp/shared/alice && cat /tmp/shared/alice'")
+    server.succeed("rm -r /tmp/shared/restored /tmp/shared/alice")
+    assert sorted(p.name for p in server.shared_dir.iterdir()) == ["from-host"]
 
 with subtest("the daemon still answers a minute and many commands later"):
     time.sleep(max(0, 60 - (time.monotonic() - started)))

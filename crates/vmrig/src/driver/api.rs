@@ -226,6 +226,7 @@ fn dispatch(run: &Run<'_>, request: &Request, deadline: Instant) -> Result<Value
             return Ok(json!({
                 "out_dir": run.result_dir,
                 "tmp_dir": run.tmp_dir,
+                "shared_dir": run.shared_dir,
                 "keep_machine_state": run.keep_state,
             }))
         }

@@ -230,6 +230,8 @@ impl<'a> Prepared<'a> {
             private.path().join("state")
         };
         fs::create_dir_all(&state_dir).map_err(file_error("create", &state_dir))?;
+        let shared_dir = private.path().join("shared");
+        fs::create_dir(&shared_dir).map_err(file_error("create", &shared_dir))?;
 
         let launcher = Launcher::start();
         // How each node starts; each template needed is found or built
@@ -299,6 +301,7 @@ impl<'a> Prepared<'a> {
                 nics,
                 socket_dir: private.path().to_path_buf(),
                 console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+                shared_dir: Some(shared_dir.clone()),
                 first_start,
             };
             machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
@@ -321,6 +324,7 @@ impl<'a> Prepared<'a> {
             log,
             result_dir: result_dir.clone(),
             tmp_dir: private.path().to_path_buf(),
+            shared_dir,
             keep_state: self.options.keep_state,
             subtests: Mutex::default(),
             nested: Mutex::default(),
@@ -582,6 +586,8 @@ pub(crate) struct Run<'a> {
     result_dir: PathBuf,
     /// The run's private folder (sockets, writable layers).
     tmp_dir: PathBuf,
+    /// The folder every node sees at `/tmp/shared`, inside `tmp_dir`.
+    shared_dir: PathBuf,
     /// Whether writable layers are kept for the next run.
     keep_state: bool,
     subtests: Mutex<Subtests>,

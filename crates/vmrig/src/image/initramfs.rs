@@ -19,7 +19,7 @@ use vmrig_proto::{INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER};
 /// virtio transports of both machine types (microvm's MMIO and q35's PCI),
 /// the disks holding the root image and the writable layer, the console the
 /// agent listens on, the network, the filesystems mounted before systemd
-/// starts, and what the firewall's ruleset needs (loaded here in a few
+/// starts, FUSE (the shared directory), and what the firewall's ruleset needs (loaded here in a few
 /// milliseconds rather than by `modprobe` under `nft`, which takes most of
 /// a second under TCG). A module the kernel has built in is simply not
 /// needed.
@@ -33,6 +33,7 @@ pub const BOOT_MODULES: &[&str] = &[
     "squashfs",
     "overlay",
     "ext4",
+    "fuse",
     "nf_tables",
     "nft_ct",
 ];

@@ -11,7 +11,7 @@ mod parse;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
@@ -251,6 +251,9 @@ pub struct ScriptContext {
     pub script: Script,
     /// The nodes' names as the script sees them, in name order.
     pub nodes: Vec<String>,
+    /// The VLANs the nodes are on (each is a global `vlanN`); `None` when
+    /// the definition could not be read that far.
+    pub vlans: Option<Vec<u8>>,
 }
 
 /// Why a test definition could not be used.
@@ -304,7 +307,7 @@ impl TestSpec {
 
     /// [`TestSpec::load`], also giving, for a definition with mistakes,
     /// what its script can be checked against, where that could be read.
-    pub fn load_for_check(dir: &Path) -> Result<Self, (SpecError, Option<ScriptContext>)> {
+    pub fn load_for_check(dir: &Path) -> Result<Self, (SpecError, Option<Box<ScriptContext>>)> {
         let (dir, file) = if dir.is_file() {
             let parent = dir.parent().unwrap_or(Path::new("."));
             (parent.to_path_buf(), dir.to_path_buf())
@@ -323,7 +326,8 @@ impl TestSpec {
 
     /// What the script is checked against.
     pub fn script_context(&self) -> ScriptContext {
-        ScriptContext { script: self.script.clone(), nodes: self.nodes.values().map(Node::python_name).collect() }
+        let vlans: BTreeSet<u8> = self.nodes.values().flat_map(|node| node.vlans.iter().copied()).collect();
+        ScriptContext { script: self.script.clone(), nodes: self.nodes.values().map(Node::python_name).collect(), vlans: Some(vlans.into_iter().collect()) }
     }
 }
 

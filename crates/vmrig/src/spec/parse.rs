@@ -99,7 +99,7 @@ const MAX_NODES: usize = 254;
 /// Parses and validates `source`, a definition for the test in `dir`. A
 /// definition with mistakes still yields its script and node names where
 /// they can be read, so that the script can be checked too.
-pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, (Diagnostics, Option<ScriptContext>)> {
+pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, (Diagnostics, Option<Box<ScriptContext>>)> {
     let root = match DeTable::parse(&source.text) {
         Ok(root) => root,
         Err(error) => {
@@ -125,7 +125,7 @@ pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, (Diagno
                 .and_then(|nodes| nodes.get_ref().as_table())
                 .map(|table| table.iter().map(|(name, _)| name.get_ref()).filter(|name| is_node_name(name)).map(|name| python_identifier(name)).collect())
                 .unwrap_or_default();
-            let context = parser.script.filter(|_| !nodes.is_empty()).map(|script| ScriptContext { script, nodes });
+            let context = parser.script.filter(|_| !nodes.is_empty()).map(|script| Box::new(ScriptContext { script, nodes, vlans: None }));
             Err((Diagnostics(diagnostics), context))
         }
     }

@@ -278,6 +278,12 @@ impl AgentClient {
         self.expect_ack()
     }
 
+    /// Asks the agent to mount the shared folder served on its port.
+    pub fn serve_shared(&mut self) -> Result<(), AgentError> {
+        self.send(&Request::ServeShared, &[])?;
+        self.expect_ack()
+    }
+
     /// Sends `Become` (built by the caller) and waits for the guest to be
     /// the node.
     pub fn become_node(&mut self, request: &Request) -> Result<(), AgentError> {

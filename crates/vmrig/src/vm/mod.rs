@@ -11,6 +11,7 @@ pub mod agent;
 mod forward;
 mod launcher;
 mod process;
+mod shared;
 pub mod qmp;
 
 use std::fs::File;
@@ -27,6 +28,7 @@ use std::time::{Duration, Instant};
 pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
 pub use launcher::Launcher;
 use serde_json::{json, Value};
+use vmrig_proto::shared::SHARED_PORT;
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::{SocketTarget, AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 
@@ -35,6 +37,7 @@ use crate::host::QEMU;
 use crate::runlog::RunLog;
 use forward::{BootTunnel, Forwards};
 use process::{ExitWatch, Qemu};
+use shared::SharedServer;
 use qmp::{Qmp, QmpError};
 
 /// How long a guest may take from QEMU's start to its agent's first answer.
@@ -178,6 +181,9 @@ pub struct MachineConfig {
     pub socket_dir: PathBuf,
     /// Where the console is recorded.
     pub console_log: PathBuf,
+    /// The run's shared folder, which the node sees at `/tmp/shared`
+    /// (none for a template: it has the port, and nothing behind it).
+    pub shared_dir: Option<PathBuf>,
     /// How the machine's first start goes; every later start is a cold
     /// boot from its own writable layer.
     pub first_start: FirstStart,
@@ -225,6 +231,8 @@ struct Running {
     boot_id: Option<String>,
     /// Forwarded connections of this boot, once a port is forwarded.
     tunnel: Option<BootTunnel>,
+    /// The shared folder served to this QEMU, once its agent connected.
+    shared: Option<SharedServer>,
     started: Instant,
 }
 
@@ -390,6 +398,10 @@ impl Machine {
         self.config.socket_dir.join(format!("{}.tunnel", self.config.name))
     }
 
+    fn shared_socket(&self) -> PathBuf {
+        self.config.socket_dir.join(format!("{}.shared", self.config.name))
+    }
+
     /// QEMU's QMP socket.
     pub fn qmp_socket(&self) -> PathBuf {
         self.config.socket_dir.join(format!("{}.qmp", self.config.name))
@@ -468,6 +480,9 @@ impl Machine {
             .arg("-chardev")
             .arg(format!("socket,id=tunnel,path={},server=on,wait=off", self.tunnel_socket().display()))
             .args(["-device", &format!("virtserialport,chardev=tunnel,name={TUNNEL_PORT}")])
+            .arg("-chardev")
+            .arg(format!("socket,id=shared,path={},server=on,wait=off", self.shared_socket().display()))
+            .args(["-device", &format!("virtserialport,chardev=shared,name={SHARED_PORT}")])
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", self.qmp_socket().display()))
             // A second monitor only for listening to events, so that
@@ -534,7 +549,7 @@ impl Machine {
         self.allow_reboot = allow_reboot;
         self.log.line(format!("{}: starting vm", self.config.name));
         let nic_sockets = self.config.nics.iter().map(|nic| nic.node_socket(&self.config.socket_dir));
-        let own_sockets = [self.agent_socket(), self.tunnel_socket(), self.qmp_socket(), self.events_socket()];
+        let own_sockets = [self.agent_socket(), self.tunnel_socket(), self.shared_socket(), self.qmp_socket(), self.events_socket()];
         for socket in own_sockets.into_iter().chain(nic_sockets) {
             let _ = std::fs::remove_file(socket);
         }
@@ -570,7 +585,7 @@ impl Machine {
         spawn_console_reader(name, stdout, console, Arc::clone(&self.console), self.log.clone());
         spawn_event_reader(self.events_socket(), qemu.exit_watch(), Arc::clone(&self.events));
         let console_input = qemu.take_stdin();
-        self.running = Some(Running { qemu, console_input, qmp: None, agent: None, boot_id: None, tunnel: None, started: Instant::now() });
+        self.running = Some(Running { qemu, console_input, qmp: None, agent: None, boot_id: None, tunnel: None, shared: None, started: Instant::now() });
         self.restored = false;
         if let FirstStart::Restore(restore) = how {
             if let Err(error) = self.restore(&restore) {
@@ -701,10 +716,7 @@ impl Machine {
             let running = self.running.as_mut().expect("started");
             running.agent = Some(client);
             running.boot_id = Some(boot_id);
-            if !self.forwards.is_empty() {
-                self.open_tunnel()?;
-            }
-            return Ok(());
+            return self.serve_boot();
         }
         let socket = self.agent_socket();
         let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
@@ -733,11 +745,35 @@ impl Machine {
             ));
             running.agent = Some(client);
             running.boot_id = Some(boot_id);
-            if !self.forwards.is_empty() {
-                self.open_tunnel()?;
-            }
-            return Ok(());
+            return self.serve_boot();
         }
+    }
+
+    /// What a boot whose agent just connected is given: the shared folder,
+    /// and the tunnel when ports are forwarded.
+    fn serve_boot(&mut self) -> Result<(), VmError> {
+        self.serve_shared()?;
+        if !self.forwards.is_empty() {
+            self.open_tunnel()?;
+        }
+        Ok(())
+    }
+
+    /// Serves the run's shared folder to this QEMU (once) and asks the
+    /// boot's agent to mount it.
+    fn serve_shared(&mut self) -> Result<(), VmError> {
+        let Some(dir) = self.config.shared_dir.clone() else {
+            return Ok(());
+        };
+        if self.running.as_ref().is_some_and(|r| r.shared.is_none()) {
+            let socket = self.shared_socket();
+            let server = UnixStream::connect(&socket).and_then(|port| SharedServer::start(port, dir)).map_err(self.io_error(&socket))?;
+            if let Some(running) = self.running.as_mut() {
+                running.shared = Some(server);
+            }
+        }
+        let asked = self.agent()?.serve_shared();
+        asked.map_err(|e| self.agent_error(e))
     }
 
     /// Opens this boot's tunnel for forwarded ports, unless it is open.
