@@ -214,17 +214,17 @@ class Machine:
 
     def log(self, msg: str) -> None:
         """Writes a line about this machine in the run's log."""
-        self._driver.call("log", self.name, message=str(msg))
+        self._driver.call("log", message=str(msg), machine=self.name)
 
     @contextlib.contextmanager
     def nested(self, msg: str, attrs: Optional[Dict[str, str]] = None) -> Iterator[None]:
         """A timed block of the log about this machine, closed by
         "(finished: msg, in X seconds)"."""
-        block = self._driver.call("nested_start", self.name, message=str(msg))
+        block = self._driver.call("nested_start", message=str(msg), machine=self.name)
         try:
             yield
         finally:
-            self._driver.call("nested_end", self.name, id=block)
+            self._driver.call("nested_end", id=block)
 
     def start(self, allow_reboot: bool = False) -> None:
         """Boots the machine, without waiting for it to be up. Unless
@@ -596,25 +596,92 @@ class _Log:
 
 
 class _Debug:
-    """`debug`: NixOS's hook for stopping a script to look around."""
+    """`debug`: NixOS's hook for stopping a script to look around; also
+    Python's `breakpoint()`."""
 
-    def __init__(self, driver: _Driver, namespace: Dict[str, Any], interactive: bool) -> None:
+    def __init__(self, driver: _Driver, namespace: Dict[str, Any], prompt: bool) -> None:
         self._driver = driver
         self._namespace = namespace
-        self._interactive = interactive
+        self._prompt = prompt
 
-    def breakpoint(self) -> None:
-        """Opens a prompt with the script's names where a person is at one
-        (`vmrig interactive`); elsewhere says so in the log and goes on."""
-        if self._interactive and sys.stdin.isatty():
-            import code
+    def breakpoint(self, *args: Any, **kwargs: Any) -> None:
+        """Opens a prompt with the script's names (and the caller's) where
+        a person is at one (`vmrig interactive`, `vmrig run --debug` on a
+        terminal), the test's clock stopped; elsewhere says so in the log
+        and goes on."""
+        caller = sys._getframe(1)
+        where = f"line {caller.f_lineno}" if caller.f_code.co_filename == self._namespace["__file__"] else "a breakpoint"
+        if not self._prompt:
+            self._driver.call("log", message=f"breakpoint() at {where}: this run has no terminal to prompt on (vmrig run --debug from one has); going on")
+            return
+        names = dict(self._namespace)
+        if caller.f_globals is not caller.f_locals:
+            names.update(caller.f_locals)
+        self._driver.call("pause")
+        try:
+            _prompt(names, f"vmrig: breakpoint at {where}; the script's names are here.\ncontinue() or Ctrl-D goes on.")
+        finally:
+            self._driver.call("resume")
 
-            code.interact(banner="breakpoint: the script's names are here; Ctrl-D goes on", local=self._namespace, exitmsg="")
-        else:
-            self._driver.call("log", message="debug.breakpoint(): not an interactive run, going on")
+
+class _Continue(Exception):
+    """`continue()` typed at the prompt."""
 
 
-def _namespace(driver: _Driver, path: str, compiled: Any, interactive: bool) -> Dict[str, Any]:
+def _prompt(names: Dict[str, Any], banner: str) -> None:
+    """A Python prompt on the terminal with `names`, until Ctrl-D or
+    `continue()`. The script's own output goes to the run's log; the
+    prompt reads and writes the terminal itself."""
+    import code
+
+    class Console(code.InteractiveConsole):
+        def push(self, line: str, *args: Any, **kwargs: Any) -> bool:
+            # `continue` is a keyword: `continue()` cannot be a function.
+            if not self.buffer and line.strip() in ("continue()", "continue", "c"):
+                raise _Continue()
+            return super().push(line, *args, **kwargs)
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        terminal: Optional[int] = os.open("/dev/tty", os.O_RDWR)
+    except OSError:
+        terminal = None  # `vmrig interactive` fed by a pipe: its own streams
+    kept = [os.dup(fd) for fd in (0, 1, 2)] if terminal is not None else []
+    for fd in (0, 1, 2) if terminal is not None else ():
+        os.dup2(terminal, fd)
+    try:
+        Console(locals=names).interact(banner=banner, exitmsg="")
+    except _Continue:
+        pass
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, original in zip((0, 1, 2), kept):
+            os.dup2(original, fd)
+            os.close(original)
+        if terminal is not None:
+            os.close(terminal)
+
+
+def _stop_at_failure(driver: _Driver, namespace: Dict[str, Any], error: BaseException, description: str) -> None:
+    """`vmrig run --debug`: stops with every machine up, at a prompt on
+    the terminal, or for the driver's wait while a person attaches."""
+    driver.call("pause")
+    if os.environ.get("VMRIG_DEBUG") != "prompt":
+        # The driver ends the run when the wait is over.
+        threading.Event().wait()
+    namespace["failure"] = error
+    last = description.strip().splitlines()[-1] if description.strip() else repr(error)
+    _prompt(
+        namespace,
+        f"vmrig --debug: the test failed: {last}\n"
+        "Every machine is up as it was; the script's names are here (`failure` is the error).\n"
+        "test_script() runs the script again; continue() or Ctrl-D tears down and reports.",
+    )
+
+
+def _namespace(driver: _Driver, path: str, compiled: Any, prompt: bool) -> Dict[str, Any]:
     """The globals a script sees: its machines and the driver's names."""
     nodes = driver.call("nodes")
     run = driver.call("run_info")
@@ -718,9 +785,10 @@ def _namespace(driver: _Driver, path: str, compiled: Any, interactive: bool) -> 
         run_tests=test_script,
         create_machine=create_machine,
     )
-    namespace["debug"] = _Debug(driver, namespace, interactive)
+    namespace["debug"] = _Debug(driver, namespace, prompt)
     namespace["driver"] = _DriverNames(namespace)
     namespace["__name__"] = "__vmrig_test__"
+    namespace["__file__"] = path
     assert set(DRIVER_GLOBALS) <= set(namespace)
     return namespace
 
@@ -754,7 +822,9 @@ def _compile(script: str, path: str, first_line: int) -> Any:
 def _run(script: str, path: str, first_line: int) -> int:
     driver = _Driver(os.environ["VMRIG_DRIVER"])
     code = _compile(script, path, first_line)
-    namespace = _namespace(driver, path, code, interactive=False)
+    debug = os.environ.get("VMRIG_DEBUG")
+    namespace = _namespace(driver, path, code, prompt=debug == "prompt")
+    sys.breakpointhook = namespace["debug"].breakpoint
     try:
         exec(code, namespace)
     except SystemExit as exit:
@@ -764,11 +834,18 @@ def _run(script: str, path: str, first_line: int) -> int:
             return 0
         return _failed(driver, f"the script called sys.exit({exit.code!r})\n")
     except InfrastructureError as error:
-        sys.stdout.write(_describe(error, path))
+        description = _describe(error, path)
+        sys.stdout.write(description)
         sys.stdout.flush()
+        if debug:
+            _stop_at_failure(driver, namespace, error, description)
         return 3
     except BaseException as error:  # the script's own failure, whatever it raised
-        return _failed(driver, _describe(error, path))
+        description = _describe(error, path)
+        status = _failed(driver, description)
+        if debug:
+            _stop_at_failure(driver, namespace, error, description)
+        return status
     return 0
 
 
@@ -789,7 +866,8 @@ def _interact(script: str, path: str, first_line: int) -> int:
     import code
 
     driver = _Driver(os.environ["VMRIG_DRIVER"])
-    namespace = _namespace(driver, path, _compile(script, path, first_line), interactive=True)
+    namespace = _namespace(driver, path, _compile(script, path, first_line), prompt=True)
+    sys.breakpointhook = namespace["debug"].breakpoint
     machines = ", ".join(sorted({v.name for v in namespace.values() if isinstance(v, Machine)}))
     code.interact(
         banner=f"vmrig interactive: machines {machines} (not started); start_all(), test_script(), "

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::driver::{self, AccelChoice, DriverError, Outcome, RunOptions};
+use crate::driver::{self, AccelChoice, DriverError, Mode, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
 use crate::image::{self, ImageError};
 use crate::error::{EXIT_INFRA, EXIT_TEST_FAILED, EXIT_USAGE};
@@ -72,6 +72,16 @@ enum Commands {
         /// with a testsuite per test).
         #[arg(long, value_name = "PATH")]
         junit: Option<PathBuf>,
+        /// On the first failure keep every machine up: a Python prompt in
+        /// the script's names on a terminal, else a pause of --debug-wait
+        /// seconds for `vmrig shell` from elsewhere. breakpoint() in the
+        /// script opens the prompt too.
+        #[arg(long, env = "VMRIG_DEBUG", value_parser = clap::builder::FalseyValueParser::new())]
+        debug: bool,
+        /// How long --debug keeps a failed run's machines up when there is
+        /// no terminal to prompt on.
+        #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+        debug_wait: u64,
     },
     /// List the tests `run` would run with the same paths and selection,
     /// one per line.
@@ -163,8 +173,9 @@ pub fn main() -> ExitCode {
     let remote = cli.store_remote.as_deref();
     let outcome = match cli.command {
         Commands::Check { test } => check(&test, ui),
-        Commands::Run { tests, selection, jobs, fail_fast, accel, keep_state, timeout, rebuild, junit } => {
-            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, interactive: false, log_to_file_only: false };
+        Commands::Run { tests, selection, jobs, fail_fast, accel, keep_state, timeout, rebuild, junit, debug, debug_wait } => {
+            let mode = if debug { Mode::Debug { wait: Duration::from_secs(debug_wait) } } else { Mode::Test };
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, mode, log_to_file_only: false };
             match (tests.as_slice(), selection.partition) {
                 // One test named alone runs as it always has.
                 ([test], None) if test.is_file() || test.join(DEFINITION_FILE).is_file() => run(test, remote, ui, &options, junit.as_deref()),
@@ -173,7 +184,7 @@ pub fn main() -> ExitCode {
         }
         Commands::List { tests, selection } => list(&tests, selection),
         Commands::Interactive { test, accel, keep_state } => {
-            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, interactive: true, log_to_file_only: false };
+            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, mode: Mode::Interactive, log_to_file_only: false };
             interactive(&test, remote, ui, &options)
         }
         Commands::Build { test } => build(&test, remote, ui),

@@ -95,7 +95,7 @@ partition([client], [server])
 client.fail(ping)
 heal()
 client.succeed(ping)
-assert server.ip == "192.168.1.2" and server.ipv6 == "2001:db8:1::2" and vlans == [1]
+assert server.ip == "192.168.1.2" and server.ipv6 == "2001:db8:1::2" and [v.nr for v in vlans] == [1]
 vlan(1).impair(loss=1.0)
 client.fail(ping)
 vlan(1).impair(delay=0.4)

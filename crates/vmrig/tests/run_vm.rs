@@ -654,8 +654,8 @@ with subtest("a guest's own reboot powers it off unless allowed"):
     assert!(output.contains("one: a line about one"), "{output}");
     assert!(output.contains("(finished: a block about two, in "), "{output}");
     assert!(output.contains("tty 1 shows:"), "{output}");
-    assert!(output.contains("no tty 99: `tty` must be a virtual terminal's number (1 to 63)"), "{output}");
-    assert!(output.contains("impair refused: impair(): `delay` cannot be \"200 parsecs\"; it takes seconds"), "{output}");
+    assert!(output.contains("no tty 99: argument `tty`: must be a virtual terminal's number (1 to 63), not 99"), "{output}");
+    assert!(output.contains("impair refused: argument `delay`: cannot be \"200 parsecs\"; it takes seconds"), "{output}");
 }
 
 #[test]

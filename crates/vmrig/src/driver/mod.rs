@@ -16,7 +16,7 @@ mod api;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -66,12 +66,29 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Run even if the same inputs passed before.
     pub rebuild: bool,
-    /// A Python prompt on the terminal instead of the script
-    /// (`vmrig interactive`); nothing is recorded.
-    pub interactive: bool,
+    /// What the run does with the script.
+    pub mode: Mode,
     /// Keep the run's log to `result/log.txt` alone, off stderr (a suite
     /// shows its own status instead).
     pub log_to_file_only: bool,
+}
+
+/// What a run does with the test script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Runs it; its first failure ends the run.
+    Test,
+    /// Runs it; at its first failure the run pauses with every machine up
+    /// (`--debug`): at a Python prompt in the script's names when vmrig
+    /// runs one test on a terminal, else for `wait` while a person attaches
+    /// from elsewhere. It then ends and reports as it would have.
+    Debug {
+        /// How long a pause without a terminal lasts.
+        wait: Duration,
+    },
+    /// A Python prompt in place of the script (`vmrig interactive`);
+    /// nothing is recorded.
+    Interactive,
 }
 
 /// How the test ended.
@@ -177,7 +194,7 @@ impl<'a> Prepared<'a> {
     /// kept writable layer is an input the key does not cover, and an
     /// interactive session is no test run.
     fn cacheable(&self) -> bool {
-        !self.options.keep_state && !self.options.interactive
+        !self.options.keep_state && self.options.mode != Mode::Interactive
     }
 
     /// The pass recorded for these inputs, if one is and the options let
@@ -328,6 +345,13 @@ impl<'a> Prepared<'a> {
             keep_state: self.options.keep_state,
             subtests: Mutex::default(),
             nested: Mutex::default(),
+            mode: self.options.mode,
+            prompt: match self.options.mode {
+                Mode::Test => false,
+                Mode::Debug { .. } => !self.options.log_to_file_only && io::stdin().is_terminal(),
+                Mode::Interactive => true,
+            },
+            clock: Mutex::new(Clock { deadline: Instant::now(), paused: None }),
         };
         Ok(Booted { run, private, prepared: self })
     }
@@ -395,13 +419,13 @@ impl<'a> Booted<'a> {
     pub fn script(self) -> Finished<'a> {
         let Self { run, private, prepared } = self;
         let options = prepared.options;
-        let timeout = match (options.timeout, options.interactive) {
+        let timeout = match (options.timeout, options.mode) {
             (Some(timeout), _) => timeout,
-            (None, true) => INTERACTIVE_TIMEOUT,
-            (None, false) => prepared.spec.timeout,
+            (None, Mode::Interactive) => INTERACTIVE_TIMEOUT,
+            (None, _) => prepared.spec.timeout,
         };
         let started = Instant::now();
-        let outcome = run.run_script(private.path(), timeout, options.interactive);
+        let outcome = run.run_script(private.path(), timeout);
         let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome, started.elapsed());
         let cleanup = run.log.block(None, "cleanup");
         drop(run);
@@ -593,6 +617,18 @@ pub(crate) struct Run<'a> {
     subtests: Mutex<Subtests>,
     /// The script's open `nested(...)` blocks, by number.
     nested: Mutex<BTreeMap<u64, Block>>,
+    mode: Mode,
+    /// Whether the script has a terminal to prompt on (`vmrig interactive`,
+    /// or `--debug` for one test run from a terminal).
+    prompt: bool,
+    clock: Mutex<Clock>,
+}
+
+/// When the run ends, and whether a pause moved that.
+struct Clock {
+    deadline: Instant,
+    /// While the run is paused (`--debug`): how long it had left.
+    paused: Option<Duration>,
 }
 
 /// How the script's python3 ended, as the run saw it.
@@ -600,6 +636,8 @@ enum ScriptEnd {
     Exited(ExitStatus),
     OutOfTime,
     Interrupted(Signal),
+    /// A `--debug` pause without a terminal ran its time, or was ended.
+    PauseOver,
 }
 
 impl Run<'_> {
@@ -617,9 +655,51 @@ impl Run<'_> {
         self.machines.values().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    fn clock(&self) -> MutexGuard<'_, Clock> {
+        self.clock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the run ends: no request, command or wait outlives it.
+    fn deadline(&self) -> Instant {
+        self.clock().deadline
+    }
+
+    fn set_deadline(&self, deadline: Instant) {
+        self.clock().deadline = deadline;
+        for mut machine in self.each_machine() {
+            machine.set_deadline(deadline);
+        }
+    }
+
+    /// Stops the run's clock (`--debug`, at a failure or a breakpoint):
+    /// the run now ends at `until`, and [`Run::resume`] gives back the
+    /// time it had.
+    fn pause(&self, until: Instant) {
+        let left = {
+            let mut clock = self.clock();
+            let left = clock.deadline.saturating_duration_since(Instant::now());
+            *clock.paused.get_or_insert(left)
+        };
+        self.log.line(format!("pausing the test's clock ({} s were left)", left.as_secs()));
+        self.set_deadline(until);
+    }
+
+    /// Starts the clock stopped by [`Run::pause`] again.
+    fn resume(&self) {
+        let left = self.clock().paused.take();
+        if let Some(left) = left {
+            self.set_deadline(Instant::now() + left);
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        self.clock().paused.is_some()
+    }
+
     /// Runs the script in a child python3, serving its requests until it
     /// ends, the time runs out, or a signal stops the run.
-    fn run_script(&self, private: &Path, timeout: Duration, interactive: bool) -> Result<Outcome, DriverError> {
+    fn run_script(&self, private: &Path, timeout: Duration) -> Result<Outcome, DriverError> {
+        let prompt = self.prompt;
         let python_dir = private.join("python").join("vmrig");
         fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
@@ -641,10 +721,18 @@ impl Run<'_> {
             .env("VMRIG_SCRIPT_PATH", self.spec.script.path.canonicalize().unwrap_or_else(|_| self.spec.script.path.clone()))
             .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
             .current_dir(&self.spec.dir);
-        if interactive {
+        if let Mode::Debug { .. } = self.mode {
+            command.env("VMRIG_DEBUG", if prompt { "prompt" } else { "wait" });
+        }
+        if self.mode == Mode::Interactive {
             // The prompt is the terminal's, and so is Ctrl-C there: it
             // interrupts the call at the prompt, not the session.
             command.env("VMRIG_INTERACTIVE", "1");
+        } else if prompt {
+            // The script's output goes to the log, but it may prompt on
+            // the terminal, in the terminal's process group: a Ctrl-C
+            // there interrupts the script, which then stops at the prompt.
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
         } else {
             // A group of its own: a Ctrl-C at the terminal reaches vmrig
             // alone, which then stops the script itself.
@@ -656,10 +744,7 @@ impl Run<'_> {
         }
         interrupt::catch();
         let started = Instant::now();
-        let deadline = started + timeout;
-        for mut machine in self.each_machine() {
-            machine.set_deadline(deadline);
-        }
+        self.set_deadline(started + timeout);
         let script_block = self.log.block(None, "running the test script");
         let mut python = command.spawn().map_err(|e| DriverError::Script(format!("cannot start python3: {e}")))?;
         // Interactive sessions have no pipes: their output is the terminal's.
@@ -677,35 +762,39 @@ impl Run<'_> {
                 match listener.accept() {
                     // One connection per thread of the script.
                     Ok((stream, _)) => {
-                        scope.spawn(move || self.serve(stream, deadline));
+                        scope.spawn(move || self.serve(stream));
                         continue;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => self.log.line(format!("cannot accept a connection from the script: {e}")),
                 }
-                let signal = interrupt::received().filter(|s| !(interactive && *s == Signal::SIGINT));
-                if let Some(signal) = signal {
-                    break ScriptEnd::Interrupted(signal);
+                let signal = interrupt::received().filter(|s| !(prompt && *s == Signal::SIGINT));
+                match signal {
+                    // Ctrl-C ends a pause that waits for a person.
+                    Some(Signal::SIGINT) if self.is_paused() => break ScriptEnd::PauseOver,
+                    Some(signal) => break ScriptEnd::Interrupted(signal),
+                    None => {}
                 }
                 match python.try_wait() {
                     Ok(Some(status)) => break ScriptEnd::Exited(status),
                     Ok(None) => {}
                     Err(e) => self.log.line(format!("cannot watch the script's python3: {e}")),
                 }
-                if Instant::now() >= deadline {
-                    break ScriptEnd::OutOfTime;
+                if Instant::now() >= self.deadline() {
+                    break if self.is_paused() { ScriptEnd::PauseOver } else { ScriptEnd::OutOfTime };
                 }
                 std::thread::sleep(Duration::from_millis(10));
             };
             if let (ScriptEnd::Exited(_), Some(signal)) = (&end, interrupt::received()) {
                 // The signal also reached python3, which ended first.
-                if !interactive || signal != Signal::SIGINT {
+                if !prompt || signal != Signal::SIGINT {
                     end = ScriptEnd::Interrupted(signal);
                 }
             }
             match &end {
                 ScriptEnd::Interrupted(signal) => self.log.line(format!("interrupted by {signal}: stopping the script and every node")),
                 ScriptEnd::OutOfTime => self.log.line(format!("the test ran out of time ({} s)", timeout.as_secs())),
+                ScriptEnd::PauseOver => self.log.line("the --debug pause is over: stopping the script and every node"),
                 ScriptEnd::Exited(_) => {}
             }
             let _ = python.kill();
@@ -723,6 +812,8 @@ impl Run<'_> {
         drop(script_block);
         match end {
             ScriptEnd::Interrupted(signal) => Ok(Outcome::Interrupted(signal)),
+            // The script reported its failure before it paused.
+            ScriptEnd::PauseOver => Ok(Outcome::Failed),
             ScriptEnd::OutOfTime => {
                 self.subtests().failure = Some(format!("the test ran out of time ({} s)", timeout.as_secs()));
                 Ok(Outcome::Failed)
@@ -737,23 +828,27 @@ impl Run<'_> {
 
     /// Answers one connection's requests until it closes or the deadline
     /// passes.
-    fn serve(&self, stream: UnixStream, deadline: Instant) {
+    fn serve(&self, stream: UnixStream) {
         let Ok(mut writer) = stream.try_clone() else { return };
         let _ = stream.set_nonblocking(false);
+        // Short reads, so that a deadline a pause moved is seen.
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
         let mut reader = BufReader::new(stream);
-        let mut line = String::new();
+        let mut line = Vec::new();
         loop {
-            line.clear();
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if Instant::now() >= self.deadline() {
                 return;
             }
-            let _ = reader.get_ref().set_read_timeout(Some(left));
-            match reader.read_line(&mut line) {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+            // A read cut short by the timeout keeps what it read in `line`.
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) if line.ends_with(b"\n") => {}
+                Ok(_) => return,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => continue,
+                Err(_) => return,
             }
-            let answer = api::handle(self, &line, deadline);
+            let answer = api::handle(self, &String::from_utf8_lossy(&line));
+            line.clear();
             if writeln!(writer, "{}", answer.line).and_then(|()| writer.write_all(&answer.output)).is_err() {
                 return;
             }

@@ -37,13 +37,33 @@ impl Launcher {
         Self { requests }
     }
 
-    /// Spawns `command` on the launching thread.
-    pub fn spawn(&self, command: Command) -> io::Result<Child> {
+    /// Spawns `command` on the launching thread, to die with vmrig.
+    pub fn spawn(&self, mut command: Command) -> io::Result<Child> {
+        die_with_vmrig(&mut command);
         let (reply, answer) = mpsc::channel();
         self.requests
             .send((command, reply))
             .map_err(|_| io::Error::other("the launching thread has ended"))?;
         answer.recv().map_err(|_| io::Error::other("the launching thread has ended"))?
+    }
+}
+
+/// Makes the kernel kill the child when the thread that spawned it (the
+/// launching thread) dies, which is what keeps QEMU from outliving a vmrig
+/// killed by SIGKILL.
+fn die_with_vmrig(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe calls (prctl, getppid, _exit).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from)?;
+            // The parent may have died before the line above took effect.
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
     }
 }
 
@@ -59,12 +79,6 @@ mod tests {
                 .spawn(|| {
                     let mut command = Command::new("sleep");
                     command.arg("30");
-                    // SAFETY: prctl is async-signal-safe.
-                    unsafe {
-                        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-                            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(io::Error::from)
-                        });
-                    }
                     launcher.spawn(command).unwrap()
                 })
                 .join()

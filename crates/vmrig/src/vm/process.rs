@@ -2,14 +2,19 @@
 //! moment it happens (a pidfd, readable once the process has exited, reaped
 //! or not), its stderr drained into the run's log while it runs, so that
 //! QEMU never blocks on a full pipe, with the last lines kept for the error
-//! that reports its end. Dropping it kills and reaps QEMU.
+//! that reports its end. Dropping it kills and reaps QEMU. Also what
+//! reaches it from elsewhere: the [`KillSwitch`] that kills it from any
+//! thread, and connecting to the sockets it serves while it runs.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader};
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -162,5 +167,62 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// What a [`KillSwitch`] shares with its machine.
+#[derive(Default)]
+pub(super) struct Control {
+    /// The running QEMU's pid, or 0.
+    pub pid: AtomicU32,
+    /// Set once by the switch; a stopped machine never starts again.
+    pub stopped: AtomicBool,
+}
+
+impl Control {
+    pub fn kill(&self) {
+        let pid = self.pid.load(Ordering::SeqCst);
+        if pid != 0 {
+            // The machine reaps its child itself, and clears the pid first,
+            // so the pid cannot belong to another process.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Stops a machine from any thread, without waiting for whoever is using
+/// it: how a run that is interrupted or out of time ends requests in
+/// flight. The machine's QEMU is killed, and it refuses to start again.
+#[derive(Clone)]
+pub struct KillSwitch {
+    control: Arc<Control>,
+}
+
+impl KillSwitch {
+    pub(super) fn new(control: Arc<Control>) -> Self {
+        Self { control }
+    }
+
+    /// Kills the QEMU running now, if any, and every later start.
+    pub fn pull(&self) {
+        // Stopped first: a start that stores its pid after this line sees
+        // the flag and kills its own QEMU (see `Machine::start`).
+        self.control.stopped.store(true, Ordering::SeqCst);
+        self.control.kill();
+    }
+}
+
+/// Connects to the Unix socket that QEMU serves at `path`, which it
+/// creates a moment after it starts: waits for it up to `wait`, and no
+/// longer than QEMU runs (`exit`).
+pub(super) fn connect_to_qemu(path: &Path, exit: &ExitWatch, wait: Duration) -> io::Result<UnixStream> {
+    let started = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(stream) => return Ok(stream),
+            Err(error) if started.elapsed() > wait => return Err(error),
+            Err(_) if exit.wait(Duration::from_millis(5)) => return Err(io::Error::other("QEMU exited")),
+            Err(_) => {}
+        }
     }
 }
