@@ -10,6 +10,7 @@ mod init;
 mod layer;
 mod server;
 mod shared;
+mod shell;
 mod sockets;
 mod systemd;
 mod worker;

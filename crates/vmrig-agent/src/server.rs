@@ -8,8 +8,9 @@
 //! anyway, after a short grace for output already written; the child goes
 //! on, and what it prints later goes to the console.
 //!
-//! Forwarded ports are served by a thread of their own on a second port
-//! (see `vmrig_proto::tunnel`), so a long command never holds them up; the
+//! Forwarded ports and shells (`vmrig shell`, see [`crate::shell`]) are
+//! served by a thread of their own on a second port (see
+//! `vmrig_proto::tunnel`), so a long command never holds them up; the
 //! shared directory by a FUSE session on a third (see [`crate::shared`]).
 
 use std::fs::{self, File};
@@ -27,7 +28,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use crate::shared::SharedMount;
 use crate::worker::{change_directory, Job, Worker, NODE_ENV, SHELL_SETUP};
-use vmrig_proto::tunnel::{Tunnel, TUNNEL_PORT};
+use vmrig_proto::tunnel::{Socket, Target, Tunnel, TUNNEL_PORT};
 use vmrig_proto::{read_frame, write_frame, AnswerAt, Command, EntryKind, FrameError, Program, Reply, Request, Stream, AGENT_PORT};
 
 /// How long output is still collected after a command exits, for a
@@ -204,11 +205,20 @@ impl TunnelServer {
             // not connected, which the guest may hear of only after this
             // request; the tunnel then ends, and a new one waits again.
             if let (Ok(reader), Ok(writer)) = (port.try_clone(), port.try_clone()) {
-                Tunnel::guest(reader, writer, |port| crate::sockets::connect_tcp("localhost", port)).wait();
+                Tunnel::guest(reader, writer, connect).wait();
             }
             std::thread::sleep(Duration::from_millis(20));
         });
         Reply::Ack
+    }
+}
+
+/// Where the tunnel carries a connection the driver opens: a port on the
+/// guest's loopback, or a new shell.
+fn connect(target: &Target) -> io::Result<Socket> {
+    match target {
+        Target::Port { port } => crate::sockets::connect_tcp("localhost", *port).map(Socket::Tcp),
+        Target::Shell { term } => crate::shell::start(term).map(Socket::Unix),
     }
 }
 

@@ -29,6 +29,7 @@
 //! that connection, never a panic.
 
 pub mod shared;
+pub mod shell;
 pub mod tunnel;
 
 use std::io::{self, Read, Write};

@@ -1,14 +1,18 @@
-//! Port forwarding: TCP connections multiplexed over one byte stream, the
-//! virtio-serial port named [`TUNNEL_PORT`].
+//! Port forwarding and shells: connections multiplexed over one byte
+//! stream, the virtio-serial port named [`TUNNEL_PORT`]. A connection
+//! reaches a TCP port on the guest's loopback (`forward_port`), or a root
+//! shell on a pseudo-terminal of its own (`vmrig shell`, see
+//! [`crate::shell`]).
 //!
 //! # The exchange
 //!
 //! 1. The driver connects to QEMU's end of the port and asks the agent, on
 //!    the agent's own port, to serve it ([`crate::Request::ServeTunnel`]).
-//! 2. For every connection accepted on a forwarded host port, the driver
-//!    picks a number and sends [`TunnelMessage::Open`] with the guest port;
-//!    the agent connects to that port on the guest's loopback, or answers
-//!    [`TunnelMessage::Close`] with the reason it could not.
+//! 2. For every connection accepted on a forwarded host port, or asked for
+//!    a shell, the driver picks a number and sends [`TunnelMessage::Open`]
+//!    with its [`Target`]; the agent connects to that port on the guest's
+//!    loopback or starts the shell, or answers [`TunnelMessage::Close`]
+//!    with the reason it could not.
 //! 3. From then on both ends behave alike: bytes read from a socket travel
 //!    as [`TunnelMessage::Data`] (the frame's data), the end of a socket's
 //!    input as [`TunnelMessage::Eof`], and a failure or an abandoned
@@ -34,6 +38,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -52,17 +57,83 @@ pub const WINDOW: u32 = 256 * 1024;
 /// Largest `Data` frame sent.
 const CHUNK: usize = 64 * 1024;
 
+/// What a connection is carried to in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// A TCP port on the guest's loopback.
+    Port {
+        /// The guest port.
+        port: u16,
+    },
+    /// A root login shell on a pseudo-terminal of its own: the driver's
+    /// bytes are [`crate::shell::ShellInput`] frames, the guest's what the
+    /// terminal shows.
+    Shell {
+        /// The terminal's type (`TERM`).
+        term: String,
+    },
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Port { port } => write!(f, "port {port}"),
+            Self::Shell { .. } => write!(f, "a shell"),
+        }
+    }
+}
+
+/// One end of a connection the tunnel carries.
+#[derive(Debug)]
+pub enum Socket {
+    /// A TCP connection (a forwarded port, and the guest's end of it).
+    Tcp(TcpStream),
+    /// A Unix socket (`vmrig shell`'s, and the guest's end of a shell).
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Tcp(socket) => socket.shutdown(how),
+            Self::Unix(socket) => socket.shutdown(how),
+        }
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(socket) => (&*socket).read(buffer),
+            Socket::Unix(socket) => (&*socket).read(buffer),
+        }
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(socket) => (&*socket).write(bytes),
+            Socket::Unix(socket) => (&*socket).write(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A message on the tunnel; `Data` carries its bytes as the frame's data.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum TunnelMessage {
-    /// Driver to agent: connect connection `conn` to `port` on the guest's
-    /// loopback.
+    /// Driver to agent: carry connection `conn` to `target`.
     Open {
         /// The connection's number, chosen by the driver.
         conn: u32,
-        /// The guest port.
-        port: u16,
+        /// Where to.
+        target: Target,
     },
     /// Bytes of a connection.
     Data {
@@ -93,8 +164,8 @@ pub enum TunnelMessage {
     },
 }
 
-/// Connects a connection the driver opened to a guest port.
-type Connector = Box<dyn Fn(u16) -> io::Result<TcpStream> + Send>;
+/// Connects a connection the driver opened to its target.
+type Connector = Box<dyn Fn(&Target) -> io::Result<Socket> + Send>;
 /// Hears why the peer closed a connection, when it failed.
 type Reporter = Box<dyn Fn(&str) + Send>;
 
@@ -120,7 +191,7 @@ struct Shared {
 
 struct Connection {
     id: u32,
-    socket: TcpStream,
+    socket: Socket,
     flow: Mutex<Flow>,
     changed: Condvar,
 }
@@ -150,7 +221,7 @@ impl Tunnel {
     pub fn guest(
         reader: impl Read + Send + 'static,
         writer: impl Write + Send + 'static,
-        connect: impl Fn(u16) -> io::Result<TcpStream> + Send + 'static,
+        connect: impl Fn(&Target) -> io::Result<Socket> + Send + 'static,
     ) -> Self {
         Self::start(reader, writer, Some(Box::new(connect)), Box::new(|_: &str| {}))
     }
@@ -165,7 +236,7 @@ impl Tunnel {
         });
         std::thread::spawn(move || write_port(writer, queue));
         let reading = Arc::clone(&shared);
-        let reader = std::thread::spawn(move || reading.read_port(reader, connect.as_deref(), &*report));
+        let reader = std::thread::spawn(move || reading.read_port(reader, connect.as_ref(), &*report));
         Self { shared, reader }
     }
 
@@ -174,9 +245,9 @@ impl Tunnel {
         self.shared.alive.load(Ordering::SeqCst)
     }
 
-    /// Carries `socket` to guest port `port`. Fails, dropping the socket,
-    /// when the tunnel is gone.
-    pub fn open(&self, socket: TcpStream, port: u16) -> io::Result<()> {
+    /// Carries `socket` to `target` in the guest. Fails, dropping the
+    /// socket, when the tunnel is gone.
+    pub fn open(&self, socket: Socket, target: Target) -> io::Result<()> {
         if !self.is_alive() {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "the tunnel is closed"));
         }
@@ -184,7 +255,7 @@ impl Tunnel {
         // Registered before `Open` is queued, so that an immediate answer
         // finds it.
         let connection = self.shared.register(conn, socket);
-        self.shared.send(TunnelMessage::Open { conn, port }, Vec::new());
+        self.shared.send(TunnelMessage::Open { conn, target }, Vec::new());
         Shared::spawn_threads(&self.shared, connection);
         Ok(())
     }
@@ -210,10 +281,12 @@ impl Shared {
         self.connections().get(&conn).cloned()
     }
 
-    fn register(&self, id: u32, socket: TcpStream) -> Arc<Connection> {
+    fn register(&self, id: u32, socket: Socket) -> Arc<Connection> {
         // Forwarded connections are mostly request and answer: do not hold
         // small writes back.
-        let _ = socket.set_nodelay(true);
+        if let Socket::Tcp(socket) = &socket {
+            let _ = socket.set_nodelay(true);
+        }
         let connection = Arc::new(Connection {
             id,
             socket,
@@ -341,16 +414,16 @@ impl Shared {
         self.thread_done(connection);
     }
 
-    fn read_port(self: &Arc<Self>, mut port: impl Read, connect: Option<&(dyn Fn(u16) -> io::Result<TcpStream> + Send)>, report: &dyn Fn(&str)) {
+    fn read_port(self: &Arc<Self>, mut port: impl Read, connect: Option<&Connector>, report: &dyn Fn(&str)) {
         while let Ok((message, data)) = read_frame::<TunnelMessage>(&mut port) {
             match message {
-                TunnelMessage::Open { conn, port } => match connect.map(|connect| connect(port)) {
+                TunnelMessage::Open { conn, target } => match connect.map(|connect| connect(&target)) {
                     Some(Ok(socket)) => {
                         let connection = self.register(conn, socket);
                         Self::spawn_threads(self, connection);
                     }
                     Some(Err(error)) => {
-                        let error = Some(format!("cannot connect to port {port}: {error}"));
+                        let error = Some(format!("cannot connect to {target}: {error}"));
                         self.send(TunnelMessage::Close { conn, error }, Vec::new());
                     }
                     None => {
@@ -436,7 +509,7 @@ mod tests {
     fn joined_tunnel() -> (Tunnel, UnixStream, Arc<Mutex<Vec<String>>>) {
         let (host_port, guest_port) = UnixStream::pair().unwrap();
         let guest_writer = guest_port.try_clone().unwrap();
-        let guest = Tunnel::guest(guest_port, guest_writer, |port| TcpStream::connect((Ipv4Addr::LOCALHOST, port)));
+        let guest = Tunnel::guest(guest_port, guest_writer, connect_loopback);
         std::thread::spawn(move || guest.wait());
         let reports = Arc::new(Mutex::new(Vec::new()));
         let heard = Arc::clone(&reports);
@@ -444,12 +517,20 @@ mod tests {
         (host, host_port, reports)
     }
 
+    /// The guest's connector: ports on 127.0.0.1.
+    fn connect_loopback(target: &Target) -> io::Result<Socket> {
+        match target {
+            Target::Port { port } => TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).map(Socket::Tcp),
+            Target::Shell { .. } => Err(io::Error::other("no shells here")),
+        }
+    }
+
     /// A client socket whose other end `tunnel` carries to `port`.
     fn forwarded(tunnel: &Tunnel, port: u16) -> TcpStream {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (accepted, _) = listener.accept().unwrap();
-        tunnel.open(accepted, port).unwrap();
+        tunnel.open(Socket::Tcp(accepted), Target::Port { port }).unwrap();
         client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         client
     }
@@ -572,6 +653,6 @@ mod tests {
         assert!(!tunnel.is_alive());
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let late = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        assert_eq!(tunnel.open(late, 1).unwrap_err().kind(), io::ErrorKind::NotConnected);
+        assert_eq!(tunnel.open(Socket::Tcp(late), Target::Port { port: 1 }).unwrap_err().kind(), io::ErrorKind::NotConnected);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use crate::attach;
 use crate::driver::{self, AccelChoice, DriverError, Mode, Outcome, RunOptions};
 use crate::host::{self, Agent, Kvm, Packer};
 use crate::image::{self, ImageError};
@@ -104,6 +105,17 @@ enum Commands {
         #[arg(long)]
         keep_state: bool,
     },
+    /// List the tests running on this host: name, nodes, process, directory.
+    Ps,
+    /// A root shell on a node of a running test (or one paused by
+    /// --debug), over the node's own channel, with a real terminal: job
+    /// control, full-screen programs, Ctrl-C to the foreground job.
+    Shell {
+        /// The test (its name or directory), then the node; the test may
+        /// be left out when one running test has a node of that name.
+        #[arg(required = true, num_args = 1..=2, value_names = ["TEST", "NODE"])]
+        target: Vec<String>,
+    },
     /// Build (or find in the store) every node's image.
     Build {
         /// The test directory (holding vmrig.toml).
@@ -153,6 +165,8 @@ enum Failure {
     Remote(#[from] RemoteError),
     #[error("cannot write the JUnit report to {}", .path.display())]
     Junit { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Attach(#[from] attach::AttachError),
 }
 
 impl Failure {
@@ -161,7 +175,8 @@ impl Failure {
             Self::Spec(_) | Self::Invalid(_) | Self::Suite(SuiteError::NoTests(_)) | Self::Remote(RemoteError::BadUrl { .. }) => EXIT_USAGE,
             Self::Image(error) => error.exit_status(),
             Self::Driver(error) => error.exit_status(),
-            Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Remote(_) | Self::Junit { .. } => EXIT_INFRA,
+            Self::Attach(attach::AttachError::NotFound(_)) => EXIT_USAGE,
+            Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Remote(_) | Self::Junit { .. } | Self::Attach(_) => EXIT_INFRA,
         }
     }
 }
@@ -187,6 +202,8 @@ pub fn main() -> ExitCode {
             let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, mode: Mode::Interactive, log_to_file_only: false };
             interactive(&test, remote, ui, &options)
         }
+        Commands::Ps => ps(),
+        Commands::Shell { target } => shell(&target),
         Commands::Build { test } => build(&test, remote, ui),
         Commands::Gc { keep_days } => gc(ui, keep_days),
         Commands::Doctor => Ok(doctor(ui)),
@@ -302,6 +319,33 @@ fn interactive(test: &Path, remote: Option<&str>, ui: Ui, options: &RunOptions) 
     let spec = load(test)?;
     let store = open_store(remote)?;
     driver::run(&spec, &store, ui, options)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ps() -> Result<ExitCode, Failure> {
+    let runs = attach::live_runs()?;
+    if runs.is_empty() {
+        eprintln!("no test is running");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    println!("{:<24} {:<28} {:>8} {:>8}  DIRECTORY", "TEST", "NODES", "PID", "RUNNING");
+    for run in runs {
+        let seconds = now.saturating_sub(run.started);
+        let running = format!("{}:{:02}", seconds / 60, seconds % 60);
+        println!("{:<24} {:<28} {:>8} {:>8}  {}", run.name, run.nodes.join(","), run.pid, running, run.dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn shell(target: &[String]) -> Result<ExitCode, Failure> {
+    let (test, node) = match target {
+        [node] => (None, node),
+        [test, node] => (Some(test.as_str()), node),
+        _ => unreachable!("clap takes one or two values"),
+    };
+    let run = attach::find(test, node)?;
+    attach::shell(&run, node)?;
     Ok(ExitCode::SUCCESS)
 }
 

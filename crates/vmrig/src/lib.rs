@@ -13,6 +13,7 @@
 //! tests side by side through the driver's phases. [`cli`] is the command
 //! line over all of it and [`ui`] is how progress and status look.
 
+pub mod attach;
 pub mod cli;
 pub mod driver;
 pub mod error;

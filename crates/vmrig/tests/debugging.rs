@@ -167,3 +167,75 @@ fn without_a_terminal_debug_says_how_long_the_machines_stay_and_ends_by_itself()
     let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
     assert!(junit.contains("failures=\"1\""), "{junit}");
 }
+
+#[test]
+fn a_root_shell_from_another_terminal_has_a_real_terminal_while_the_test_goes_on() {
+    // busybox for its vi: a full-screen program (the image network tests build).
+    let dir = tempfile::tempdir().unwrap();
+    let script = r#"
+import time
+machine.succeed("echo ready")
+while machine.execute("test -e /tmp/shell-was-here")[0] != 0:
+    machine.succeed("echo the test goes on")
+    time.sleep(0.5)
+"#;
+    fs::write(dir.path().join("vmrig.toml"), format!("[nodes.machine]\npackages = [\"busybox\", \"curl\"]\n\n[test]\nscript = '''{script}'''\n")).unwrap();
+    let mut run = vmrig().args(["run", "--rebuild", "--timeout", "600"]).arg(dir.path()).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (lines, log) = std::sync::mpsc::channel::<String>();
+    let stderr = run.stderr.take().unwrap();
+    let stdout = run.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    std::thread::spawn(move || std::io::copy(&mut { stdout }, &mut std::io::sink()));
+    let mut seen = String::new();
+    while !seen.contains("(finished: must succeed: echo ready") {
+        let line = log.recv_timeout(Duration::from_secs(600)).unwrap_or_else(|_| panic!("the node never came up:\n{seen}"));
+        seen += &line;
+        seen.push('\n');
+    }
+
+    let listed = text(&vmrig().arg("ps").output().unwrap());
+    let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(listed.lines().any(|l| l.starts_with(&name) && l.contains("machine") && l.contains(&format!("{}", run.id()))), "vmrig ps:\n{listed}");
+
+    let mut shell = Terminal::spawn(vmrig().arg("shell").arg(dir.path()).arg("machine"));
+    shell.type_line("tty; echo shell-says-$((6*7)); stty size");
+    shell.expect("/dev/pts/");
+    shell.expect("shell-says-42");
+    // The size of the terminal `vmrig shell` runs on.
+    shell.expect("40 120");
+    // Ctrl-C reaches the foreground job, and the shell goes on.
+    shell.type_line("sleep 1000");
+    std::thread::sleep(Duration::from_secs(1));
+    shell.press(b"\x03");
+    shell.type_line("echo interrupted-with-$?");
+    shell.expect("interrupted-with-130");
+    // A full-screen editor, driven by its keys.
+    shell.type_line("busybox vi /tmp/note");
+    std::thread::sleep(Duration::from_secs(2));
+    shell.press(b"iwritten from the shell");
+    // Escape alone: with the command after it, vi would read a key's
+    // escape sequence.
+    std::thread::sleep(Duration::from_secs(1));
+    shell.press(b"\x1b");
+    std::thread::sleep(Duration::from_secs(1));
+    shell.press(b":wq\r");
+    shell.type_line("tr a-z A-Z < /tmp/note");
+    shell.expect("WRITTEN FROM THE SHELL");
+    shell.type_line("touch /tmp/shell-was-here; exit");
+    let (code, shown) = shell.wait();
+    assert_eq!(code, Some(0), "{shown}");
+
+    let status = run.wait().unwrap();
+    while let Ok(line) = log.recv_timeout(Duration::from_secs(5)) {
+        seen += &line;
+        seen.push('\n');
+    }
+    assert_eq!(status.code(), Some(0), "{seen}");
+    let attached = seen.find("machine: a root shell attached (vmrig shell)").unwrap_or_else(|| panic!("{seen}"));
+    assert!(seen[attached..].contains("must succeed: echo the test goes on"), "the test's commands stopped while the shell was open:\n{seen}");
+}

@@ -39,7 +39,8 @@ use crate::ui::Ui;
 use crate::interrupt;
 use crate::spec::{BootMode, Node};
 use crate::template::{self, Shape, Template};
-use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore};
+use crate::attach;
+use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore, ShellOpener};
 
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -333,9 +334,11 @@ impl<'a> Prepared<'a> {
             switches.push(switch);
         }
 
+        let shells = machines.iter().map(|(name, machine)| (name.clone(), machine.lock().unwrap_or_else(|p| p.into_inner()).shell_opener())).collect();
         let run = Run {
             spec,
             machines,
+            shells,
             rules,
             _switches: switches,
             log,
@@ -601,6 +604,8 @@ fn resolve_accel(choice: AccelChoice, store: &Store, kernel: &Path, log: &RunLog
 pub(crate) struct Run<'a> {
     spec: &'a TestSpec,
     machines: BTreeMap<String, Mutex<Machine>>,
+    /// Opens `vmrig shell`'s shells on each machine without locking it.
+    shells: BTreeMap<String, ShellOpener>,
     /// What the switches let through: `block()`, `partition()` and friends.
     rules: SharedRules,
     /// Dropped after the machines (field order), so no frame is lost
@@ -709,6 +714,10 @@ impl Run<'_> {
         let socket = private.join("driver.sock");
         let listener = UnixListener::bind(&socket).map_err(file_error("listen on", &socket))?;
         listener.set_nonblocking(true).map_err(file_error("listen on", &socket))?;
+        let control_path = private.join("control.sock");
+        let control = UnixListener::bind(&control_path).map_err(file_error("listen on", &control_path))?;
+        control.set_nonblocking(true).map_err(file_error("listen on", &control_path))?;
+        let _registration = self.register(control_path);
 
         let mut command = Command::new(PYTHON.require()?);
         command
@@ -768,6 +777,11 @@ impl Run<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => self.log.line(format!("cannot accept a connection from the script: {e}")),
                 }
+                // `vmrig shell` from another terminal.
+                if let Ok((stream, _)) = control.accept() {
+                    scope.spawn(move || self.serve_control(stream));
+                    continue;
+                }
                 let signal = interrupt::received().filter(|s| !(prompt && *s == Signal::SIGINT));
                 match signal {
                     // Ctrl-C ends a pause that waits for a person.
@@ -823,6 +837,35 @@ impl Run<'_> {
                 self.log.line(format!("test script finished in {:.2} s", duration.as_secs_f64()));
                 script_outcome(status, duration)
             }
+        }
+    }
+
+    /// Makes the run findable by `vmrig ps` and `vmrig shell` while its
+    /// script runs; a run that cannot be registered runs all the same.
+    fn register(&self, control: PathBuf) -> Option<attach::Registration> {
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let run = attach::LiveRun {
+            pid: std::process::id(),
+            name: self.spec.name.clone(),
+            dir: self.spec.dir.canonicalize().unwrap_or_else(|_| self.spec.dir.clone()),
+            nodes: self.spec.nodes.keys().cloned().collect(),
+            control,
+            started,
+        };
+        attach::register(&run)
+            .inspect_err(|error| self.log.line(format!("vmrig ps will not list this run: {}", crate::error::chain(error))))
+            .ok()
+    }
+
+    /// Serves one client of the control socket: a shell on a node.
+    fn serve_control(&self, stream: UnixStream) {
+        let nodes: Vec<String> = self.spec.nodes.keys().cloned().collect();
+        let served = attach::serve_control(stream, &nodes, |node, socket, term| {
+            self.log.line(format!("{node}: a root shell attached (vmrig shell)"));
+            self.shells[node].open(socket, term).map_err(|error| error.to_string())
+        });
+        if let Err(error) = served {
+            self.log.line(format!("a vmrig shell client failed: {error}"));
         }
     }
 

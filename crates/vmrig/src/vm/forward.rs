@@ -1,6 +1,7 @@
 //! Host ports forwarded into a node (`forward_port`): listeners on the
 //! host's loopback whose connections travel to a port on the guest's
-//! loopback through the node's tunnel (see `vmrig_proto::tunnel`).
+//! loopback through the node's tunnel (see `vmrig_proto::tunnel`); and
+//! shells (`vmrig shell`), which travel through the same tunnel.
 //!
 //! Forwards outlive boots: a node's listeners stay for the whole run, and
 //! each boot gets a tunnel of its own, opened by the [`super::Machine`] once
@@ -15,12 +16,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use vmrig_proto::tunnel::Tunnel;
+use vmrig_proto::tunnel::{Socket, Target, Tunnel};
 
 use crate::runlog::RunLog;
 
 /// The tunnel of the node's current boot, if it has one.
 type CurrentTunnel = Arc<Mutex<Option<Tunnel>>>;
+
+/// Opens shells on a node's current boot from any thread, without holding
+/// its machine: a long command of the script does not keep a person out.
+#[derive(Clone)]
+pub struct ShellOpener {
+    current: CurrentTunnel,
+}
+
+impl ShellOpener {
+    /// Carries `socket` to a new root shell on a terminal of type `term`.
+    pub fn open(&self, socket: UnixStream, term: String) -> io::Result<()> {
+        match self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(tunnel) => tunnel.open(Socket::Unix(socket), Target::Shell { term }),
+            None => Err(io::Error::new(io::ErrorKind::NotConnected, "the node is not up")),
+        }
+    }
+}
 
 /// A node's forwarded ports.
 pub(super) struct Forwards {
@@ -68,9 +86,8 @@ impl Forwards {
         Self { node, log, current: Arc::default(), listeners: Vec::new() }
     }
 
-    /// Whether any port is forwarded.
-    pub(super) fn is_empty(&self) -> bool {
-        self.listeners.is_empty()
+    pub(super) fn shell_opener(&self) -> ShellOpener {
+        ShellOpener { current: Arc::clone(&self.current) }
     }
 
     /// Starts the tunnel of a new boot on `port`, QEMU's end of the guest's
@@ -78,7 +95,7 @@ impl Forwards {
     pub(super) fn attach(&self, port: UnixStream) -> io::Result<BootTunnel> {
         let (reader, writer) = (port.try_clone()?, port.try_clone()?);
         let (node, log) = (self.node.clone(), self.log.clone());
-        let tunnel = Tunnel::host(reader, writer, move |why| log.line(format!("{node}: a forwarded connection failed: {why}")));
+        let tunnel = Tunnel::host(reader, writer, move |why| log.line(format!("{node}: a connection through the tunnel failed: {why}")));
         *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
         Ok(BootTunnel { port, current: Arc::clone(&self.current) })
     }
@@ -111,7 +128,7 @@ impl Forwards {
 fn carry(current: &CurrentTunnel, socket: TcpStream, guest_port: u16, node: &str, log: &RunLog) {
     let current = current.lock().unwrap_or_else(|p| p.into_inner());
     let opened = match current.as_ref() {
-        Some(tunnel) => tunnel.open(socket, guest_port),
+        Some(tunnel) => tunnel.open(Socket::Tcp(socket), Target::Port { port: guest_port }),
         None => Err(io::Error::new(io::ErrorKind::NotConnected, "the node is not running")),
     };
     if let Err(error) = opened {
@@ -155,7 +172,10 @@ mod tests {
 
         // A "guest" agent at the far end of a socket pair standing in for QEMU.
         let (host_end, guest_end) = UnixStream::pair().unwrap();
-        let guest = Tunnel::guest(guest_end.try_clone().unwrap(), guest_end, |port| TcpStream::connect((Ipv4Addr::LOCALHOST, port)));
+        let guest = Tunnel::guest(guest_end.try_clone().unwrap(), guest_end, |target| match target {
+            Target::Port { port } => TcpStream::connect((Ipv4Addr::LOCALHOST, *port)).map(Socket::Tcp),
+            Target::Shell { .. } => Err(io::Error::other("no shells in this test")),
+        });
         let boot = forwards.attach(host_end).unwrap();
         let mut greeting = String::new();
         TcpStream::connect(address).unwrap().read_to_string(&mut greeting).unwrap();

@@ -37,6 +37,7 @@ pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
 pub use config::{make_state_disk, Accel, FirstStart, MachineConfig, Restore, Socket};
 pub use error::VmError;
 pub use feed::Feed;
+pub use forward::ShellOpener;
 pub use launcher::Launcher;
 pub use process::KillSwitch;
 use serde_json::{json, Value};
@@ -371,14 +372,20 @@ impl Machine {
         }
     }
 
-    /// What a boot whose agent just connected is given: the shared folder,
-    /// and the tunnel when ports are forwarded.
+    /// What a node's boot whose agent just connected is given: the shared
+    /// folder, and the tunnel (forwarded ports, shells). A template has
+    /// nothing to serve.
     fn serve_boot(&mut self) -> Result<(), VmError> {
-        self.serve_shared()?;
-        if !self.forwards.is_empty() {
-            self.open_tunnel()?;
+        if matches!(self.config.first_start, FirstStart::AsTemplate { .. }) {
+            return Ok(());
         }
-        Ok(())
+        self.serve_shared()?;
+        self.open_tunnel()
+    }
+
+    /// Opens shells on this machine's current boot from any thread.
+    pub fn shell_opener(&self) -> ShellOpener {
+        self.forwards.shell_opener()
     }
 
     /// Serves the run's shared folder to this QEMU (once) and asks the

@@ -186,11 +186,13 @@ fn pause(run: &Run<'_>) -> Result<(), Failure> {
     let until = match run.mode {
         _ if run.prompt => Instant::now() + super::INTERACTIVE_TIMEOUT,
         super::Mode::Debug { wait } => {
+            let nodes = run.spec.nodes.keys().cloned().collect::<Vec<_>>().join(", ");
             run.log.line(format!(
-                "vmrig --debug: {} failed; its machines stay up for {} s (--debug-wait); Ctrl-C here (or kill -INT {}) ends the wait",
-                run.spec.name,
-                wait.as_secs(),
-                std::process::id()
+                "vmrig --debug: {name} failed; its machines stay up for {wait} s (--debug-wait). From another terminal, \
+                 `vmrig shell {name} NODE` opens a root shell on a node ({nodes}); Ctrl-C here (or kill -INT {pid}) ends the wait",
+                name = run.spec.name,
+                wait = wait.as_secs(),
+                pid = std::process::id()
             ));
             Instant::now() + wait
         }
