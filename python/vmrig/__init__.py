@@ -664,7 +664,7 @@ def _prompt(names: Dict[str, Any], banner: str) -> None:
             os.close(terminal)
 
 
-def _stop_at_failure(driver: _Driver, namespace: Dict[str, Any], error: BaseException, description: str) -> None:
+def _stop_at_failure(driver: _Driver, namespace: Dict[str, Any], error: BaseException) -> None:
     """`vmrig run --debug`: stops with every machine up, at a prompt on
     the terminal, or for the driver's wait while a person attaches."""
     driver.call("pause")
@@ -672,10 +672,11 @@ def _stop_at_failure(driver: _Driver, namespace: Dict[str, Any], error: BaseExce
         # The driver ends the run when the wait is over.
         threading.Event().wait()
     namespace["failure"] = error
-    last = description.strip().splitlines()[-1] if description.strip() else repr(error)
+    # The exception's own line, not the command output that follows it.
+    what = "".join(traceback.format_exception_only(type(error), error)).strip().splitlines()[0]
     _prompt(
         namespace,
-        f"vmrig --debug: the test failed: {last}\n"
+        f"vmrig --debug: the test failed: {what}\n"
         "Every machine is up as it was; the script's names are here (`failure` is the error).\n"
         "test_script() runs the script again; continue() or Ctrl-D tears down and reports.",
     )
@@ -838,13 +839,13 @@ def _run(script: str, path: str, first_line: int) -> int:
         sys.stdout.write(description)
         sys.stdout.flush()
         if debug:
-            _stop_at_failure(driver, namespace, error, description)
+            _stop_at_failure(driver, namespace, error)
         return 3
     except BaseException as error:  # the script's own failure, whatever it raised
         description = _describe(error, path)
         status = _failed(driver, description)
         if debug:
-            _stop_at_failure(driver, namespace, error, description)
+            _stop_at_failure(driver, namespace, error)
         return status
     return 0
 

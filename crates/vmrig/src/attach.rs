@@ -1,16 +1,16 @@
 //! Reaching a run in progress from another terminal: the runs this host
-//! has going (`vmrig ps`), and a root shell on one of their nodes (`vmrig
-//! shell`).
+//! has going (`vmrig ps`), a root shell on one of their nodes (`vmrig
+//! shell`), and files copied to or from a node (`vmrig cp`).
 //!
 //! Each run registers a small record while its script runs, in a folder
 //! of the user's own (`$XDG_RUNTIME_DIR/vmrig/runs`, else
 //! `/tmp/vmrig-<uid>/runs`), naming its control socket; a record whose
 //! process is gone is passed over and removed. Over the control socket a
-//! client asks for a shell with one JSON line ([`ControlRequest`]), is
-//! answered with one ([`ControlReply`]), and the connection then carries
-//! the shell: the terminal's output one way, [`ShellInput`] frames the
-//! other (see `vmrig_proto::shell`), through the node's tunnel, never its
-//! network.
+//! client asks with one JSON line ([`ControlRequest`]) and is answered
+//! with one ([`ControlReply`]). A copy is done by the run, on the host's
+//! paths the client names; a shell's connection then carries the shell:
+//! the terminal's output one way, [`ShellInput`] frames the other (see
+//! `vmrig_proto::shell`), through the node's tunnel, never its network.
 
 use std::fs;
 use std::io::{self, BufRead, BufReader, IsTerminal, Read, Write};
@@ -83,7 +83,46 @@ pub enum ControlRequest {
         /// `TERM` on the client's side.
         term: String,
     },
+    /// A copy between the host and `node`.
+    Copy {
+        /// The node.
+        node: String,
+        /// Which way, and the paths.
+        copy: Copy,
+    },
 }
+
+/// A copy between the host and a node, as `vmrig cp` asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Copy {
+    /// The node's file or tree `guest` to `host`: into it when it is a
+    /// folder, else as it.
+    FromNode {
+        /// An absolute path in the node.
+        guest: String,
+        /// An absolute path on the host.
+        host: PathBuf,
+    },
+    /// The host's file or tree `host` to `guest`: into it when it is a
+    /// folder, else as it.
+    ToNode {
+        /// An absolute path on the host.
+        host: PathBuf,
+        /// An absolute path in the node.
+        guest: String,
+    },
+}
+
+/// What a run does for its control socket's clients.
+pub trait Control {
+    /// Carries `stream` to a new root shell on `node`, for a terminal of
+    /// type `term`.
+    fn open_shell(&self, node: &str, stream: UnixStream, term: String) -> Result<(), String>;
+    /// Copies between the host and `node`.
+    fn copy(&self, node: &str, copy: &Copy) -> Result<(), String>;
+}
+
 
 /// The answer to a [`ControlRequest`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -182,21 +221,10 @@ fn runs_dir() -> Result<PathBuf, AttachError> {
 /// `vmrig shell`: a root shell on `node` of `run` on this terminal until it
 /// ends. On a terminal, keys go to the node's as typed (Ctrl-C too) and
 /// the window's size follows; piped input is typed as it comes, then
-/// Ctrl-D.
+/// Ctrl-D, as often as it takes to end the shell.
 pub fn shell(run: &LiveRun, node: &str) -> Result<(), AttachError> {
-    let refused = |message: String| AttachError::Refused { name: run.name.clone(), message };
-    let mut control = UnixStream::connect(&run.control).map_err(|e| refused(format!("cannot reach its control socket: {e}")))?;
     let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
-    let request = serde_json::to_string(&ControlRequest::Shell { node: node.to_string(), term }).expect("a request serialises");
-    writeln!(control, "{request}").map_err(|e| refused(e.to_string()))?;
-    let mut output = BufReader::new(control.try_clone().map_err(AttachError::Terminal)?);
-    let mut reply = String::new();
-    output.read_line(&mut reply).map_err(|e| refused(e.to_string()))?;
-    match serde_json::from_str(&reply) {
-        Ok(ControlReply::Ok) => {}
-        Ok(ControlReply::Error(message)) => return Err(refused(message)),
-        Err(_) => return Err(refused(format!("it answered {reply:?}"))),
-    }
+    let (mut control, mut output) = ask(run, &ControlRequest::Shell { node: node.to_string(), term })?;
     let stdin = io::stdin();
     let _raw = stdin.is_terminal().then(|| RawMode::enter(&stdin)).transpose().map_err(AttachError::Terminal)?;
     let ended = Arc::new(AtomicBool::new(false));
@@ -218,6 +246,28 @@ pub fn shell(run: &LiveRun, node: &str) -> Result<(), AttachError> {
     typed.map_err(AttachError::Terminal)
 }
 
+/// `vmrig cp`: has `run` make `copy` on `node`.
+pub fn copy(run: &LiveRun, node: &str, copy: Copy) -> Result<(), AttachError> {
+    ask(run, &ControlRequest::Copy { node: node.to_string(), copy }).map(drop)
+}
+
+/// Sends `request` to `run`'s control socket and reads its answer; when
+/// granted, the connection, and a reader of what follows the answer.
+fn ask(run: &LiveRun, request: &ControlRequest) -> Result<(UnixStream, BufReader<UnixStream>), AttachError> {
+    let refused = |message: String| AttachError::Refused { name: run.name.clone(), message };
+    let mut control = UnixStream::connect(&run.control).map_err(|e| refused(format!("cannot reach its control socket: {e}")))?;
+    let request = serde_json::to_string(request).expect("a request serialises");
+    writeln!(control, "{request}").map_err(|e| refused(e.to_string()))?;
+    let mut output = BufReader::new(control.try_clone().map_err(AttachError::Terminal)?);
+    let mut reply = String::new();
+    output.read_line(&mut reply).map_err(|e| refused(e.to_string()))?;
+    match serde_json::from_str(&reply) {
+        Ok(ControlReply::Ok) => Ok((control, output)),
+        Ok(ControlReply::Error(message)) => Err(refused(message)),
+        Err(_) => Err(refused(format!("it answered {reply:?}"))),
+    }
+}
+
 /// Sends what is typed on `stdin`, and the window's size when it changes,
 /// until the shell has ended.
 fn type_keys(stdin: &io::Stdin, control: &mut UnixStream, ended: &AtomicBool) -> io::Result<()> {
@@ -230,7 +280,12 @@ fn type_keys(stdin: &io::Stdin, control: &mut UnixStream, ended: &AtomicBool) ->
             control.write_all(&ShellInput::Resize { rows, cols }.encode())?;
         }
         if !input_open {
-            std::thread::sleep(Duration::from_millis(250));
+            // A Ctrl-D typed while a command ran can be lost when the
+            // shell takes the terminal back: again until the shell ends.
+            std::thread::sleep(Duration::from_secs(1));
+            if control.write_all(&ShellInput::Keys(vec![4]).encode()).is_err() {
+                return Ok(());
+            }
             continue;
         }
         let mut fds = [PollFd::new(stdin.as_fd(), PollFlags::POLLIN)];
@@ -286,26 +341,40 @@ impl Drop for RawMode {
 }
 
 /// Answers one client of a run's control socket: reads its request and
-/// hands the connection to `open_shell` for the node it names.
-pub fn serve_control(stream: UnixStream, nodes: &[String], open_shell: impl Fn(&str, UnixStream, String) -> Result<(), String>) -> io::Result<()> {
+/// has `control` do it on the node it names.
+pub fn serve_control(stream: UnixStream, nodes: &[String], control: &impl Control) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut line = String::new();
     BufReader::new(stream.try_clone()?).take(64 * 1024).read_line(&mut line)?;
     stream.set_read_timeout(None)?;
     let mut writer = stream.try_clone()?;
     let answer = |writer: &mut UnixStream, reply: ControlReply| writeln!(writer, "{}", serde_json::to_string(&reply).expect("a reply serialises"));
-    match serde_json::from_str::<ControlRequest>(&line) {
-        Ok(ControlRequest::Shell { node, term }) if nodes.contains(&node) => {
+    let request = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(request) => request,
+        Err(error) => return answer(&mut writer, ControlReply::Error(format!("malformed request: {error}"))),
+    };
+    let node = match &request {
+        ControlRequest::Shell { node, .. } | ControlRequest::Copy { node, .. } => node.clone(),
+    };
+    if !nodes.contains(&node) {
+        return answer(&mut writer, ControlReply::Error(format!("this test has no node {node} (its nodes: {})", nodes.join(", "))));
+    }
+    match request {
+        ControlRequest::Shell { term, .. } => {
             // Granted before the shell starts, so that the reply comes
             // before anything the shell shows.
             answer(&mut writer, ControlReply::Ok)?;
-            if let Err(message) = open_shell(&node, stream, term) {
+            if let Err(message) = control.open_shell(&node, stream, term) {
                 let _ = write!(writer, "vmrig: no shell on {node}: {message}\r\n");
             }
             Ok(())
         }
-        Ok(ControlRequest::Shell { node, .. }) => answer(&mut writer, ControlReply::Error(format!("this test has no node {node} (its nodes: {})", nodes.join(", ")))),
-        Err(error) => answer(&mut writer, ControlReply::Error(format!("malformed request: {error}"))),
+        ControlRequest::Copy { copy, .. } => {
+            let reply = match control.copy(&node, &copy) {
+                Ok(()) => ControlReply::Ok,
+                Err(message) => ControlReply::Error(message),
+            };
+            answer(&mut writer, reply)
+        }
     }
 }
-

@@ -116,6 +116,16 @@ enum Commands {
         #[arg(required = true, num_args = 1..=2, value_names = ["TEST", "NODE"])]
         target: Vec<String>,
     },
+    /// Copy a file or tree between the host and a node of a running test
+    /// (or one paused by --debug): NODE:/PATH to a host path, or a host
+    /// path to NODE:/PATH; into the target when it is a folder.
+    Cp {
+        /// The test (its name or directory), then the source and the
+        /// target; the test may be left out when one running test has a
+        /// node of that name.
+        #[arg(required = true, num_args = 2..=3, value_names = ["TEST", "SOURCE", "TARGET"])]
+        paths: Vec<String>,
+    },
     /// Build (or find in the store) every node's image.
     Build {
         /// The test directory (holding vmrig.toml).
@@ -167,6 +177,8 @@ enum Failure {
     Junit { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Attach(#[from] attach::AttachError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl Failure {
@@ -175,7 +187,7 @@ impl Failure {
             Self::Spec(_) | Self::Invalid(_) | Self::Suite(SuiteError::NoTests(_)) | Self::Remote(RemoteError::BadUrl { .. }) => EXIT_USAGE,
             Self::Image(error) => error.exit_status(),
             Self::Driver(error) => error.exit_status(),
-            Self::Attach(attach::AttachError::NotFound(_)) => EXIT_USAGE,
+            Self::Attach(attach::AttachError::NotFound(_)) | Self::Usage(_) => EXIT_USAGE,
             Self::Store(_) | Self::Host(_) | Self::Script(_) | Self::Suite(_) | Self::Remote(_) | Self::Junit { .. } | Self::Attach(_) => EXIT_INFRA,
         }
     }
@@ -204,6 +216,7 @@ pub fn main() -> ExitCode {
         }
         Commands::Ps => ps(),
         Commands::Shell { target } => shell(&target),
+        Commands::Cp { paths } => cp(&paths),
         Commands::Build { test } => build(&test, remote, ui),
         Commands::Gc { keep_days } => gc(ui, keep_days),
         Commands::Doctor => Ok(doctor(ui)),
@@ -347,6 +360,31 @@ fn shell(target: &[String]) -> Result<ExitCode, Failure> {
     let run = attach::find(test, node)?;
     attach::shell(&run, node)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn cp(paths: &[String]) -> Result<ExitCode, Failure> {
+    let (test, source, target) = match paths {
+        [source, target] => (None, source, target),
+        [test, source, target] => (Some(test.as_str()), source, target),
+        _ => unreachable!("clap takes two or three values"),
+    };
+    let host_path = |path: &str| std::path::absolute(path).map_err(|e| Failure::Usage(format!("{path}: {e}")));
+    let (node, copy) = match (node_path(source), node_path(target)) {
+        (Some((node, guest)), None) => (node, attach::Copy::FromNode { guest: guest.to_string(), host: host_path(target)? }),
+        (None, Some((node, guest))) => (node, attach::Copy::ToNode { host: host_path(source)?, guest: guest.to_string() }),
+        _ => return Err(Failure::Usage("name one node path (NODE:/PATH) and one host path: vmrig cp [TEST] NODE:/PATH HOSTPATH, or vmrig cp [TEST] HOSTPATH NODE:/PATH".into())),
+    };
+    let run = attach::find(test, node)?;
+    attach::copy(&run, node, copy)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `NODE:/PATH` split in two; `None` for a host path (a host path with a
+/// colon in it can be written `./a:/b`).
+fn node_path(path: &str) -> Option<(&str, &str)> {
+    let (node, guest) = path.split_once(':')?;
+    let is_name = !node.is_empty() && node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    (is_name && guest.starts_with('/')).then_some((node, guest))
 }
 
 fn build(test: &Path, remote: Option<&str>, ui: Ui) -> Result<ExitCode, Failure> {

@@ -98,6 +98,7 @@ const MAIN_PACKAGES: &[Stanza] = &[
     ("cpio", "2.13+dfsg-7.1", ""),
     ("tcpdump", "4.99.3-1", ""),
     ("rclone", "1.60.1+dfsg-2+b5", ""),
+    ("fonts-dejavu-core", "2.37-6", ""),
 ];
 const BACKPORTS_PACKAGES: &[Stanza] = &[
     ("qemu-system-x86", BACKPORTS_QEMU, "Depends: qemu-system-common (= 1:10.0.2+ds-2+deb13u1~bpo12+1)"),
@@ -193,10 +194,16 @@ impl Sandbox {
 
     /// Runs the script against this sandbox: its exit status and output.
     fn run(&self) -> (Option<i32>, String) {
+        self.run_with(&[])
+    }
+
+    /// Runs the script with `options` besides `--simulate`.
+    fn run_with(&self, options: &[&str]) -> (Option<i32>, String) {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/install-host-deps");
         let output = Command::new("bash")
             .arg(script)
             .arg("--simulate")
+            .args(options)
             .env("APT_CONFIG", self.path().join("apt.conf"))
             .env("LC_ALL", "C")
             .output()
@@ -353,4 +360,24 @@ fn a_conflict_that_would_remove_a_package_stops_with_apts_words() {
     assert!(output.contains("Packages need to be removed but remove is disabled."), "apt's own words: {output}");
     assert!(output.contains("would remove or downgrade packages this host has"), "{output}");
     assert!(output.contains("nothing was removed"), "{output}");
+}
+
+#[test]
+fn for_the_test_suite_a_headless_chromium_comes_too_or_its_absence_is_told() {
+    let installed: Vec<Stanza> = HOST_PACKAGES.iter().map(|&name| (name, "1.0", "")).collect();
+    let sandbox = Sandbox::new(&installed, false);
+    sandbox.source("host.sources", &sandbox.deb822_entry(&sandbox.codename));
+    // As on Ubuntu, whose Chromium is a snap: the rest is installed.
+    let (status, output) = sandbox.run_with(&["--for-tests"]);
+    assert_eq!(status, Some(0), "{output}");
+    assert!(output.contains("note: apt's sources have no chromium-headless-shell here"), "{output}");
+    assert_eq!(would_install(&output), ["fonts-dejavu-core 2.37-6"], "{output}");
+    // As on Debian.
+    let mut packages = MAIN_PACKAGES.to_vec();
+    packages.push(("chromium-headless-shell", "150.0.7871.100-1~deb12u1", ""));
+    let codename = sandbox.codename.clone();
+    sandbox.suite(&codename, "Debian", "", &packages);
+    let (status, output) = sandbox.run_with(&["--for-tests"]);
+    assert_eq!(status, Some(0), "{output}");
+    assert_eq!(would_install(&output), ["chromium-headless-shell 150.0.7871.100-1~deb12u1", "fonts-dejavu-core 2.37-6"], "{output}");
 }

@@ -13,6 +13,7 @@
 //! started.
 
 mod api;
+mod control;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -39,7 +40,6 @@ use crate::ui::Ui;
 use crate::interrupt;
 use crate::spec::{BootMode, Node};
 use crate::template::{self, Shape, Template};
-use crate::attach;
 use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore, ShellOpener};
 
 /// How long an interactive session may last without `--timeout`.
@@ -428,13 +428,14 @@ impl<'a> Booted<'a> {
             (None, _) => prepared.spec.timeout,
         };
         let started = Instant::now();
+        let log = run.log.clone();
         let outcome = run.run_script(private.path(), timeout);
         let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome, started.elapsed());
         let cleanup = run.log.block(None, "cleanup");
         drop(run);
         drop(cleanup);
         drop(private);
-        Finished { prepared, outcome, cases }
+        Finished { prepared, outcome, cases, log }
     }
 }
 
@@ -443,22 +444,50 @@ pub struct Finished<'a> {
     prepared: Prepared<'a>,
     outcome: Result<Outcome, DriverError>,
     cases: Vec<Case>,
+    log: RunLog,
 }
 
 impl Finished<'_> {
-    /// The last phase: writes `result/junit.xml`, marks the report with
-    /// the run's key, and records a pass in the store.
+    /// The last phase: writes `result/junit.xml` and `result/report.html`,
+    /// marks the report with the run's key, and records a pass in the
+    /// store.
     pub fn report(self, store: &Store) -> Result<Outcome, DriverError> {
-        let Self { prepared, outcome, cases } = self;
+        let Self { prepared, outcome, cases, log } = self;
         let result_dir = &prepared.result_dir;
         let junit = result_dir.join("junit.xml");
         fs::write(&junit, report::junit_xml(&prepared.spec.name, &cases)).map_err(file_error("write", &junit))?;
+        write_html_report(prepared.spec, result_dir, &cases, &log)?;
         report::mark(result_dir, &prepared.key)?;
         if let (Ok(Outcome::Passed { duration }), true) = (&outcome, prepared.cacheable()) {
             report::record_pass(store, &prepared.key, result_dir, *duration)?;
         }
         outcome
     }
+}
+
+/// Writes `result/report.html` for a run whose cases are `cases`.
+fn write_html_report(spec: &TestSpec, result_dir: &Path, cases: &[Case], log: &RunLog) -> Result<(), DriverError> {
+    let path = result_dir.join(report::html::REPORT_FILE);
+    let files = report::html::Files::gather(result_dir).map_err(file_error("read", result_dir))?;
+    let mut addresses = BTreeMap::new();
+    for name in spec.nodes.keys() {
+        for nic in crate::net::nics(spec, name) {
+            addresses.insert(nic.ipv4(), name.clone());
+            addresses.insert(nic.ipv6(), name.clone());
+        }
+    }
+    let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let page = report::html::Page {
+        test: &spec.name,
+        failure: cases.iter().find_map(|case| case.failure.as_deref()),
+        script: &spec.script,
+        timeline: &log.timeline(),
+        addresses: &addresses,
+        ended: report::utc_text(ended),
+        files,
+    };
+    fs::write(&path, report::html::render(&page)).map_err(file_error("write", &path))?;
+    Ok(())
 }
 
 /// The script's subtests, as JUnit cases, and why the script failed.
@@ -632,8 +661,9 @@ pub(crate) struct Run<'a> {
 /// When the run ends, and whether a pause moved that.
 struct Clock {
     deadline: Instant,
-    /// While the run is paused (`--debug`): how long it had left.
-    paused: Option<Duration>,
+    /// While the run is paused (`--debug`): how long it had left, and the
+    /// pause as a step of the run.
+    paused: Option<(Duration, Block)>,
 }
 
 /// How the script's python3 ended, as the run saw it.
@@ -680,19 +710,20 @@ impl Run<'_> {
     /// the run now ends at `until`, and [`Run::resume`] gives back the
     /// time it had.
     fn pause(&self, until: Instant) {
-        let left = {
-            let mut clock = self.clock();
+        let mut clock = self.clock();
+        if clock.paused.is_none() {
             let left = clock.deadline.saturating_duration_since(Instant::now());
-            *clock.paused.get_or_insert(left)
-        };
-        self.log.line(format!("pausing the test's clock ({} s were left)", left.as_secs()));
+            let step = self.log.block(None, format!("paused (--debug), the test's clock stopped with {} s left", left.as_secs()));
+            clock.paused = Some((left, step));
+        }
+        drop(clock);
         self.set_deadline(until);
     }
 
     /// Starts the clock stopped by [`Run::pause`] again.
     fn resume(&self) {
-        let left = self.clock().paused.take();
-        if let Some(left) = left {
+        let paused = self.clock().paused.take();
+        if let Some((left, _step)) = paused {
             self.set_deadline(Instant::now() + left);
         }
     }
@@ -717,7 +748,7 @@ impl Run<'_> {
         let control_path = private.join("control.sock");
         let control = UnixListener::bind(&control_path).map_err(file_error("listen on", &control_path))?;
         control.set_nonblocking(true).map_err(file_error("listen on", &control_path))?;
-        let _registration = self.register(control_path);
+        let _registration = control::register(self, control_path);
 
         let mut command = Command::new(PYTHON.require()?);
         command
@@ -727,7 +758,7 @@ impl Run<'_> {
             .env("VMRIG_DRIVER", &socket)
             .env("VMRIG_SCRIPT", &script_copy)
             // Absolute, so that tracebacks can quote the script's lines.
-            .env("VMRIG_SCRIPT_PATH", self.spec.script.path.canonicalize().unwrap_or_else(|_| self.spec.script.path.clone()))
+            .env("VMRIG_SCRIPT_PATH", self.spec.script.shown_path())
             .env("VMRIG_SCRIPT_FIRST_LINE", self.spec.script.first_line.to_string())
             .current_dir(&self.spec.dir);
         if let Mode::Debug { .. } = self.mode {
@@ -779,7 +810,7 @@ impl Run<'_> {
                 }
                 // `vmrig shell` from another terminal.
                 if let Ok((stream, _)) = control.accept() {
-                    scope.spawn(move || self.serve_control(stream));
+                    scope.spawn(move || control::serve(self, stream));
                     continue;
                 }
                 let signal = interrupt::received().filter(|s| !(prompt && *s == Signal::SIGINT));
@@ -837,35 +868,6 @@ impl Run<'_> {
                 self.log.line(format!("test script finished in {:.2} s", duration.as_secs_f64()));
                 script_outcome(status, duration)
             }
-        }
-    }
-
-    /// Makes the run findable by `vmrig ps` and `vmrig shell` while its
-    /// script runs; a run that cannot be registered runs all the same.
-    fn register(&self, control: PathBuf) -> Option<attach::Registration> {
-        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let run = attach::LiveRun {
-            pid: std::process::id(),
-            name: self.spec.name.clone(),
-            dir: self.spec.dir.canonicalize().unwrap_or_else(|_| self.spec.dir.clone()),
-            nodes: self.spec.nodes.keys().cloned().collect(),
-            control,
-            started,
-        };
-        attach::register(&run)
-            .inspect_err(|error| self.log.line(format!("vmrig ps will not list this run: {}", crate::error::chain(error))))
-            .ok()
-    }
-
-    /// Serves one client of the control socket: a shell on a node.
-    fn serve_control(&self, stream: UnixStream) {
-        let nodes: Vec<String> = self.spec.nodes.keys().cloned().collect();
-        let served = attach::serve_control(stream, &nodes, |node, socket, term| {
-            self.log.line(format!("{node}: a root shell attached (vmrig shell)"));
-            self.shells[node].open(socket, term).map_err(|error| error.to_string())
-        });
-        if let Err(error) = served {
-            self.log.line(format!("a vmrig shell client failed: {error}"));
         }
     }
 

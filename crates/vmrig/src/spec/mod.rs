@@ -243,6 +243,14 @@ pub struct Script {
     pub first_line: usize,
 }
 
+impl Script {
+    /// The file's path as the script's tracebacks name it: absolute, links
+    /// resolved where it can be.
+    pub fn shown_path(&self) -> PathBuf {
+        self.path.canonicalize().unwrap_or_else(|_| self.path.clone())
+    }
+}
+
 /// What checking a script needs: the script, and the Python names of the
 /// nodes it may use.
 #[derive(Debug, Clone, PartialEq)]

@@ -18,8 +18,11 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// `execute`: the command's status and output, answered at `answer`.
 pub(super) fn execute(run: &Run<'_>, node: &str, command: &str, timeout: Option<Seconds>, quiet: bool, answer: AnswerAt) -> Result<Reply, Failure> {
     // What a person types at shell_interact() is not logged.
-    let _block = (!quiet).then(|| run.log.block(Some(node), format!("executing: {command}")));
+    let block = (!quiet).then(|| run.log.block(Some(node), format!("executing: {command}")));
     let outcome = script_command(&mut *locked(run, node)?, node, command, timeout.map(|s| s.0), answer)?;
+    if let Some(block) = block {
+        block.output(&outcome.stdout, &outcome.stderr);
+    }
     Ok(Reply { value: json!({"status": outcome.status_code()}), output: Some(outcome.stdout) })
 }
 
@@ -31,8 +34,9 @@ pub(super) fn each(run: &Run<'_>, node: &str, commands: Commands, want_success: 
     let mut stdout = Vec::new();
     let verb = if want_success { "must succeed" } else { "must fail" };
     for command in &commands.commands {
-        let _block = run.log.block(Some(node), format!("{verb}: {command}"));
+        let block = run.log.block(Some(node), format!("{verb}: {command}"));
         let outcome = script_command(&mut machine, node, command, commands.timeout.map(|s| s.0), AnswerAt::Exit)?;
+        block.output(&outcome.stdout, &outcome.stderr);
         if outcome.succeeded() != want_success {
             return Err(Failure::Test(command_failure(node, command, &outcome, want_success)));
         }
@@ -48,7 +52,7 @@ pub(super) fn until(run: &Run<'_>, node: &str, retried: Retried, want_success: b
     let command = retried.command;
     let limit = call::limit(retried.timeout);
     let verb = if want_success { "waiting for success" } else { "waiting for failure" };
-    let _block = run.log.block(Some(node), format!("{verb}: {command}"));
+    let block = run.log.block(Some(node), format!("{verb}: {command}"));
     let until = give_up(limit, deadline);
     let mut last = None;
     let done = poll_until(until, RETRY_PAUSE, || {
@@ -59,6 +63,7 @@ pub(super) fn until(run: &Run<'_>, node: &str, retried: Retried, want_success: b
         Ok(done)
     })?;
     let outcome = last.expect("the command ran at least once");
+    block.output(&outcome.stdout, &outcome.stderr);
     if !done {
         let wanted = if want_success { "succeed" } else { "fail" };
         return Err(Failure::Test(format!("{node}: command `{command}` did not {wanted} within {} s\n{}", limit.as_secs(), output_report(&outcome))));

@@ -1,5 +1,6 @@
-//! `copy_from_host` and `copy_from_vm`: files and trees between the host
-//! and a guest, with nothing the guest sends written outside the report.
+//! `copy_from_host` and `copy_from_vm` (and `vmrig cp`): files and trees
+//! between the host and a guest, with nothing the guest sends written
+//! outside the folder it goes to.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -13,7 +14,7 @@ use crate::vm::{Machine, PathEntry, VmError};
 
 /// `copy_from_host`: `source` on the host, a file or a tree, to `target`
 /// in the guest, modes kept.
-pub(super) fn from_host(machine: &mut Machine, source: &Path, target: &str) -> Result<(), Failure> {
+pub(in crate::driver) fn from_host(machine: &mut Machine, source: &Path, target: &str) -> Result<(), Failure> {
     let unreadable = |path: &Path, e: io::Error| Failure::Test(format!("cannot read {}: {e}", path.display()));
     let metadata = fs::metadata(source).map_err(|e| unreadable(source, e))?;
     let mode = metadata.permissions().mode() & 0o7777;
@@ -43,17 +44,24 @@ fn contained(relative: &str) -> Option<PathBuf> {
 }
 
 /// Receives guest `source` into `result/<target_dir>/<name of source>`.
-/// Every path the guest names is checked to stay below that folder, files
-/// are opened without following links, and links from the guest are not
-/// recreated, so nothing the guest sends is written outside the report.
 pub(super) fn from_vm(machine: &mut Machine, result_dir: &Path, source: &str, target_dir: &str, log: &crate::runlog::RunLog) -> Result<(), Failure> {
     let base = contained(target_dir)
         .map(|dir| result_dir.join(dir))
         .ok_or_else(|| Failure::Test(format!("target_dir `{target_dir}` must be a relative path inside the result folder")))?;
-    let name = Path::new(source)
-        .file_name()
-        .ok_or_else(|| Failure::Test(format!("`{source}` names no file")))?;
-    let root = base.join(name);
+    receive(machine, source, &base.join(source_name(source)?), log)
+}
+
+/// The last component of guest path `source`.
+pub(in crate::driver) fn source_name(source: &str) -> Result<&std::ffi::OsStr, Failure> {
+    Path::new(source).file_name().ok_or_else(|| Failure::Test(format!("`{source}` names no file")))
+}
+
+/// Receives guest `source` as host path `root` (a file, or a folder
+/// holding the tree). Every path the guest names is checked to stay below
+/// `root`, files are opened without following links, and links from the
+/// guest are not recreated, so nothing the guest sends is written outside.
+pub(in crate::driver) fn receive(machine: &mut Machine, source: &str, root: &Path, log: &crate::runlog::RunLog) -> Result<(), Failure> {
+    let root = root.to_path_buf();
     let mut open: Option<(String, File)> = None;
     let mut store_entry = |entry: PathEntry<'_>| -> io::Result<()> {
         let relative = contained(entry.path)

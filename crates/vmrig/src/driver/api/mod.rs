@@ -18,7 +18,7 @@
 
 mod call;
 mod command;
-mod copy;
+pub(super) mod copy;
 mod wait;
 
 use std::time::Instant;
@@ -30,11 +30,20 @@ use crate::vm::{Machine, Socket, VmError};
 use call::{Call, Envelope, NodeCall, RunCall, Since};
 
 /// Why a request failed.
-enum Failure {
+pub(super) enum Failure {
     /// The test failed.
     Test(String),
     /// vmrig, QEMU or the request itself is at fault.
     Infra(String),
+}
+
+impl Failure {
+    /// What went wrong, whoever is at fault.
+    pub(super) fn into_message(self) -> String {
+        match self {
+            Self::Test(message) | Self::Infra(message) => message,
+        }
+    }
 }
 
 impl From<VmError> for Failure {
@@ -80,7 +89,14 @@ pub(super) fn handle(run: &Run<'_>, line: &str) -> Answer {
     };
     let answered = envelope.call().map_err(Failure::Test).and_then(|call| match call {
         Call::Run(call) => run_call(run, call).map(Reply::from),
-        Call::Node(node, call) => node_call(run, &node, call, run.deadline()),
+        Call::Node(node, call) => {
+            let since = run.log.timeline().now();
+            let answered = node_call(run, &node, call, run.deadline());
+            if let Err(Failure::Test(_)) = answered {
+                run.log.timeline().mark_failed(&node, since);
+            }
+            answered
+        }
     });
     let id = envelope.id;
     let (reply, output) = match answered {

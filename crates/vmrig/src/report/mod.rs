@@ -1,6 +1,7 @@
-//! What a run leaves behind besides its log: `result/junit.xml`, and the
-//! record of a passing run in the store, under a key of every input, so
-//! that running the same test again answers at once.
+//! What a run leaves behind besides its log: `result/junit.xml`,
+//! `result/report.html` (see [`html`]), and the record of a passing run in
+//! the store, under a key of every input, so that running the same test
+//! again answers at once.
 //!
 //! The key covers the test directory (every file but `result/` and `.git`:
 //! the definition, the script, anything it copies in or imports), every
@@ -14,6 +15,9 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
+
+pub mod html;
+pub mod pcap;
 
 use crate::error::{file_error, FileError};
 use crate::store::{hash_file, key_of, Entry, Store, StoreError};
@@ -85,15 +89,9 @@ pub fn testsuite_xml(name: &str, cases: &[Case]) -> String {
         match &case.failure {
             None => xml.push_str(&format!("{open}/>\n")),
             Some(failure) => {
-                // The exception's line: the first that is neither the
-                // traceback's heading nor one of its indented frames.
-                let message = failure
-                    .lines()
-                    .find(|l| !l.trim().is_empty() && !l.starts_with(' ') && !l.starts_with("Traceback ("))
-                    .unwrap_or("failed");
                 xml.push_str(&format!(
                     "{open}>\n      <failure message=\"{}\">{}</failure>\n    </testcase>\n",
-                    escape(message.trim()),
+                    escape(failure_message(failure)),
                     escape(failure)
                 ));
             }
@@ -101,6 +99,16 @@ pub fn testsuite_xml(name: &str, cases: &[Case]) -> String {
     }
     xml.push_str("  </testsuite>\n");
     xml
+}
+
+/// The exception's own line of a failure: the first line that is neither
+/// a traceback's heading nor one of its indented frames.
+pub fn failure_message(failure: &str) -> &str {
+    failure
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with(' ') && !l.starts_with("Traceback ("))
+        .unwrap_or("failed")
+        .trim()
 }
 
 /// The `<testsuite>` element of test `name`, which did not run: one case,
@@ -198,11 +206,16 @@ pub struct RecordedPass {
 impl RecordedPass {
     /// "2026-11-25 10:12 UTC".
     pub fn when_text(&self) -> String {
-        let days = i64::try_from(self.when / 86_400).unwrap_or_default();
-        let (year, month, day) = civil_from_days(days);
-        let minutes = self.when % 86_400 / 60;
-        format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", minutes / 60, minutes % 60)
+        utc_text(self.when)
     }
+}
+
+/// "2026-11-25 10:12 UTC" for `seconds` since the Unix epoch.
+pub fn utc_text(seconds: u64) -> String {
+    let days = i64::try_from(seconds / 86_400).unwrap_or_default();
+    let (year, month, day) = civil_from_days(days);
+    let minutes = seconds % 86_400 / 60;
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02} UTC", minutes / 60, minutes % 60)
 }
 
 /// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard
