@@ -195,5 +195,5 @@ assert fetch({fixed_port}, "index.html") == b"served"
     let (code, output) = run(test.path());
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains(&format!("server: forwarding 127.0.0.1:{fixed_port} to guest port 8001")), "{output}");
-    assert!(output.contains("server: a forwarded connection failed: cannot connect to port 9: "), "{output}");
+    assert!(output.contains("server: a connection through the tunnel failed: cannot connect to port 9: "), "{output}");
 }
