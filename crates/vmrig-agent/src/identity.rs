@@ -23,7 +23,10 @@
 //!    layer was applied, to undo that), run again with the node's,
 //!    and what the layer adds to a target the template has reached (a
 //!    timer into `timers.target`) is started;
-//! 6. the default target is started, as a boot would have.
+//! 6. the default target is started, as a boot would have; once its
+//!    start has ended the agent prints [`DEFAULT_TARGET_LINE`] on the
+//!    console, and once systemd has no job left [`NODE_UP_LINE`] (the
+//!    driver may save the node then: see the driver's `warm` module).
 //!
 //! The agent answers after step 4, as a cold boot's agent answers once
 //! `/init` has applied the layer and before systemd has started a unit;
@@ -37,10 +40,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use vmrig_proto::{BECOMING_MARKER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{BECOMING_MARKER, DEFAULT_TARGET_LINE, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS, NODE_UP_LINE};
 
 use crate::layer::{configure_network, copy_tree, create_users, load_firewall, run_program, set_hostname, NicsAre};
-use crate::systemd::Systemd;
+use crate::systemd::{QueuedStart, Systemd};
 
 /// Where the layer is unpacked.
 const UNPACKED: &str = "/run/vmrig-layer";
@@ -78,6 +81,19 @@ pub fn become_node(layer: &Path, unix_nanos: u64, entropy: &str, machine_id: &st
         let _ = fs::remove_file(BECOMING_MARKER);
     }
     became.map(|written| Settling { written, steps })
+}
+
+/// Goes on as the same node after a restore of a save taken once it was
+/// up (`Resume`): the clock set, the random pool reseeded, and a line in
+/// the kernel's log (hence the journal and the console) saying so, since
+/// the guest's uptime runs on from the save.
+pub fn resume(unix_nanos: u64, entropy: &str) -> Result<(), String> {
+    let stale = nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME).map_err(|e| format!("cannot read the clock: {e}"))?;
+    set_clock(unix_nanos)?;
+    reseed(entropy)?;
+    let saved_at = stale.tv_sec();
+    let line = format!("<5>vmrig: restored from the save taken once this node was up (its clock then read {saved_at} s since the epoch); the clock is the host's again and the random pool reseeded\n");
+    fs::write("/dev/kmsg", line).map_err(|e| format!("cannot write to /dev/kmsg: {e}"))
 }
 
 /// Steps 1 to 4: the guest's paths the layer changed.
@@ -133,19 +149,47 @@ pub struct Settling {
 
 impl Settling {
     /// Does it, then prints on the console how long each step took (or
-    /// why it stopped).
+    /// why it stopped), and later when the node is up.
     pub fn run(mut self) {
         let settled = settle(&self.written, &mut self.steps);
         let _ = fs::remove_file(BECOMING_MARKER);
-        match settled {
-            Ok(()) => eprintln!("vmrig-agent: became this node in {}", self.steps),
-            Err(message) => eprintln!("vmrig-agent: becoming this node failed after {}: {message}", self.steps),
+        let (mut systemd, default_target) = match settled {
+            Ok(settled) => {
+                eprintln!("vmrig-agent: became this node in {}", self.steps);
+                settled
+            }
+            Err(message) => return eprintln!("vmrig-agent: becoming this node failed after {}: {message}", self.steps),
+        };
+        match wait_until_up(&mut systemd, &default_target) {
+            Ok(()) => eprintln!("{NODE_UP_LINE} ({:.2} s after it became itself)", self.steps.started.elapsed().as_secs_f64()),
+            Err(message) => eprintln!("vmrig-agent: not waiting for the node to be up any longer: {message}"),
         }
     }
 }
 
-/// Steps 5 and 6, asked of systemd over its private socket.
-fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
+/// How long a node's services may take to start (a database's first
+/// start under TCG takes minutes).
+const UP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Waits until the default target's start has ended and systemd has no
+/// job left (a unit that is no dependency of the default target may
+/// still be starting when it is reached).
+fn wait_until_up(systemd: &mut Systemd, default_target: &QueuedStart) -> Result<(), String> {
+    let started = Instant::now();
+    systemd.wait_for_start(default_target, UP_TIMEOUT)?;
+    eprintln!("{DEFAULT_TARGET_LINE}");
+    while systemd.has_jobs()? {
+        if started.elapsed() > UP_TIMEOUT {
+            return Err(format!("jobs still queued after {} s", UP_TIMEOUT.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Steps 5 and 6, asked of systemd over its private socket; the
+/// connection, and the default target's start to wait for.
+fn settle(written: &[String], steps: &mut Steps) -> Result<(Systemd, QueuedStart), String> {
     let mut systemd = Systemd::connect()?;
     // Units the template never loaded (multi-user.target and the services
     // it wants, among them) are read from disk when first needed; only a
@@ -188,9 +232,9 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(), String> {
         systemd.start_no_block(&unit)?;
         steps.done(&unit);
     }
-    systemd.start_no_block("default.target")?;
+    let default_target = systemd.start_later("default.target")?;
     steps.done("default target queued");
-    Ok(())
+    Ok((systemd, default_target))
 }
 
 /// The targets a template has reached on its way to its own.

@@ -151,6 +151,13 @@ fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), 
                 };
                 write_frame(&mut output, &reply, &[])?;
             }
+            Request::Resume { unix_nanos, entropy } => {
+                let reply = match crate::identity::resume(unix_nanos, &entropy) {
+                    Ok(()) => Reply::Ack,
+                    Err(message) => Reply::Error { message },
+                };
+                write_frame(&mut output, &reply, &[])?;
+            }
             Request::PowerOff | Request::Reboot => {
                 let verb = if request == Request::PowerOff { "poweroff" } else { "reboot" };
                 write_frame(&mut output, &power(verb), &[])?;

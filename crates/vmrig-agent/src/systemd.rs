@@ -2,11 +2,12 @@
 //!
 //! A restored node catches systemd up with a handful of calls (is a unit
 //! loaded, reload, restart a unit and wait for it, start the default
-//! target). Each `systemctl` process would cost 0.3–0.5 s just after a
+//! target and wait until no job is left). Each `systemctl` process would cost 0.3–0.5 s just after a
 //! restore under TCG (a large program on a cold translation cache), so the
 //! agent speaks the D-Bus wire protocol to `/run/systemd/private` itself:
 //! method calls with string arguments, replies carrying nothing, an
-//! object path or an error, and the `JobRemoved` signal. Nothing else of
+//! object path, an array (of which only its length is read) or an error,
+//! and the `JobRemoved` signal. Nothing else of
 //! D-Bus is here.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -39,6 +40,8 @@ const FIELD_SIGNATURE: u8 = 8;
 enum Reply {
     /// A return, with the object path it carried, if any.
     Return(Option<String>),
+    /// A return of an array: its length in bytes (0 when it is empty).
+    Array(u32),
     /// An error: its name and message.
     Error(String, String),
 }
@@ -52,6 +55,12 @@ enum Incoming {
     JobRemoved(String),
     /// Anything else (systemd tells every client of its unit changes).
     Other,
+}
+
+/// A start that systemd has queued, to wait for.
+pub struct QueuedStart {
+    unit: String,
+    job: String,
 }
 
 /// A connection to systemd.
@@ -96,7 +105,7 @@ impl Systemd {
     /// another names and which was not found is loaded as such).
     pub fn has_loaded(&mut self, unit: &str) -> Result<bool, String> {
         match self.call("GetUnit", &[unit])? {
-            Reply::Return(_) => Ok(true),
+            Reply::Return(_) | Reply::Array(_) => Ok(true),
             Reply::Error(name, _) if name == "org.freedesktop.systemd1.NoSuchUnit" => Ok(false),
             Reply::Error(name, message) => Err(format!("systemd: GetUnit {unit}: {name}: {message}")),
         }
@@ -129,20 +138,32 @@ impl Systemd {
     /// Calls `method` (a job of the manager's) on `unit` and waits for the
     /// job's `JobRemoved`.
     fn run_job(&mut self, method: &str, unit: &str) -> Result<(), String> {
+        self.subscribe()?;
+        let job = self.expect_return(method, &[unit, "replace"])?.ok_or_else(|| format!("systemd: {method} {unit} named no job"))?;
+        self.wait_for_job(&job, &format!("{method} {unit}"), CALL_TIMEOUT)
+    }
+
+    /// Asks systemd to tell this connection of its jobs, once.
+    fn subscribe(&mut self) -> Result<(), String> {
         if !self.subscribed {
             self.expect_return("Subscribe", &[])?;
             self.subscribed = true;
         }
-        let job = self.expect_return(method, &[unit, "replace"])?.ok_or_else(|| format!("systemd: {method} {unit} named no job"))?;
+        Ok(())
+    }
+
+    /// Waits for `job` (an object path, asked for after [`Self::subscribe`])
+    /// to end, for `limit` at most.
+    fn wait_for_job(&mut self, job: &str, what: &str, limit: Duration) -> Result<(), String> {
         let started = Instant::now();
-        while !self.ended_jobs.contains(&job) {
-            match self.next_message(method, false)? {
+        while !self.ended_jobs.iter().any(|ended| ended == job) {
+            match self.next_message(what, false, limit)? {
                 Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
-                _ if started.elapsed() > CALL_TIMEOUT => return Err(format!("systemd: {method} {unit} takes over {} s", CALL_TIMEOUT.as_secs())),
+                _ if started.elapsed() > limit => return Err(format!("systemd: {what} takes over {} s", limit.as_secs())),
                 _ => {}
             }
         }
-        self.ended_jobs.retain(|ended| *ended != job);
+        self.ended_jobs.retain(|ended| ended != job);
         Ok(())
     }
 
@@ -151,9 +172,31 @@ impl Systemd {
         self.expect_return("StartUnit", &[unit, "replace"]).map(drop)
     }
 
+    /// Queues a start of `unit` and returns a wait for its job to end.
+    pub fn start_later(&mut self, unit: &str) -> Result<QueuedStart, String> {
+        self.subscribe()?;
+        let job = self.expect_return("StartUnit", &[unit, "replace"])?.ok_or_else(|| format!("systemd: StartUnit {unit} named no job"))?;
+        Ok(QueuedStart { unit: unit.to_string(), job })
+    }
+
+    /// Waits until the start `queued` has ended, for `limit` at most.
+    pub fn wait_for_start(&mut self, queued: &QueuedStart, limit: Duration) -> Result<(), String> {
+        self.wait_for_job(&queued.job, &format!("starting {}", queued.unit), limit)
+    }
+
+    /// Whether systemd has any job queued or running.
+    pub fn has_jobs(&mut self) -> Result<bool, String> {
+        match self.call("ListJobs", &[])? {
+            Reply::Array(bytes) => Ok(bytes > 0),
+            Reply::Return(_) => Err("systemd: ListJobs returned no list".into()),
+            Reply::Error(name, message) => Err(format!("systemd: ListJobs: {name}: {message}")),
+        }
+    }
+
     fn expect_return(&mut self, member: &str, args: &[&str]) -> Result<Option<String>, String> {
         match self.call(member, args)? {
             Reply::Return(path) => Ok(path),
+            Reply::Array(_) => Ok(None),
             Reply::Error(name, message) => Err(format!("systemd: {member} {}: {name}: {message}", args.join(" "))),
         }
     }
@@ -163,7 +206,7 @@ impl Systemd {
     fn call(&mut self, member: &str, args: &[&str]) -> Result<Reply, String> {
         let serial = self.send(MANAGER, member, args).map_err(|e| format!("systemd: {member}: {e}"))?;
         loop {
-            match self.next_message(member, true)? {
+            match self.next_message(member, true, CALL_TIMEOUT)? {
                 Incoming::Reply(to, reply) if to == serial => return Ok(reply),
                 Incoming::JobRemoved(ended) => self.ended_jobs.push(ended),
                 _ => {}
@@ -171,9 +214,9 @@ impl Systemd {
         }
     }
 
-    /// The next message; while none comes, systemd is nudged if `nudge`
-    /// (a call waits for its reply).
-    fn next_message(&mut self, member: &str, nudge: bool) -> Result<Incoming, String> {
+    /// The next message, within `limit`; while none comes, systemd is
+    /// nudged if `nudge` (a call waits for its reply).
+    fn next_message(&mut self, member: &str, nudge: bool, limit: Duration) -> Result<Incoming, String> {
         let failed = |e: io::Error| format!("systemd: {member}: {e}");
         let started = Instant::now();
         loop {
@@ -184,8 +227,8 @@ impl Systemd {
                 Ok([]) => return Err(format!("systemd: {member}: the connection was closed")),
                 Ok(_) => break,
                 Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                    if started.elapsed() > CALL_TIMEOUT {
-                        return Err(format!("systemd: {member}: no answer in {} s", CALL_TIMEOUT.as_secs()));
+                    if started.elapsed() > limit {
+                        return Err(format!("systemd: {member}: no answer in {} s", limit.as_secs()));
                     }
                     if nudge {
                         self.send("org.freedesktop.DBus.Peer", "Ping", &[]).map_err(failed)?;
@@ -326,6 +369,7 @@ fn read_message(stream: &mut impl Read) -> io::Result<Incoming> {
     }
     let mut body = Cursor { bytes: &message[(16 + fields_length).div_ceil(8) * 8..], at: 0 };
     Ok(match (fixed[1], reply_to) {
+        (METHOD_RETURN, Some(to)) if signature.starts_with('a') => Incoming::Reply(to, Reply::Array(body.u32()?)),
         (METHOD_RETURN, Some(to)) => Incoming::Reply(to, Reply::Return(if signature.starts_with('o') { Some(body.string()?) } else { None })),
         (ERROR, Some(to)) => {
             let message = if signature.starts_with('s') { body.string()? } else { String::new() };
@@ -498,6 +542,51 @@ mod tests {
         let members: Vec<&str> = calls.iter().map(|c| c.member.as_str()).collect();
         assert_eq!(members, ["Subscribe", "RestartUnit", "RestartUnit"]);
         assert_eq!(calls[1].args, ["systemd-journald.service", "replace"]);
+    }
+
+    /// A return of `ListJobs` listing `jobs` jobs (as empty structs: only
+    /// the array's length is read).
+    fn job_list(serial: u32, jobs: u32) -> Vec<u8> {
+        let mut body = (jobs * 8).to_le_bytes().to_vec();
+        pad(&mut body, 8);
+        body.resize(body.len() + jobs as usize * 8, 0);
+        let mut message = vec![b'l', METHOD_RETURN, 1, 1];
+        message.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        message.extend_from_slice(&7u32.to_le_bytes());
+        message.extend_from_slice(&[0; 4]);
+        pad(&mut message, 8);
+        message.extend_from_slice(&[FIELD_REPLY_SERIAL, 1, b'u', 0]);
+        message.extend_from_slice(&serial.to_le_bytes());
+        put_field(&mut message, FIELD_SIGNATURE, b'g', "a(usssoo)");
+        let fields_length = (message.len() - 16) as u32;
+        message[12..16].copy_from_slice(&fields_length.to_le_bytes());
+        pad(&mut message, 8);
+        message.extend_from_slice(&body);
+        message
+    }
+
+    #[test]
+    fn a_queued_start_is_waited_for_and_then_the_queue_until_it_is_empty() {
+        const JOB: &str = "/org/freedesktop/systemd1/job/7";
+        let (mut systemd, peer) = fake_systemd(|call, index| match index {
+            0 => vec![reply(METHOD_RETURN, call.serial, None, None)],
+            1 => vec![reply(METHOD_RETURN, call.serial, None, Some(JOB)), job_removed("/org/freedesktop/systemd1/job/6"), job_removed(JOB)],
+            2 => vec![reply(METHOD_RETURN, call.serial, None, Some("/org/freedesktop/systemd1/job/8"))],
+            3 => vec![job_list(call.serial, 2)],
+            _ => vec![job_list(call.serial, 0)],
+        });
+        let default_target = systemd.start_later("default.target").unwrap();
+        systemd.wait_for_start(&default_target, Duration::from_secs(5)).unwrap();
+        // A job that never ends is waited for as long as asked, no longer.
+        let never = systemd.start_later("never.service").unwrap();
+        let started = Instant::now();
+        assert!(systemd.wait_for_start(&never, Duration::from_millis(300)).is_err());
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        assert_eq!(systemd.has_jobs(), Ok(true));
+        assert_eq!(systemd.has_jobs(), Ok(false));
+        drop(systemd);
+        let members: Vec<String> = peer.join().unwrap().into_iter().map(|c| c.member).collect();
+        assert_eq!(members, ["Subscribe", "StartUnit", "StartUnit", "ListJobs", "ListJobs"]);
     }
 
     #[test]

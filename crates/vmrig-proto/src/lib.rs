@@ -96,6 +96,17 @@ pub const TEMPLATE_TARGET: &str = "vmrig-template.target";
 /// systemd has queued anything, and a unit with no job is no verdict yet.
 pub const BECOMING_MARKER: &str = "/run/vmrig-becoming";
 
+/// What the agent of a node restored from a template prints on the
+/// console once the start of the default target has ended: the node is
+/// about to be up (see [`NODE_UP_LINE`]).
+pub const DEFAULT_TARGET_LINE: &str = "vmrig-agent: the default target is reached";
+
+/// What the agent of a node restored from a template prints on the
+/// console once the node is up: its default target reached and no job
+/// left in systemd's queue. The driver may save the node then (a warm
+/// node), and reads the line without asking the guest anything.
+pub const NODE_UP_LINE: &str = "vmrig-agent: the node is up";
+
 /// Largest JSON header accepted.
 pub const MAX_HEADER: u32 = 256 * 1024;
 
@@ -211,6 +222,15 @@ pub enum Request {
         entropy: String,
         /// The node's machine-id (32 lowercase hex digits).
         machine_id: String,
+    },
+    /// Go on as the same node, restored from a save of it taken once it
+    /// was up (a warm node): set the clock, reseed the random pool, and
+    /// mark the journal. Its identity is the saved node's.
+    Resume {
+        /// The host's time, nanoseconds since the Unix epoch.
+        unix_nanos: u64,
+        /// Fresh randomness from the host, hex, for the kernel's pool.
+        entropy: String,
     },
 }
 

@@ -31,3 +31,4 @@ pub mod suite;
 pub mod template;
 pub mod ui;
 pub mod vm;
+pub mod warm;

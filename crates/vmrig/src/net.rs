@@ -13,6 +13,10 @@
 //! does, so that the guest sees its carrier go.) Every frame that enters
 //! a switch is written to its VLAN's pcap capture.
 //!
+//! The switches also note, per node, the first frame it exchanged with
+//! another node that was more than address resolution ([`Contacts`]): a
+//! node that talked to another while it started is not saved warm.
+//!
 //! Addresses are deterministic: nodes are numbered from 1 in name order;
 //! node `n` on VLAN `v` has MAC `52:54:00:12:v:n`, IPv4 `192.168.v.n/24`
 //! and IPv6 `2001:db8:v::n/64`.
@@ -170,6 +174,67 @@ impl Rules {
 /// The rules every switch of a run obeys, shared with them.
 pub type SharedRules = Arc<Mutex<Rules>>;
 
+/// Per node (by number), the first frame it sent to or received from
+/// another node beyond address resolution (ARP, IPv6 neighbour and router
+/// discovery, multicast membership), described; shared by a run's
+/// switches.
+#[derive(Debug, Default)]
+pub struct Contacts {
+    first: Mutex<HashMap<u8, String>>,
+}
+
+impl Contacts {
+    fn note(&self, node: u8, frame: impl FnOnce() -> String) {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).entry(node).or_insert_with(frame);
+    }
+
+    /// The first frame node `number` exchanged with another, if any.
+    pub fn first(&self, number: u8) -> Option<String> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).get(&number).cloned()
+    }
+}
+
+/// Whether Ethernet `frame` only resolves addresses or announces
+/// membership: ARP, RARP, IGMP, ICMPv6 router, neighbour and multicast
+/// listener messages (behind a hop-by-hop header too, as MLD is sent).
+fn resolves_addresses(frame: &[u8]) -> bool {
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0806 | 0x8035 => true,
+        0x0800 => frame.get(23) == Some(&2),
+        0x86dd => {
+            let (mut next, mut at) = (frame.get(20).copied(), 54);
+            if next == Some(0) {
+                next = frame.get(at).copied();
+                at += frame.get(at + 1).map_or(0, |length| (usize::from(*length) + 1) * 8);
+            }
+            next == Some(58) && frame.get(at).is_some_and(|kind| matches!(kind, 130..=137 | 143))
+        }
+        _ => false,
+    }
+}
+
+/// What a frame is, for a person: its protocol and addresses.
+fn describe(frame: &[u8]) -> String {
+    let protocol = |number: u8| match number {
+        1 => "ICMP".to_string(),
+        6 => "TCP".to_string(),
+        17 => "UDP".to_string(),
+        58 => "ICMPv6".to_string(),
+        other => format!("protocol {other}"),
+    };
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 if frame.len() >= 34 => {
+            let address = |at: usize| std::net::Ipv4Addr::from(<[u8; 4]>::try_from(&frame[at..at + 4]).expect("four bytes"));
+            format!("IPv4 {} from {} to {}", protocol(frame[23]), address(26), address(30))
+        }
+        0x86dd if frame.len() >= 54 => {
+            let address = |at: usize| std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&frame[at..at + 16]).expect("sixteen bytes"));
+            format!("IPv6 {} from {} to {}", protocol(frame[20]), address(22), address(38))
+        }
+        ethertype => format!("a frame of EtherType {ethertype:#06x}"),
+    }
+}
+
 /// A running switch; dropping it stops it.
 pub struct Switch {
     stop: Arc<AtomicBool>,
@@ -178,8 +243,9 @@ pub struct Switch {
 
 impl Switch {
     /// Starts the switch of `vlan` for the NICs `ports`, with its socket
-    /// and theirs in `dir`, obeying `rules` and capturing to `capture`.
-    pub fn start(dir: &Path, vlan: u8, ports: Vec<Nic>, rules: SharedRules, capture: &Path) -> io::Result<Self> {
+    /// and theirs in `dir`, obeying `rules`, noting `contacts` and
+    /// capturing to `capture`.
+    pub fn start(dir: &Path, vlan: u8, ports: Vec<Nic>, rules: SharedRules, contacts: Arc<Contacts>, capture: &Path) -> io::Result<Self> {
         let path = switch_socket(dir, vlan);
         let _ = std::fs::remove_file(&path);
         let socket = UnixDatagram::bind(&path)?;
@@ -195,7 +261,7 @@ impl Switch {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name(format!("switch-v{vlan}"))
-                .spawn(move || forward(&socket, vlan, &ports, &port_paths, &rules, &mut pcap, &stop))?
+                .spawn(move || forward(&socket, vlan, &ports, &port_paths, &rules, &contacts, &mut pcap, &stop))?
         };
         Ok(Self { stop, thread: Some(thread) })
     }
@@ -282,8 +348,10 @@ impl Random {
 }
 
 /// The switch's loop: capture, learn, then forward or flood within the
-/// rules, holding frames back as the VLAN's impairment says.
-fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, pcap: &mut impl Write, stop: &AtomicBool) {
+/// rules, holding frames back as the VLAN's impairment says, and noting
+/// who talked to whom.
+#[allow(clippy::too_many_arguments)]
+fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rules: &Mutex<Rules>, contacts: &Contacts, pcap: &mut impl Write, stop: &AtomicBool) {
     let mut learned: HashMap<[u8; 6], usize> = HashMap::new();
     let mut frame = vec![0u8; MAX_FRAME];
     let mut held = HeldFrames::default();
@@ -351,13 +419,21 @@ fn forward(socket: &UnixDatagram, vlan: u8, nics: &[Nic], ports: &[PathBuf], rul
             continue;
         }
         link_free = link_free_after;
+        let talks = !resolves_addresses(&frame[..len]);
+        if talks {
+            contacts.note(nics[source].number, || describe(&frame[..len]));
+        }
         for port in targets {
-            if due <= now {
+            let delivered = if due <= now {
                 // A node that is not running has no socket: its frames are
                 // lost, as on a cable with nothing at the other end.
-                let _ = socket.send_to(&frame[..len], &ports[port]);
+                socket.send_to(&frame[..len], &ports[port]).is_ok()
             } else {
                 held.hold(due, port, &frame[..len]);
+                true
+            };
+            if talks && delivered {
+                contacts.note(nics[port].number, || describe(&frame[..len]));
             }
         }
     }
@@ -422,15 +498,27 @@ mod tests {
             })
             .collect();
         let rules = SharedRules::default();
-        let _switch = Switch::start(dir.path(), 1, nics.clone(), rules.clone(), &dir.path().join("v1.pcap")).unwrap();
+        let contacts = Arc::new(Contacts::default());
+        let _switch = Switch::start(dir.path(), 1, nics.clone(), rules.clone(), contacts.clone(), &dir.path().join("v1.pcap")).unwrap();
         let switch = switch_socket(dir.path(), 1);
         let (a, b) = ([0x52, 0x54, 0, 0x12, 1, 1], [0x52, 0x54, 0, 0x12, 1, 2]);
+
+        // Address resolution is no contact between nodes.
+        let mut arp = frame([0xff; 6], a, &[0; 28]);
+        arp[12..14].copy_from_slice(&[0x08, 0x06]);
+        sockets[0].send_to(&arp, &switch).unwrap();
+        assert!(receive(&sockets[1]).is_some());
+        assert!(receive(&sockets[2]).is_some());
+        assert_eq!((contacts.first(1), contacts.first(2)), (None, None));
 
         // a → b: b is unknown, so everyone but a hears it.
         sockets[0].send_to(&frame(b, a, b"hello"), &switch).unwrap();
         assert!(receive(&sockets[1]).is_some());
         assert!(receive(&sockets[2]).is_some());
         assert!(receive(&sockets[0]).is_none());
+        for node in [1, 2, 3] {
+            assert!(contacts.first(node).is_some(), "node {node} is not noted");
+        }
 
         // b → a: a was learned, so only a hears it.
         sockets[1].send_to(&frame(a, b, b"reply"), &switch).unwrap();
@@ -467,6 +555,33 @@ mod tests {
         assert_eq!(&pcap[..4], &0xa1b2_c3d4u32.to_le_bytes());
         assert_eq!(pcap.windows(5).filter(|w| *w == b"hello").count(), 1);
         assert_eq!(pcap.windows(8).filter(|w| *w == b"together").count(), 1);
+    }
+
+    #[test]
+    fn address_resolution_is_told_from_traffic() {
+        let ipv6 = |next: u8, rest: &[u8]| {
+            let mut packet = frame([0x33, 0x33, 0, 0, 0, 1], [2; 6], &[0; 40]);
+            packet[12..14].copy_from_slice(&[0x86, 0xdd]);
+            packet[20] = next;
+            packet.extend_from_slice(rest);
+            packet
+        };
+        let ipv4 = |protocol: u8| {
+            let mut packet = frame([0xff; 6], [2; 6], &[0; 20]);
+            packet[23] = protocol;
+            packet
+        };
+        // Neighbour solicitation; MLDv2 report behind a hop-by-hop header.
+        assert!(resolves_addresses(&ipv6(58, &[135, 0, 0, 0])));
+        assert!(resolves_addresses(&ipv6(0, &[58, 0, 5, 2, 0, 0, 1, 0, 143, 0])));
+        assert!(resolves_addresses(&ipv4(2)));
+        // An echo request, TCP, UDP: traffic.
+        assert!(!resolves_addresses(&ipv6(58, &[128, 0, 0, 0])));
+        assert!(!resolves_addresses(&ipv6(6, &[0; 20])));
+        assert!(!resolves_addresses(&ipv4(17)));
+        let mut tcp = ipv4(6);
+        tcp[26..34].copy_from_slice(&[192, 168, 1, 2, 192, 168, 1, 1]);
+        assert_eq!(describe(&tcp), "IPv4 TCP from 192.168.1.2 to 192.168.1.1");
     }
 
     #[test]

@@ -78,6 +78,11 @@ pub struct Template {
 }
 
 impl Template {
+    /// Its key in the store.
+    pub fn key(&self) -> &str {
+        &self.entry.manifest.key
+    }
+
     /// The saved device state.
     pub fn state(&self) -> PathBuf {
         self.entry.file(STATE_FILE)
@@ -212,7 +217,7 @@ fn settle(machine: &mut Machine) -> Result<(), TemplateError> {
 
 /// Writes the data extents of sparse file `from` to `to`: its length, then
 /// (offset, length, bytes) for each extent, lengths as little-endian u64.
-fn pack_extents(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn pack_extents(from: &Path, to: &Path) -> io::Result<()> {
     let mut input = File::open(from)?;
     let length = input.metadata()?.len();
     let mut output = io::BufWriter::new(File::create(to)?);
@@ -239,7 +244,7 @@ fn pack_extents(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Makes sparse file `to` from what [`pack_extents`] wrote.
-fn unpack_extents(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn unpack_extents(from: &Path, to: &Path) -> io::Result<()> {
     let mut input = io::BufReader::new(File::open(from)?);
     let mut word = [0u8; 8];
     input.read_exact(&mut word)?;

@@ -39,6 +39,7 @@ pub(super) fn serve(run: &Run<'_>, stream: UnixStream) {
 impl Control for Run<'_> {
     fn open_shell(&self, node: &str, stream: UnixStream, term: String) -> Result<(), String> {
         self.log.line(format!("{node}: a root shell attached (vmrig shell)"));
+        self.note_use(node, || "a root shell (vmrig shell)".into());
         self.shells[node].open(stream, term).map_err(|error| error.to_string())
     }
 
@@ -46,6 +47,7 @@ impl Control for Run<'_> {
     /// the client named, once the node's current call is done: a copy
     /// does not start a node.
     fn copy(&self, node: &str, copy: &Copy) -> Result<(), String> {
+        self.note_use(node, || "a copy by hand (vmrig cp)".into());
         let mut machine = self.machine(node).ok_or_else(|| format!("there is no node {node}"))?;
         if !machine.is_up() {
             return Err(format!("{node} is not running"));

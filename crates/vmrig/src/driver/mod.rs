@@ -22,7 +22,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -30,7 +31,7 @@ use nix::sys::signal::Signal;
 use crate::error::{file_error, FileError};
 use crate::host::{self, Agent, Kvm, PYTHON};
 use crate::image::{self, BootFiles, ImageError, ImageRequest};
-use crate::net::{self, SharedRules, Switch};
+use crate::net::{self, Contacts, SharedRules, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
 use crate::report::{self, Case, RecordedPass};
 use crate::runlog::{Block, RunLog};
@@ -40,7 +41,8 @@ use crate::ui::Ui;
 use crate::interrupt;
 use crate::spec::{BootMode, Node};
 use crate::template::{self, Shape, Template};
-use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore, ShellOpener};
+use crate::vm::{Accel, FirstStart, KillSwitch, Launcher, Machine, MachineConfig, Restore, Restored, ShellOpener};
+use crate::warm::{self, Keeper, Saved};
 
 /// How long an interactive session may last without `--timeout`.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -132,6 +134,9 @@ pub enum DriverError {
     /// The script's interpreter failed in a way that is not the test's.
     #[error("the test script's python3 failed: {0}")]
     Script(String),
+    /// A setting in the environment is wrong.
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl DriverError {
@@ -140,6 +145,7 @@ impl DriverError {
     pub fn exit_status(&self) -> u8 {
         match self {
             Self::Image(error) => error.exit_status(),
+            Self::Usage(_) => crate::error::EXIT_USAGE,
             _ => crate::error::EXIT_INFRA,
         }
     }
@@ -167,11 +173,14 @@ pub struct Prepared<'a> {
     layers: BTreeMap<String, Vec<u8>>,
     key: String,
     result_dir: PathBuf,
+    /// How far the environment lets nodes keep from earlier runs.
+    boot_cap: BootMode,
 }
 
 impl<'a> Prepared<'a> {
     /// Plans `spec`'s images and hashes every input of its run.
     pub fn new(spec: &'a TestSpec, options: &'a RunOptions) -> Result<Self, DriverError> {
+        let boot_cap = boot_cap()?;
         let requests = image::plan_for(spec)?;
         let agent = Agent::locate()?;
         let mut layers = BTreeMap::new();
@@ -188,7 +197,7 @@ impl<'a> Prepared<'a> {
         }
         .key()?;
         let result_dir = spec.dir.join(RESULT_DIR);
-        Ok(Self { spec, options, requests, agent, layers, key, result_dir })
+        Ok(Self { spec, options, requests, agent, layers, key, result_dir, boot_cap })
     }
 
     /// Whether a pass of this run is recorded, and answers a later one: a
@@ -261,7 +270,8 @@ impl<'a> Prepared<'a> {
             let state_disk = state_dir.join(format!("{}.ext4", node.name));
             let kept_layer = options.keep_state && state_disk.exists();
             let nics = net::nics(spec, &node.name);
-            let template = match cold_boot_reason(node, kept_layer) {
+            let mode = node.boot.min(self.boot_cap);
+            let template = match cold_boot_reason(node, mode, kept_layer) {
                 Some(ColdBoot::Because(reason)) => {
                     log.line(format!("{}: booting cold: {reason}", node.name));
                     None
@@ -273,27 +283,39 @@ impl<'a> Prepared<'a> {
                     Some(key)
                 }
             };
-            plans.push(NodePlan { state_disk, kept_layer, nics, template });
+            plans.push(NodePlan { state_disk, kept_layer, nics, mode, template });
         }
         let templates = find_or_build_templates(needed, store, private.path(), &log, &launcher)?;
 
         let mut machines = BTreeMap::new();
+        let mut keepers = Vec::new();
         let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
-        for (node, NodePlan { state_disk, kept_layer, nics, template }) in spec.nodes.values().zip(plans) {
+        for (node, NodePlan { state_disk, kept_layer, nics, mode, template }) in spec.nodes.values().zip(plans) {
             let boot = &boot_files[&node.name];
+            let layer = &self.layers[&node.name];
             let initrd = private.path().join(format!("{}.initrd", node.name));
-            write_node_initrd(&initrd, boot, &self.layers[&node.name])?;
+            write_node_initrd(&initrd, boot, layer)?;
             let template = template.and_then(|key| templates[&key].as_ref());
             let first_start = match template {
                 Some(template) => {
-                    template.copy_layer(&state_disk)?;
-                    FirstStart::Restore(Restore {
-                        state: template.state(),
-                        memory: template.memory(),
-                        initrd: template.initrd(),
-                        console_log: template.console_log(),
-                        layer: self.layers[&node.name].clone(),
-                    })
+                    // A person's session is no run to keep a node from.
+                    let warm_key = (mode == BootMode::Warm && self.cacheable()).then(|| warm::key(template, layer, &nics));
+                    let saved = warm_key.as_ref().filter(|_| !options.rebuild).and_then(|key| Saved::lookup(store, key));
+                    let (state, console_log, then) = match &saved {
+                        Some(saved) => {
+                            saved.copy_layer(&state_disk)?;
+                            log.line(format!("{}: starting warm: its save from an earlier run with the same inputs, taken once it was up", node.name));
+                            (saved.state(), saved.console_log(), Restored::Resume)
+                        }
+                        None => {
+                            template.copy_layer(&state_disk)?;
+                            if let (Some(key), Some(number)) = (warm_key, net::node_number(spec, &node.name)) {
+                                keepers.push(Keeper::new(node.name.clone(), number, key, template.memory()));
+                            }
+                            (template.state(), template.console_log(), Restored::Become(layer.clone()))
+                        }
+                    };
+                    FirstStart::Restore(Restore { state, memory: template.memory(), initrd: template.initrd(), console_log, then })
                 }
                 None => {
                     if !kept_layer {
@@ -326,11 +348,12 @@ impl<'a> Prepared<'a> {
         }
 
         let rules = SharedRules::default();
+        let contacts = Arc::new(Contacts::default());
         let mut switches = Vec::new();
         for (vlan, ports) in vlans {
             let socket = net::switch_socket(private.path(), vlan);
             let capture = result_dir.join(format!("vlan{vlan}.pcap"));
-            let switch = Switch::start(private.path(), vlan, ports, rules.clone(), &capture).map_err(file_error("start the switch at", &socket))?;
+            let switch = Switch::start(private.path(), vlan, ports, rules.clone(), contacts.clone(), &capture).map_err(file_error("start the switch at", &socket))?;
             switches.push(switch);
         }
 
@@ -340,6 +363,9 @@ impl<'a> Prepared<'a> {
             machines,
             shells,
             rules,
+            keepers,
+            contacts,
+            store: store.clone(),
             _switches: switches,
             log,
             result_dir: result_dir.clone(),
@@ -364,11 +390,13 @@ impl<'a> Prepared<'a> {
 type TemplateKey = (String, Shape);
 
 /// How one node of a run starts: its writable layer (kept from an earlier
-/// run or not), its NICs, and the template it is restored from, if any.
+/// run or not), its NICs, the way it was asked to start, and the template
+/// it is restored from, if any.
 struct NodePlan {
     state_disk: PathBuf,
     kept_layer: bool,
     nics: Vec<net::Nic>,
+    mode: BootMode,
     template: Option<TemplateKey>,
 }
 
@@ -535,9 +563,16 @@ impl Subtests {
     }
 }
 
-/// The environment variable that makes every node boot cold (`cold`), as
-/// `boot = "cold"` would, for a whole suite.
+/// The environment variable that caps how every node starts (`cold`,
+/// `template` or `warm`), as `boot` would, for a whole suite.
 pub const BOOT_ENV: &str = "VMRIG_BOOT";
+
+/// The most [`BOOT_ENV`] lets a node keep from earlier runs (a node's
+/// `boot` may ask for less).
+fn boot_cap() -> Result<BootMode, DriverError> {
+    let Ok(value) = std::env::var(BOOT_ENV) else { return Ok(BootMode::Warm) };
+    BootMode::named(&value).ok_or_else(|| DriverError::Usage(format!("{BOOT_ENV}={value} is no start mode: it is one of {}", BootMode::NAMES.join(", "))))
+}
 
 /// Why a node boots cold rather than from a template.
 enum ColdBoot {
@@ -547,10 +582,10 @@ enum ColdBoot {
     Because(String),
 }
 
-/// Why `node` boots cold, if it does; `None` when it may start from a
-/// template.
-fn cold_boot_reason(node: &Node, kept_layer: bool) -> Option<ColdBoot> {
-    if node.boot == BootMode::Cold || std::env::var(BOOT_ENV).is_ok_and(|v| v == "cold") {
+/// Why `node`, asked to start as `mode`, boots cold, if it does; `None`
+/// when it may start from a template.
+fn cold_boot_reason(node: &Node, mode: BootMode, kept_layer: bool) -> Option<ColdBoot> {
+    if mode == BootMode::Cold {
         return Some(ColdBoot::Asked);
     }
     if !node.kernel_params.is_empty() {
@@ -637,6 +672,12 @@ pub(crate) struct Run<'a> {
     shells: BTreeMap<String, ShellOpener>,
     /// What the switches let through: `block()`, `partition()` and friends.
     rules: SharedRules,
+    /// The nodes to save once they are up (warm), if nothing used them.
+    keepers: Vec<Keeper>,
+    /// Who talked to whom on the switches.
+    contacts: Arc<Contacts>,
+    /// Where saved nodes go.
+    store: Store,
     /// Dropped after the machines (field order), so no frame is lost
     /// while a guest still runs.
     _switches: Vec<Switch>,
@@ -686,6 +727,14 @@ impl Run<'_> {
     }
 
     /// Every machine, each locked in turn.
+    /// Notes that `what` used node `node` (more than waiting on it): a
+    /// node is saved warm only if nothing did before it was up.
+    fn note_use(&self, node: &str, what: impl FnOnce() -> String) {
+        if let Some(keeper) = self.keepers.iter().find(|keeper| keeper.node() == node) {
+            keeper.note_use(what);
+        }
+    }
+
     fn each_machine(&self) -> impl Iterator<Item = MutexGuard<'_, Machine>> {
         self.machines.values().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -797,7 +846,12 @@ impl Run<'_> {
         }
 
         let kill_switches: Vec<KillSwitch> = self.each_machine().map(|m| m.kill_switch()).collect();
+        let script_over = AtomicBool::new(false);
         let end = std::thread::scope(|scope| {
+            for keeper in &self.keepers {
+                let script_over = &script_over;
+                scope.spawn(move || keeper.keep(&self.machines[keeper.node()], &self.contacts, &self.store, &self.log, script_over));
+            }
             let mut end = loop {
                 match listener.accept() {
                     // One connection per thread of the script.
@@ -842,6 +896,7 @@ impl Run<'_> {
                 ScriptEnd::PauseOver => self.log.line("the --debug pause is over: stopping the script and every node"),
                 ScriptEnd::Exited(_) => {}
             }
+            script_over.store(true, Ordering::SeqCst);
             let _ = python.kill();
             let _ = python.wait();
             // Requests still in flight (from script threads python3 did

@@ -87,14 +87,35 @@ pub struct Node {
     pub boot_given: bool,
 }
 
-/// How a node starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a node starts, from the least kept from earlier runs to the most
+/// (a node starts the most kept way that gives what a cold boot would).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum BootMode {
-    /// Restored from a template of its image and shape where that gives
-    /// what a cold boot would; else a cold boot, saying why.
-    Fast,
     /// A whole boot, kernel to default target.
     Cold,
+    /// Restored from a template of its image and shape where that gives
+    /// what a cold boot would; else a cold boot, saying why.
+    Template,
+    /// As `Template`, and restored with its services up from its save in
+    /// an earlier run with the same inputs, where there is one; a node
+    /// started from its template is saved once it is up, where that is
+    /// valid (see `vmrig::warm`).
+    Warm,
+}
+
+impl BootMode {
+    /// The names `boot` and `VMRIG_BOOT` take, least kept first.
+    pub const NAMES: [&'static str; 3] = ["cold", "template", "warm"];
+
+    /// The mode named `name`.
+    pub fn named(name: &str) -> Option<Self> {
+        match name {
+            "cold" => Some(Self::Cold),
+            "template" => Some(Self::Template),
+            "warm" => Some(Self::Warm),
+            _ => None,
+        }
+    }
 }
 
 /// Where a guest file's content comes from.

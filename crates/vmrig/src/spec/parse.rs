@@ -50,7 +50,6 @@ const SERVICE_KEYS: &[&str] = &[
     "requires",
     "unit",
 ];
-const BOOT_MODES: &[&str] = &["fast", "cold"];
 const SERVICE_TYPES: &[&str] = &["simple", "exec", "forking", "oneshot", "dbus", "notify", "idle"];
 const RESTART_POLICIES: &[&str] = &[
     "no",
@@ -468,16 +467,13 @@ impl Parser<'_> {
             users: users?,
             kernel_params: kernel_params?,
             extra_hosts: extra_hosts?,
-            boot: boot?.unwrap_or(BootMode::Fast),
+            boot: boot?.unwrap_or(BootMode::Warm),
             boot_given: boot?.is_some(),
         })
     }
 
     fn boot_mode(&mut self, value: &Value<'_>) -> Option<BootMode> {
-        match self.choice(value, "`boot`", BOOT_MODES)?.as_str() {
-            "cold" => Some(BootMode::Cold),
-            _ => Some(BootMode::Fast),
-        }
+        BootMode::named(&self.choice(value, "`boot`", &BootMode::NAMES)?)
     }
 
     fn packages(&mut self, value: &Value<'_>, node: &str) -> Option<Vec<String>> {

@@ -284,9 +284,9 @@ impl AgentClient {
         self.expect_ack()
     }
 
-    /// Sends `Become` (built by the caller) and waits for the guest to be
-    /// the node.
-    pub fn become_node(&mut self, request: &Request) -> Result<(), AgentError> {
+    /// Sends `Become` or `Resume` (built by the caller) and waits for the
+    /// guest to be the node.
+    pub fn take_identity(&mut self, request: &Request) -> Result<(), AgentError> {
         self.send(request, &[])?;
         self.expect_ack()
     }

@@ -15,6 +15,10 @@ use vmrig_proto::{AGENT_PORT, CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE};
 use crate::error::{file_error, FileError};
 use crate::host::QEMU;
 
+/// The id of a node's RAM when it is a file, which QEMU also names its
+/// RAM block by in a migration stream.
+pub(super) const RAM_BLOCK: &str = "ram";
+
 /// Which accelerator QEMU uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Accel {
@@ -74,14 +78,17 @@ pub enum FirstStart {
         /// Where the guest's RAM lives.
         memory: PathBuf,
     },
-    /// The saved state of a template, restored and made this node.
+    /// A saved state, restored: a template's, made this node, or this
+    /// node's own, saved once it was up in an earlier run (warm).
     Restore(Restore),
 }
 
-/// What restoring a template needs.
+/// What restoring a saved state needs.
 #[derive(Debug, Clone)]
 pub struct Restore {
-    /// The template's device state (its RAM is not in it).
+    /// The saved device state: a template's (its RAM is not in it), or a
+    /// warm node's (with the pages of its RAM that differ from the
+    /// template's).
     pub state: PathBuf,
     /// The template's RAM, mapped privately: nodes restored from one
     /// template share its pages until they write them.
@@ -89,10 +96,20 @@ pub struct Restore {
     /// The initramfs the template booted with (the restored machine must
     /// be built as the saved one was).
     pub initrd: PathBuf,
-    /// The template's boot messages, shown first on the node's console.
+    /// The boot messages of the saved guest, shown first on the node's
+    /// console.
     pub console_log: PathBuf,
-    /// The node's own layer, which the agent applies once restored.
-    pub layer: Vec<u8>,
+    /// What the restored guest is then.
+    pub then: Restored,
+}
+
+/// What a restored guest does once it runs.
+#[derive(Debug, Clone)]
+pub enum Restored {
+    /// A template's guest becomes the node whose own layer this is.
+    Become(Vec<u8>),
+    /// A warm node's guest goes on as the node it was.
+    Resume,
 }
 
 /// The Unix sockets QEMU serves for a node, in its socket folder.
@@ -160,9 +177,9 @@ impl MachineConfig {
             FirstStart::Restore(restore) => Some((&restore.memory, "off")),
         };
         if let Some((path, share)) = memory_file {
-            machine.push_str(",memory-backend=ram");
+            machine.push_str(&format!(",memory-backend={RAM_BLOCK}"));
             command.arg("-object").arg(format!(
-                "memory-backend-file,id=ram,size={}M,mem-path={},share={share}",
+                "memory-backend-file,id={RAM_BLOCK},size={}M,mem-path={},share={share}",
                 c.memory_mib,
                 path.display()
             ));

@@ -12,6 +12,7 @@
 
 pub mod agent;
 mod config;
+mod delta;
 mod error;
 mod feed;
 mod forward;
@@ -34,7 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
-pub use config::{make_state_disk, Accel, FirstStart, MachineConfig, Restore, Socket};
+pub use config::{make_state_disk, Accel, FirstStart, MachineConfig, Restore, Restored, Socket};
 pub use error::VmError;
 pub use feed::Feed;
 pub use forward::ShellOpener;
@@ -49,7 +50,7 @@ use forward::{BootTunnel, Forwards};
 use process::{connect_to_qemu, Control, Qemu};
 use qmp::{Qmp, QmpError};
 use shared::SharedServer;
-use snapshot::become_node;
+use snapshot::take_identity;
 
 /// How long a guest may take from QEMU's start to its agent's first answer.
 /// Generous: under TCG on a busy two-core host a boot takes seconds.
@@ -226,6 +227,16 @@ impl Machine {
         self.running().filter(|r| !r.qemu.has_exited()).map(|r| r.qemu.id())
     }
 
+    /// The machine's writable layer.
+    pub fn state_disk(&self) -> &Path {
+        &self.config.state_disk
+    }
+
+    /// Where the machine's console is recorded.
+    pub fn console_log(&self) -> &Path {
+        &self.config.console_log
+    }
+
     /// The host folder holding the machine's writable layer.
     pub fn state_dir(&self) -> &Path {
         self.config.state_disk.parent().unwrap_or(Path::new("/"))
@@ -261,7 +272,7 @@ impl Machine {
             how = FirstStart::Cold;
         }
         if let FirstStart::Restore(restore) = &how {
-            self.show_template_console(&restore.console_log);
+            self.show_saved_console(restore);
         }
         let mut command = self.config.qemu_command(&how, allow_reboot);
         // A group of its own: a Ctrl-C at the terminal is vmrig's to act
@@ -298,7 +309,7 @@ impl Machine {
             let running = self.running_mut().expect("started above");
             let exit = running.qemu.exit_watch();
             running.restored = true;
-            running.guest = Guest::Becoming(std::thread::spawn(move || become_node(&name, &socket, &exit, &restore.layer, timeout, &log)));
+            running.guest = Guest::Becoming(std::thread::spawn(move || take_identity(&name, &socket, &exit, &restore.then, timeout, &log)));
         }
         Ok(())
     }

@@ -151,6 +151,33 @@ pub(super) enum NodeCall {
     SendMonitorCommand { command: String },
 }
 
+impl NodeCall {
+    /// Whether the call only starts the node, waits on it or reads its
+    /// state, so that what the node is when it is up still comes from
+    /// its inputs alone (a node saved warm must be).
+    pub fn leaves_the_node_as_it_was(&self) -> bool {
+        matches!(
+            self,
+            Self::ConsoleLines(_)
+                | Self::QmpEvents(_)
+                | Self::WaitForShutdown {}
+                | Self::WaitForUnit { .. }
+                | Self::WaitForOpenPort(_)
+                | Self::WaitForClosedPort(_)
+                | Self::WaitForOpenUnixSocket { .. }
+                | Self::WaitForFile { .. }
+                | Self::Start { .. }
+                | Self::IsUp {}
+                | Self::Describe {}
+                | Self::TtyText { .. }
+                | Self::GetUnitInfo { .. }
+                | Self::GetUnitProperty { .. }
+                | Self::RequireUnitState { .. }
+                | Self::ConsoleLog {}
+        )
+    }
+}
+
 /// The arguments of `succeed` and `fail`.
 #[derive(Debug, Deserialize)]
 pub(super) struct Commands {

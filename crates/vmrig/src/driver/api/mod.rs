@@ -90,6 +90,9 @@ pub(super) fn handle(run: &Run<'_>, line: &str) -> Answer {
     let answered = envelope.call().map_err(Failure::Test).and_then(|call| match call {
         Call::Run(call) => run_call(run, call).map(Reply::from),
         Call::Node(node, call) => {
+            if !call.leaves_the_node_as_it_was() {
+                run.note_use(&node, || format!("the script's `{}`", envelope.method));
+            }
             let since = run.log.timeline().now();
             let answered = node_call(run, &node, call, run.deadline());
             if let Err(Failure::Test(_)) = answered {
