@@ -17,7 +17,7 @@ bench_run bench/boot
 bench_run examples/nix-is-cool
 bench_run bench/eight
 
-for mode in cold fast; do
+for mode in cold template; do
     first=(); target=(); example=()
     for _ in $(seq "$rounds"); do
         output=$(VMRIG_BOOT=$mode "$vmrig" run --rebuild bench/boot 2>&1) || { echo "$output" | tail -40; exit 1; }

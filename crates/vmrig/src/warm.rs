@@ -216,11 +216,14 @@ impl Keeper {
         let started = Instant::now();
         // Held before uses stop counting: a call waiting for the machine
         // runs after the save.
-        let mut machine = machine.lock().unwrap_or_else(|p| p.into_inner());
+        let held = machine.lock().unwrap_or_else(|p| p.into_inner());
         self.enter(Phase::Saving);
-        let (disk, console_log) = (machine.state_disk().to_path_buf(), machine.console_log().to_path_buf());
+        let (disk, console_log) = (held.state_disk().to_path_buf(), held.console_log().to_path_buf());
         let mut saved = None;
         let built = store.get_or_build(WARM_KIND, &self.key, |dir| {
+            // Let go once saved: an upload to a remote store must not hold
+            // up the script.
+            let mut machine = held;
             let state = dir.join(STATE_FILE);
             let mut paused = Duration::ZERO;
             let stats = machine.save_warm(&state, &self.template_memory, || {

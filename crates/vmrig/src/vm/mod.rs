@@ -295,9 +295,9 @@ impl Machine {
         self.state = State::On(Box::new(running));
         if let FirstStart::Restore(restore) = how {
             if let Err(error) = self.restore(&restore) {
-                self.log.line(format!("{}: booting cold: restoring its template failed: {}", self.config.name, crate::error::chain(&error)));
+                self.log.line(format!("{}: booting cold: restoring its saved state failed: {}", self.config.name, crate::error::chain(&error)));
                 self.kill();
-                // A fresh layer: the template's copy is no cold boot's.
+                // A fresh layer: the saved copy is no cold boot's.
                 let disk = self.config.state_disk.clone();
                 make_state_disk(&disk).map_err(|e| VmError::Io { node: self.config.name.clone(), path: disk, source: io::Error::other(crate::error::chain(&e)) })?;
                 return self.start(allow_reboot);
