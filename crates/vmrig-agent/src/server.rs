@@ -42,6 +42,9 @@ const EXIT_POLL: Duration = Duration::from_millis(5);
 /// frame carries, so that a fast writer costs as few frames as can be.
 /// The shared directory's mount in this boot.
 static SHARED: SharedMount = SharedMount::new();
+/// Whether systemd has reached `sysinit.target` in this boot (see
+/// [`wait_past_early_boot`]).
+static PAST_EARLY_BOOT: AtomicBool = AtomicBool::new(false);
 
 const CHUNK: usize = vmrig_proto::MAX_DATA as usize;
 /// How much a command's output pipes hold (Linux's default is 64 KiB):
@@ -115,13 +118,18 @@ fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), 
                 };
                 write_frame(&mut output, &reply, &[])?;
             }
-            Request::Exec(command) => exec(command, data, &mut output, worker)?,
+            Request::Exec(command) => {
+                wait_past_early_boot();
+                exec(command, data, &mut output, worker)?
+            }
             Request::WriteFile { path, mode, more } => {
+                wait_past_early_boot();
                 if let Some(reply) = upload.chunk(&path, mode, more, &data) {
                     write_frame(&mut output, &reply, &[])?;
                 }
             }
             Request::MakeDir { path, mode } => {
+                wait_past_early_boot();
                 let made = fs::create_dir_all(&path).and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(mode)));
                 write_frame(&mut output, &outcome(made, &path), &[])?;
             }
@@ -331,6 +339,21 @@ fn send_tree(path: &Path, relative: &str, out: &mut File) -> Result<(), TreeErro
         }
     }
     Ok(())
+}
+
+/// Waits, once a boot, until systemd has reached `sysinit.target`. The
+/// agent answers before systemd starts a unit, but a command or a file
+/// must not land in early boot: a NixOS test node's backdoor is a service
+/// that starts after it, and early boot undoes what came before it
+/// (tmpfiles empties `/tmp`). A restored node is long past it.
+fn wait_past_early_boot() {
+    if PAST_EARLY_BOOT.load(Ordering::SeqCst) {
+        return;
+    }
+    if let Err(error) = crate::systemd::wait_for_target("sysinit.target", SYSTEMD_WAIT) {
+        eprintln!("vmrig-agent: going on without sysinit.target: {error}");
+    }
+    PAST_EARLY_BOOT.store(true, Ordering::SeqCst);
 }
 
 /// Runs `command` with `stdin` as its input, streaming its output until

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags, RenameFlags,
@@ -105,15 +105,7 @@ fn mount_and_serve(port: &Path, mounted: impl FnOnce()) -> Result<(), String> {
 /// Waits until systemd has mounted the local filesystems (at once in a
 /// restored node, whose boot is long past that).
 fn wait_for_local_filesystems() -> Result<(), String> {
-    let started = Instant::now();
-    let mut systemd = loop {
-        match crate::systemd::Systemd::connect() {
-            Ok(systemd) => break systemd,
-            Err(error) if started.elapsed() > MOUNT_WAIT => return Err(error),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
-    systemd.start("local-fs.target")
+    crate::systemd::wait_for_target("local-fs.target", MOUNT_WAIT)
 }
 
 /// Which inode number stands for which path; the root is number 1.

@@ -57,6 +57,20 @@ enum Incoming {
     Other,
 }
 
+/// Waits until systemd has reached `target` (at once when it has),
+/// connecting as soon as systemd listens; gives up after `limit`.
+pub fn wait_for_target(target: &str, limit: Duration) -> Result<(), String> {
+    let started = Instant::now();
+    let mut systemd = loop {
+        match Systemd::connect() {
+            Ok(systemd) => break systemd,
+            Err(error) if started.elapsed() > limit => return Err(error),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    systemd.start(target)
+}
+
 /// A start that systemd has queued, to wait for.
 pub struct QueuedStart {
     unit: String,
