@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Warm nodes (issue 17): the reference example started three ways in one
-# run of this script, on a copy whose server has a file that changes each
+# run of this script, on a copy whose nodes have a file that changes each
 # round (so that each round's first run saves afresh):
 #   template  every node restored from its template, no save (VMRIG_BOOT=template)
 #   first     the default: restored from the template, each node saved once up
 #   warm      the same inputs, the script changed: every node restored warm
 # For each, the whole `vmrig run` (wall clock) and the host memory of each
-# idle node (its QEMU's resident set and proportional share, measured by
+# idle node (its QEMU's resident set, proportional share and anonymous
+# memory: a save reads every page of the template's RAM file, which then
+# counts in the first two though it is the page cache's; measured by
 # the script five seconds after the test's last call; that time is not
 # counted in the run's).
 #
@@ -21,7 +23,7 @@ cp -r examples/nix-is-cool/. "$work/"
 rm -rf "$work/result"
 example=$(cat examples/nix-is-cool/vmrig.toml)
 
-# The example with the server's round file holding $1 and the script
+# The example with the nodes' round file holding $1 and the script
 # ending with memory figures and the comment $2.
 write() {
     local measure
@@ -47,15 +49,19 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 assert len(qemus) == 2, qemus
 print(f"BENCH rss-per-node-mib {sum(field(f'/proc/{p}/status', 'VmRSS') for p in qemus) / 2 / 1024:.0f}")
 print(f"BENCH pss-per-node-mib {sum(field(f'/proc/{p}/smaps_rollup', 'Pss') for p in qemus) / 2 / 1024:.0f}")
+print(f"BENCH anon-per-node-mib {sum(field(f'/proc/{p}/smaps_rollup', 'Anonymous') for p in qemus) / 2 / 1024:.0f}")
 print(f"BENCH measure-s {time.monotonic() - measure_started:.2f}")
 PY
 )
     local script="${example/print(\"Test was successful\")/print(\"Test was successful\")
 $measure
 # $2}"
-    local round_file="[nodes.server]
+    local server="[nodes.server]
 files.\"/etc/bench-round\" = { text = \"$1\" }"
-    echo "${script/\[nodes.server\]/$round_file}" > "$work/vmrig.toml"
+    local client="[nodes.client]
+files.\"/etc/bench-round\" = { text = \"$1\" }"
+    script="${script/\[nodes.server\]/$server}"
+    echo "${script/\[nodes.client\]/$client}" > "$work/vmrig.toml"
 }
 
 # Runs the copy with `VMRIG_BOOT=$1`; sets $output, and $seconds to the
@@ -71,24 +77,24 @@ timed_run() {
 write warm-up warm-up
 timed_run template
 
-declare -A wall rss pss
+declare -A wall rss pss anon
 for round in $(seq "$rounds"); do
     nonce="$(date +%s%N)"
     write "template-$nonce" "template $round"
     timed_run template
-    wall[template]+="$seconds "; rss[template]+="$(value rss-per-node-mib) "; pss[template]+="$(value pss-per-node-mib) "
+    wall[template]+="$seconds "; rss[template]+="$(value rss-per-node-mib) "; pss[template]+="$(value pss-per-node-mib) "; anon[template]+="$(value anon-per-node-mib) "
     write "warm-$nonce" "first $round"
     timed_run warm
     grep -q "server: saved warm" <<<"$output" && grep -q "client: saved warm" <<<"$output" || { echo "$output" | grep -i warm; echo "the first run did not save both nodes"; exit 1; }
-    wall[first]+="$seconds "; rss[first]+="$(value rss-per-node-mib) "; pss[first]+="$(value pss-per-node-mib) "
+    wall[first]+="$seconds "; rss[first]+="$(value rss-per-node-mib) "; pss[first]+="$(value pss-per-node-mib) "; anon[first]+="$(value anon-per-node-mib) "
     write "warm-$nonce" "warm $round"
     timed_run warm
     [ "$(grep -c 'starting warm' <<<"$output")" = 2 ] || { echo "$output" | grep -i warm; echo "the second run did not restore both nodes warm"; exit 1; }
-    wall[warm]+="$seconds "; rss[warm]+="$(value rss-per-node-mib) "; pss[warm]+="$(value pss-per-node-mib) "
+    wall[warm]+="$seconds "; rss[warm]+="$(value rss-per-node-mib) "; pss[warm]+="$(value pss-per-node-mib) "; anon[warm]+="$(value anon-per-node-mib) "
 done
 for mode in template first warm; do
     echo "$mode: whole run (s): ${wall[$mode]} median $(tr ' ' '\n' <<<"${wall[$mode]}" | grep . | median)"
-    echo "$mode: per idle node RSS (MiB): ${rss[$mode]} PSS (MiB): ${pss[$mode]}"
+    echo "$mode: per idle node RSS (MiB): ${rss[$mode]} PSS (MiB): ${pss[$mode]} anonymous (MiB): ${anon[$mode]}"
 done
 t=$(tr ' ' '\n' <<<"${wall[template]}" | grep . | median)
 f=$(tr ' ' '\n' <<<"${wall[first]}" | grep . | median)

@@ -443,26 +443,35 @@ mod tests {
     /// return carrying `object`.
     fn reply(kind: u8, serial: u32, error: Option<&str>, object: Option<&str>) -> Vec<u8> {
         let mut body = Vec::new();
+        let mut fields = Vec::new();
+        if let Some(name) = error {
+            fields.push((FIELD_ERROR_NAME, b's', name));
+        }
         if let Some(text) = object.or(error.map(|_| "it failed")) {
             put_string(&mut body, text);
+            fields.push((FIELD_SIGNATURE, b'g', if object.is_some() { "o" } else { "s" }));
         }
+        message(kind, Some(serial), &fields, &body)
+    }
+
+    /// A message of `kind` (replying to `reply_to`, if given) with header
+    /// `fields` (code, type, value) and `body`.
+    fn message(kind: u8, reply_to: Option<u32>, fields: &[(u8, u8, &str)], body: &[u8]) -> Vec<u8> {
         let mut message = vec![b'l', kind, 1, 1];
         message.extend_from_slice(&(body.len() as u32).to_le_bytes());
         message.extend_from_slice(&7u32.to_le_bytes());
         message.extend_from_slice(&[0; 4]);
-        pad(&mut message, 8);
-        message.extend_from_slice(&[FIELD_REPLY_SERIAL, 1, b'u', 0]);
-        message.extend_from_slice(&serial.to_le_bytes());
-        if let Some(name) = error {
-            put_field(&mut message, FIELD_ERROR_NAME, b's', name);
+        if let Some(serial) = reply_to {
+            message.extend_from_slice(&[FIELD_REPLY_SERIAL, 1, b'u', 0]);
+            message.extend_from_slice(&serial.to_le_bytes());
         }
-        if !body.is_empty() {
-            put_field(&mut message, FIELD_SIGNATURE, b'g', if object.is_some() { "o" } else { "s" });
+        for (code, kind, value) in fields {
+            put_field(&mut message, *code, *kind, value);
         }
         let fields_length = (message.len() - 16) as u32;
         message[12..16].copy_from_slice(&fields_length.to_le_bytes());
         pad(&mut message, 8);
-        message.extend_from_slice(&body);
+        message.extend_from_slice(body);
         message
     }
 
@@ -518,18 +527,8 @@ mod tests {
         for text in [path, "some.service", "done"] {
             put_string(&mut body, text);
         }
-        let mut message = vec![b'l', SIGNAL, 1, 1];
-        message.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        message.extend_from_slice(&9u32.to_le_bytes());
-        message.extend_from_slice(&[0; 4]);
-        put_field(&mut message, FIELD_PATH, b'o', SYSTEMD_PATH);
-        put_field(&mut message, FIELD_MEMBER, b's', "JobRemoved");
-        put_field(&mut message, FIELD_SIGNATURE, b'g', "uoss");
-        let fields_length = (message.len() - 16) as u32;
-        message[12..16].copy_from_slice(&fields_length.to_le_bytes());
-        pad(&mut message, 8);
-        message.extend_from_slice(&body);
-        message
+        let fields = [(FIELD_PATH, b'o', SYSTEMD_PATH), (FIELD_MEMBER, b's', "JobRemoved"), (FIELD_SIGNATURE, b'g', "uoss")];
+        message(SIGNAL, None, &fields, &body)
     }
 
     #[test]
@@ -564,19 +563,7 @@ mod tests {
         let mut body = (jobs * 8).to_le_bytes().to_vec();
         pad(&mut body, 8);
         body.resize(body.len() + jobs as usize * 8, 0);
-        let mut message = vec![b'l', METHOD_RETURN, 1, 1];
-        message.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        message.extend_from_slice(&7u32.to_le_bytes());
-        message.extend_from_slice(&[0; 4]);
-        pad(&mut message, 8);
-        message.extend_from_slice(&[FIELD_REPLY_SERIAL, 1, b'u', 0]);
-        message.extend_from_slice(&serial.to_le_bytes());
-        put_field(&mut message, FIELD_SIGNATURE, b'g', "a(usssoo)");
-        let fields_length = (message.len() - 16) as u32;
-        message[12..16].copy_from_slice(&fields_length.to_le_bytes());
-        pad(&mut message, 8);
-        message.extend_from_slice(&body);
-        message
+        message(METHOD_RETURN, Some(serial), &[(FIELD_SIGNATURE, b'g', "a(usssoo)")], &body)
     }
 
     #[test]

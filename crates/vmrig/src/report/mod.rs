@@ -121,9 +121,9 @@ pub fn skipped_testsuite_xml(name: &str, reason: &str) -> String {
     )
 }
 
-/// `text` made safe for XML text and attribute values; characters XML 1.0
+/// `text` made safe for XML (and HTML) text and attribute values; characters XML 1.0
 /// cannot hold at all are dropped.
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
