@@ -78,9 +78,13 @@ pub struct Template {
 }
 
 impl Template {
-    /// Its key in the store.
-    pub fn key(&self) -> &str {
-        &self.entry.manifest.key
+    /// What tells this template's saved guest from any other: its key and
+    /// its files' hashes. Its key names its inputs only, and a template made again
+    /// from the same inputs is another boot; a node saved over one is no
+    /// node of the other.
+    pub fn content_id(&self) -> String {
+        let files = self.entry.manifest.files.iter().map(|(name, file)| format!("{name} {}", file.blake3));
+        key_of(std::iter::once(self.entry.manifest.key.clone()).chain(files))
     }
 
     /// The saved device state.

@@ -3,8 +3,9 @@
 //! it with its services already running.
 //!
 //! - **Key**: the template's key (image, initramfs with the agent, shape,
-//!   accelerator and CPU, QEMU), the node's own layer (files, units,
-//!   users, firewall, addresses, hostname, hosts), its NICs, vmrig's
+//!   accelerator and CPU, QEMU) and its files' hashes (a template made
+//!   again from the same inputs is another boot), the node's own layer
+//!   (files, units, users, firewall, addresses, hostname, hosts), its NICs, vmrig's
 //!   version and this format. Not the script: a run that changed only its
 //!   script finds the node saved.
 //! - **Valid**: the node is up (its agent printed
@@ -13,7 +14,10 @@
 //!   beyond address resolution (the switches' [`Contacts`]) and nothing
 //!   but waits was asked of it (a command, a copy, a shell, power, a
 //!   forwarded port: [`Keeper::note_use`]). What it is then came from its
-//!   inputs alone. Otherwise it is not saved, and the log says why.
+//!   inputs alone. Otherwise it is not saved, and the log says why. A use
+//!   that comes once the default target is reached, before the last job
+//!   has ended, waits for the node to be up (three seconds at most): a
+//!   script that waited for `default.target` goes on at once.
 //! - **Taken**: by a thread of the run ([`Keeper::keep`]), while the
 //!   script goes on: a live migration into a delta over the template's
 //!   RAM (`vm::delta`), the guest paused only for the migration's last
@@ -54,7 +58,7 @@ pub fn key(template: &Template, layer: &[u8], nics: &[Nic]) -> String {
     key_of([
         WARM_FORMAT.to_string(),
         env!("CARGO_PKG_VERSION").to_string(),
-        template.key().to_string(),
+        template.content_id(),
         blake3::hash(layer).to_hex().to_string(),
         nics.iter().map(|nic| nic.mac()).collect::<Vec<_>>().join(" "),
     ])
@@ -211,6 +215,10 @@ impl Keeper {
         let node = &self.node;
         if let Some(why) = self.touched(contacts) {
             log.line(format!("{node}: not saved warm: {why}; a later run starts it from its template"));
+            return;
+        }
+        if Saved::lookup(store, &self.key).is_some() {
+            log.line(format!("{node}: another run saved it warm meanwhile"));
             return;
         }
         let started = Instant::now();
