@@ -845,7 +845,7 @@ impl Run<'_> {
             output_threads.push(forward_lines(stderr, self.log.clone()));
         }
 
-        let kill_switches: Vec<KillSwitch> = self.each_machine().map(|m| m.kill_switch()).collect();
+        let kill_switches: Vec<(String, KillSwitch)> = self.machines.iter().map(|(name, m)| (name.clone(), m.lock().unwrap_or_else(|p| p.into_inner()).kill_switch())).collect();
         let script_over = AtomicBool::new(false);
         let end = std::thread::scope(|scope| {
             for keeper in &self.keepers {
@@ -901,8 +901,10 @@ impl Run<'_> {
             let _ = python.wait();
             // Requests still in flight (from script threads python3 did
             // not wait for) end when their machine does.
-            for switch in &kill_switches {
-                switch.pull();
+            for (node, switch) in &kill_switches {
+                if let Some(pid) = switch.pull() {
+                    self.log.line(format!("{node}: killing QEMU (pid {pid})"));
+                }
             }
             end
         });

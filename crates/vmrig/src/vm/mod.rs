@@ -635,7 +635,9 @@ impl Machine {
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if let Some(running) = self.running().filter(|r| !r.qemu.has_exited()) {
+        // A pulled kill switch said so already.
+        let pulled = self.control.stopped.load(Ordering::SeqCst);
+        if let Some(running) = self.running().filter(|r| !pulled && !r.qemu.has_exited()) {
             self.log.line(format!("{}: killing QEMU (pid {})", self.config.name, running.qemu.id()));
         }
         self.kill();

@@ -180,13 +180,11 @@ pub(super) struct Control {
 }
 
 impl Control {
-    pub fn kill(&self) {
+    pub fn kill(&self) -> Option<u32> {
         let pid = self.pid.load(Ordering::SeqCst);
-        if pid != 0 {
-            // The machine reaps its child itself, and clears the pid first,
-            // so the pid cannot belong to another process.
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
-        }
+        // The machine reaps its child itself, and clears the pid first, so
+        // the pid cannot belong to another process.
+        (pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).is_ok()).then_some(pid)
     }
 }
 
@@ -203,12 +201,13 @@ impl KillSwitch {
         Self { control }
     }
 
-    /// Kills the QEMU running now, if any, and every later start.
-    pub fn pull(&self) {
+    /// Kills the QEMU running now, if any (its pid is returned), and every
+    /// later start.
+    pub fn pull(&self) -> Option<u32> {
         // Stopped first: a start that stores its pid after this line sees
         // the flag and kills its own QEMU (see `Machine::start`).
         self.control.stopped.store(true, Ordering::SeqCst);
-        self.control.kill();
+        self.control.kill()
     }
 }
 
