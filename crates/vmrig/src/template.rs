@@ -110,9 +110,14 @@ impl Template {
     /// Writes the writable layer it was saved with to `path`, as a sparse
     /// file: a node's own copy.
     pub fn copy_layer(&self, path: &Path) -> Result<(), FileError> {
-        let from = self.entry.file(LAYER_FILE);
-        unpack_extents(&from, path).map_err(file_error("write a node's layer from", &from))
+        unpack_layer(&self.entry.file(LAYER_FILE), path)
     }
+}
+
+/// Writes the writable layer packed in `from` (by [`pack_extents`]) to
+/// `path`, as a sparse file: a node's own copy.
+pub(crate) fn unpack_layer(from: &Path, path: &Path) -> Result<(), FileError> {
+    unpack_extents(from, path).map_err(file_error("write a node's layer from", from))
 }
 
 /// The CPU a saved state can run on: TCG emulates one model everywhere;
@@ -248,7 +253,7 @@ pub(crate) fn pack_extents(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Makes sparse file `to` from what [`pack_extents`] wrote.
-pub(crate) fn unpack_extents(from: &Path, to: &Path) -> io::Result<()> {
+fn unpack_extents(from: &Path, to: &Path) -> io::Result<()> {
     let mut input = io::BufReader::new(File::open(from)?);
     let mut word = [0u8; 8];
     input.read_exact(&mut word)?;

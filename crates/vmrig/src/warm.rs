@@ -42,7 +42,7 @@ use crate::error::{file_error, FileError};
 use crate::net::{Contacts, Nic};
 use crate::runlog::RunLog;
 use crate::store::{key_of, Entry, Store, StoreError};
-use crate::template::{pack_extents, unpack_extents, Template};
+use crate::template::{pack_extents, unpack_layer, Template};
 use crate::vm::{Machine, VmError};
 
 /// Store entry kind of saved nodes.
@@ -88,8 +88,7 @@ impl Saved {
 
     /// Writes its writable layer, as it was at the save, to `path`.
     pub fn copy_layer(&self, path: &Path) -> Result<(), FileError> {
-        let from = self.entry.file(LAYER_FILE);
-        unpack_extents(&from, path).map_err(file_error("write a node's layer from", &from))
+        unpack_layer(&self.entry.file(LAYER_FILE), path)
     }
 }
 
