@@ -344,11 +344,7 @@ impl<'a> Builder<'a> {
                 request.packages.iter().cloned().collect::<Vec<_>>().join(",")
             ))
             .arg(format!("--essential-hook={DIVERT_INITRAMFS_HOOK}"))
-            .arg(format!("--customize-hook={}", export_hook(dir, packer)));
-        for excluded in ["man", "doc", "info", "locale", "lintian"] {
-            command.arg(format!("--dpkgopt=path-exclude=/usr/share/{excluded}/*"));
-        }
-        command
+            .arg(format!("--customize-hook={}", export_hook(dir, packer)))
             .arg("--format=null")
             .arg(&request.distro)
             .arg("/dev/null")
@@ -416,10 +412,17 @@ impl<'a> Builder<'a> {
 /// vmrig never boots: it costs seconds per build.
 const DIVERT_INITRAMFS_HOOK: &str = "chroot \"$1\" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && ln -s /bin/true \"$1/usr/sbin/update-initramfs\"";
 
+/// What a node never reads: removed from the finished root. (Excluding them
+/// with dpkg's `path-exclude` makes mmdebstrap's extraction of the
+/// essential packages three times slower: 14.5 s against 5.6 s a build.)
+const UNREAD_TREES: &[&str] = &["man", "doc", "info", "locale", "lintian"];
+
 /// The shell hook run inside the finished root: it takes out the kernel and
 /// its module tree, drops what a node never needs, and packs the root.
 fn export_hook(dir: &Path, packer: Packer) -> String {
     let out = shell_quote(&dir.to_string_lossy());
+    let unread: Vec<String> = UNREAD_TREES.iter().map(|tree| format!("\"$root\"/usr/share/{tree}/*")).collect();
+    let unread = unread.join(" ");
     format!(
         r#"set -eu
 root="$1"
@@ -429,7 +432,7 @@ set -- "$root"/boot/vmlinuz-*
 if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then echo "vmrig: expected one kernel in /boot, found: $*" >&2; exit 1; fi
 cp "$1" "$out/{KERNEL_FILE}"
 cp -al "$root/lib/modules" "$out/modules" 2>/dev/null || cp -a "$root/lib/modules" "$out/modules"
-rm -rf "$root"/boot/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*
+rm -rf "$root"/boot/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* {unread}
 # Pack a plain bind view of the root: it shows none of the filesystems
 # mmdebstrap has mounted inside it, and the private mount namespace takes the
 # view away however the packer ends.
