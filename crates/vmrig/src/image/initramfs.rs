@@ -67,45 +67,117 @@ fn module_name(path: &str) -> String {
 }
 
 /// The files (relative to the module directory) that loading `wanted` takes,
-/// each after the modules it depends on, with no repeats.
+/// each after the modules it depends on and the modules it asks to be
+/// loaded first (`modules.softdep`'s `pre:`, which modprobe would load: Debian's
+/// generic kernel's `libcrc32c` fails to load without a crc32c module), with
+/// no repeats.
 pub fn load_order(module_dir: &Path, wanted: &[&str]) -> Result<Vec<String>, ModulesError> {
-    let read = |name: &str| {
-        let path = module_dir.join(name);
-        fs::read_to_string(&path).map_err(|source| ModulesError::Read { path, source })
-    };
-    let dep_text = read("modules.dep")?;
-    let builtin: HashSet<String> = read("modules.builtin")
-        .unwrap_or_default()
-        .lines()
-        .map(module_name)
-        .collect();
-
-    let mut deps: BTreeMap<String, (String, Vec<String>)> = BTreeMap::new();
-    for line in dep_text.lines() {
-        let Some((path, rest)) = line.split_once(':') else { continue };
-        let needs = rest.split_whitespace().map(str::to_string).collect();
-        deps.insert(module_name(path), (path.to_string(), needs));
-    }
-
-    let mut order = Vec::new();
-    let mut placed = BTreeSet::new();
+    let tree = ModuleTree::read(module_dir)?;
+    let mut order = Order::default();
     for name in wanted {
         let name = normalise(name);
-        if builtin.contains(&name) {
+        if tree.builtin.contains(&name) {
             continue;
         }
-        let Some((path, needs)) = deps.get(&name) else {
-            return Err(ModulesError::Unknown(name));
+        let path = tree.path_of(&name).ok_or(ModulesError::Unknown(name))?;
+        order.place(&tree, path);
+    }
+    Ok(order.paths)
+}
+
+/// What a kernel's module directory says of its modules.
+struct ModuleTree {
+    /// Each loadable module's path and the paths it depends on.
+    deps: BTreeMap<String, (String, Vec<String>)>,
+    builtin: HashSet<String>,
+    /// Each module's `pre:` soft dependencies, as names or aliases.
+    soft_pre: BTreeMap<String, Vec<String>>,
+    /// Aliases and the modules that provide them.
+    aliases: BTreeMap<String, Vec<String>>,
+}
+
+impl ModuleTree {
+    fn read(module_dir: &Path) -> Result<Self, ModulesError> {
+        let read = |name: &str| {
+            let path = module_dir.join(name);
+            fs::read_to_string(&path).map_err(|source| ModulesError::Read { path, source })
         };
-        // modules.dep lists a module's dependencies so that loading them
-        // from last to first satisfies every one.
-        for dependency in needs.iter().rev().chain(std::iter::once(path)) {
-            if placed.insert(dependency.clone()) {
-                order.push(dependency.clone());
+        let mut deps = BTreeMap::new();
+        for line in read("modules.dep")?.lines() {
+            let Some((path, rest)) = line.split_once(':') else { continue };
+            let needs = rest.split_whitespace().map(str::to_string).collect();
+            deps.insert(module_name(path), (path.to_string(), needs));
+        }
+        let builtin = read("modules.builtin").unwrap_or_default().lines().map(module_name).collect();
+        let mut soft_pre: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in read("modules.softdep").unwrap_or_default().lines() {
+            let mut words = line.split_whitespace();
+            let (Some("softdep"), Some(module)) = (words.next(), words.next()) else { continue };
+            let pre = words.skip_while(|w| *w != "pre:").skip(1).take_while(|w| *w != "post:");
+            soft_pre.entry(normalise(module)).or_default().extend(pre.map(str::to_string));
+        }
+        let mut aliases: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for line in read("modules.alias").unwrap_or_default().lines() {
+            if let ["alias", alias, module] = line.split_whitespace().collect::<Vec<_>>()[..] {
+                aliases.entry(alias.to_string()).or_default().push(normalise(module));
             }
         }
+        Ok(Self { deps, builtin, soft_pre, aliases })
     }
-    Ok(order)
+
+    fn path_of(&self, name: &str) -> Option<&str> {
+        self.deps.get(name).map(|(path, _)| path.as_str())
+    }
+
+    /// The loadable module a soft dependency names: the module by that
+    /// name, else the generic one of those its alias names (the others
+    /// are faster versions that refuse a CPU without their instructions,
+    /// as TCG's may be); none when it is built in.
+    fn soft_dependency(&self, name: &str) -> Option<&str> {
+        let name = normalise(name);
+        if self.builtin.contains(&name) {
+            return None;
+        }
+        if let Some(path) = self.path_of(&name) {
+            return Some(path);
+        }
+        let providers = self.aliases.get(&name).or_else(|| self.aliases.get(&name.replace('_', "-")))?;
+        if providers.iter().any(|module| self.builtin.contains(module)) {
+            return None;
+        }
+        let chosen = providers.iter().find(|module| module.ends_with("_generic")).or(providers.first())?;
+        self.path_of(chosen)
+    }
+}
+
+/// A load order being made.
+#[derive(Default)]
+struct Order {
+    paths: Vec<String>,
+    placed: BTreeSet<String>,
+}
+
+impl Order {
+    /// Places `path` after its soft dependencies and its dependencies.
+    fn place(&mut self, tree: &ModuleTree, path: &str) {
+        if !self.placed.insert(path.to_string()) {
+            return;
+        }
+        let name = module_name(path);
+        for soft in tree.soft_pre.get(&name).into_iter().flatten() {
+            if let Some(soft_path) = tree.soft_dependency(soft) {
+                self.place(tree, soft_path);
+            }
+        }
+        // modules.dep lists a module's dependencies so that loading them
+        // from last to first satisfies every one.
+        if let Some((_, needs)) = tree.deps.get(&name) {
+            for dependency in needs.iter().rev() {
+                self.place(tree, dependency);
+            }
+        }
+        self.paths.push(path.to_string());
+    }
 }
 
 /// A writer of `newc` cpio archives with fixed owners and times, so that the
@@ -238,6 +310,26 @@ mod tests {
         )
         .unwrap();
         fs::write(dir.join("modules.builtin"), "kernel/drivers/virtio/virtio.ko\n").unwrap();
+    }
+
+    #[test]
+    fn a_soft_dependency_comes_first_as_its_generic_module() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("modules.dep"),
+            "kernel/fs/erofs/erofs.ko: kernel/lib/libcrc32c.ko\n\
+             kernel/lib/libcrc32c.ko:\n\
+             kernel/arch/x86/crypto/crc32c-intel.ko:\n\
+             kernel/crypto/crc32c_generic.ko:\n",
+        )
+        .unwrap();
+        fs::write(dir.path().join("modules.softdep"), "# Soft dependencies\nsoftdep libcrc32c pre: crc32c\n").unwrap();
+        fs::write(dir.path().join("modules.alias"), "alias crc32c crc32c_intel\nalias crc32c crc32c_generic\n").unwrap();
+        let order = load_order(dir.path(), &["erofs"]).unwrap();
+        assert_eq!(order, ["kernel/crypto/crc32c_generic.ko", "kernel/lib/libcrc32c.ko", "kernel/fs/erofs/erofs.ko"]);
+        // Built in, it needs no loading.
+        fs::write(dir.path().join("modules.builtin"), "kernel/crypto/crc32c_generic.ko\n").unwrap();
+        assert_eq!(load_order(dir.path(), &["erofs"]).unwrap(), ["kernel/lib/libcrc32c.ko", "kernel/fs/erofs/erofs.ko"]);
     }
 
     #[test]
