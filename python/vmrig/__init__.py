@@ -467,17 +467,22 @@ class Machine:
                 return
             self.send_console(line + "\n")
 
-    def send_key(self, key: str, delay: Optional[float] = 0.01, log: Optional[bool] = True) -> None:
-        """Not available: vmrig nodes have no display or keyboard."""
-        raise _no_display("send_key")
+    def send_key(self, key: str, delay: Timeout = 0.01, log: Optional[bool] = True) -> None:
+        """Presses key, or keys joined by "-" together ("ctrl-alt-delete",
+        "alt-f2", "ret"), with QEMU's names; then waits delay. Needs a
+        node with `graphics = true`."""
+        self._call("send_key", key=key, delay=_seconds(delay), log=bool(log))
 
-    def send_chars(self, chars: str, delay: Optional[float] = 0.01) -> None:
-        """Not available: vmrig nodes have no display or keyboard."""
-        raise _no_display("send_chars")
+    def send_chars(self, chars: str, delay: Timeout = 0.01) -> None:
+        """Types chars on the keyboard (US layout), waiting delay after
+        each key. Needs a node with `graphics = true`."""
+        self._call("send_chars", chars=chars, delay=_seconds(delay))
 
     def screenshot(self, filename: str) -> None:
-        """Not available: vmrig nodes have no display or keyboard."""
-        raise _no_display("screenshot")
+        """Saves the screen as filename (PNG; `.png` is added to a name
+        without an extension), in the test's result folder unless it is an
+        absolute path. Needs a node with `graphics = true`."""
+        self._call("screenshot", filename=str(filename))
 
     def block(self) -> None:
         """Unplugs the cable of the machine's NIC on its first VLAN (eth1),
@@ -528,13 +533,6 @@ class Vlan:
         self._driver.call(
             "impair", vlan=self.number, delay=plain(delay), jitter=plain(jitter), loss=plain(loss), rate=plain(rate)
         )
-
-
-def _no_display(method: str) -> TestFailure:
-    return TestFailure(
-        f"{method}() needs a graphical console, and vmrig nodes have none: they are headless "
-        "and reached through their agent (succeed, execute) and serial console (wait_for_console_text)"
-    )
 
 
 class PollingConditionFailed(TestFailure):

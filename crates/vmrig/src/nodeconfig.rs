@@ -52,6 +52,19 @@ pub const MASKED_UNITS: &[&str] = &[
     "systemd-random-seed.service",
 ];
 
+/// The login prompt of a virtual terminal (`getty@tty1`, and each one
+/// logind starts on a terminal switched to, as `autovt@`), which a node
+/// with a display keeps: NixOS tests log in on it.
+const TERMINAL_LOGIN_UNIT: &str = "getty@.service";
+
+/// Where a node with a display changes that unit.
+const TERMINAL_LOGIN_DROP_IN: &str = "/etc/systemd/system/getty@.service.d/vmrig.conf";
+
+/// Debian's login prompt names its terminal `-` (its standard input); a
+/// NixOS test node's names it (`agetty … tty1`), and NixOS scripts look
+/// for it so (`pgrep -f 'agetty.*tty1'`).
+const TERMINAL_LOGIN_NAMED: &str = "[Service]\nExecStart=\nExecStart=-/sbin/agetty -o '-p -- \\\\u' --noclear %I $TERM\n";
+
 /// Generators of a stock Debian boot that have nothing to find on a test
 /// node (encrypted, verity or integrity disks, GPT auto-discovery, resume
 /// from hibernation, offline updates, login prompts); each is a program
@@ -122,12 +135,12 @@ const BOOT_TARGETS: [&str; 2] = ["network.target", "network-online.target"];
 /// which a node's files may configure.
 const TEMPLATE_TARGET_UNIT: &str = "[Unit]\nDescription=vmrig template: settled, before the packages' services\nRequires=basic.target\nAfter=basic.target\nAllowIsolate=yes\n";
 
-/// The layer a template boots with: what every test guest gets, nothing
-/// of a node's own.
-pub fn template_layer() -> Vec<u8> {
+/// The layer a template boots with: what every test guest (with a display
+/// or without, as `graphics` says) gets, nothing of a node's own.
+pub fn template_layer(graphics: bool) -> Vec<u8> {
     let mut layer = Layer { cpio: CpioWriter::new(Vec::new()), dirs: BTreeSet::new() };
     (|| -> io::Result<Vec<u8>> {
-        layer.test_node_settings()?;
+        layer.test_node_settings(graphics)?;
         layer.cpio.finish()
     })()
     .expect("writing to memory cannot fail")
@@ -170,13 +183,17 @@ impl<W: Write> Layer<W> {
     /// What every guest of a test gets, node or template: the units and
     /// generators masked, the journal on the console, the service
     /// manager's and the kernel's settings of a NixOS test node, the boot
-    /// targets it reaches, and the target a template boots to.
-    fn test_node_settings(&mut self) -> io::Result<()> {
-        for unit in MASKED_UNITS {
+    /// targets it reaches, and the target a template boots to. A guest
+    /// with a display keeps its login prompts on the virtual terminals.
+    fn test_node_settings(&mut self, graphics: bool) -> io::Result<()> {
+        for unit in MASKED_UNITS.iter().filter(|unit| !(graphics && **unit == TERMINAL_LOGIN_UNIT)) {
             self.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
         }
         for generator in MASKED_GENERATORS {
             self.symlink(&format!("/etc/systemd/system-generators/{generator}"), "/dev/null")?;
+        }
+        if graphics {
+            self.file(TERMINAL_LOGIN_DROP_IN, 0o644, TERMINAL_LOGIN_NAMED.as_bytes())?;
         }
         self.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
         self.file(MANAGER_DROP_IN, 0o644, MANAGER_SETTINGS.as_bytes())?;
@@ -245,7 +262,7 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
         layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
-        layer.test_node_settings()?;
+        layer.test_node_settings(node.graphics)?;
         let services = node.services.iter().map(|(name, service)| match service {
             Service::Raw(raw) => (format!("{name}.service"), raw.text.clone(), raw.wanted_by.clone()),
             Service::Fields(fields) => (format!("{name}.service"), unit_file(name, fields), fields.wanted_by.clone()),

@@ -53,6 +53,23 @@ pub struct Shape {
     pub nics: usize,
     /// Accelerator.
     pub accel: Accel,
+    /// Whether it has a display, a keyboard and a tablet.
+    pub graphics: bool,
+}
+
+impl Shape {
+    /// The shape as the template's key holds it: its devices.
+    fn key_part(&self) -> String {
+        let display = if self.graphics { ", virtio-gpu, keyboard and tablet on virtio-mmio 1.0" } else { "" };
+        format!("{} MiB, {} CPUs, {} NICs{display}", self.memory_mib, self.cpus, self.nics)
+    }
+
+    /// The shape as the log says it.
+    fn describe(&self) -> String {
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let display = if self.graphics { ", a display" } else { "" };
+        format!("{} MiB, {}, {}{display}", self.memory_mib, plural(self.cpus as usize, "CPU"), plural(self.nics, "NIC"))
+    }
 }
 
 /// Errors of the template layer.
@@ -137,12 +154,12 @@ fn cpu_identity(accel: Accel) -> String {
 /// by booting a generic guest (logged to `log`, its sockets in
 /// `socket_dir`) and saving it.
 pub fn get_or_build(store: &Store, boot: &BootFiles, shape: Shape, socket_dir: &Path, log: &RunLog, launcher: &Launcher) -> Result<Template, TemplateError> {
-    let layer = crate::nodeconfig::template_layer();
+    let layer = crate::nodeconfig::template_layer(shape.graphics);
     let key = key_of([
         TEMPLATE_FORMAT.to_string(),
         boot.image.manifest.key.clone(),
         boot.initramfs.manifest.key.clone(),
-        format!("{} MiB, {} CPUs, {} NICs", shape.memory_mib, shape.cpus, shape.nics),
+        shape.key_part(),
         cpu_identity(shape.accel),
         QEMU.version().unwrap_or_default(),
         blake3::hash(&layer).to_hex().to_string(),
@@ -153,7 +170,7 @@ pub fn get_or_build(store: &Store, boot: &BootFiles, shape: Shape, socket_dir: &
 
 fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &Path, log: &RunLog, launcher: &Launcher) -> Result<serde_json::Value, TemplateError> {
     let started = Instant::now();
-    let _block = log.block(None, format!("building a template ({} MiB, {} CPU, {} NIC) to start nodes from", shape.memory_mib, shape.cpus, shape.nics));
+    let _block = log.block(None, format!("building a template ({}) to start nodes from", shape.describe()));
     let initrd = dir.join(INITRD_FILE);
     fs::copy(boot.initrd(), &initrd).map_err(file_error("copy", &boot.initrd()))?;
     File::options().append(true).open(&initrd).and_then(|mut f| f.write_all(layer)).map_err(file_error("write", &initrd))?;
@@ -174,6 +191,7 @@ fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &
         socket_dir: socket_dir.to_path_buf(),
         console_log: dir.join(CONSOLE_FILE),
         shared_dir: None,
+        graphics: shape.graphics,
         first_start: FirstStart::AsTemplate { memory: dir.join(MEMORY_FILE) },
     };
     let mut machine = Machine::new(config, log.clone(), launcher.clone());

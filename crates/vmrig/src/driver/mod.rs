@@ -278,7 +278,7 @@ impl<'a> Prepared<'a> {
                 }
                 Some(ColdBoot::Asked) => None,
                 None => {
-                    let key = (boot.image.manifest.key.clone(), Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel });
+                    let key = (boot.image.manifest.key.clone(), Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel, graphics: node.graphics });
                     needed.entry(key.clone()).or_insert(boot);
                     Some(key)
                 }
@@ -342,6 +342,7 @@ impl<'a> Prepared<'a> {
                 socket_dir: private.path().to_path_buf(),
                 console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
                 shared_dir: Some(shared_dir.clone()),
+                graphics: node.graphics,
                 first_start,
             };
             machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));

@@ -31,9 +31,26 @@ use crate::store::{key_of, Entry, Provenance, Store, StoreError};
 use crate::ui::Ui;
 
 /// What every guest has besides its node's packages: systemd as PID 1, the
-/// kernel it boots, and the tools the agent uses to configure networking
-/// and the firewall.
-pub const BASE_PACKAGES: &[&str] = &["systemd", "linux-image-cloud-amd64", "iproute2", "nftables"];
+/// tools the agent uses to configure networking and the firewall, and
+/// `ps`, `pgrep` and `pkill` (procps), which every NixOS test node has and
+/// NixOS scripts use.
+pub const BASE_PACKAGES: &[&str] = &["systemd", "iproute2", "nftables", "procps"];
+
+/// What a headless guest adds: Debian's cloud kernel, which boots fastest
+/// and has no display drivers.
+pub const HEADLESS_PACKAGES: &[&str] = &["linux-image-cloud-amd64"];
+
+/// What a guest with a display (`graphics = true`) adds: Debian's generic
+/// kernel, whose virtio-gpu driver gives the virtual terminals a screen;
+/// and D-Bus, so that logind starts a login prompt on each terminal
+/// switched to, as on a NixOS test node.
+pub const GRAPHICAL_PACKAGES: &[&str] = &["linux-image-amd64", "dbus"];
+
+/// Everything a node's image holds besides the packages the node names.
+fn packages_every(graphics: bool) -> impl Iterator<Item = &'static str> {
+    let added = if graphics { GRAPHICAL_PACKAGES } else { HEADLESS_PACKAGES };
+    BASE_PACKAGES.iter().chain(added).copied()
+}
 
 /// Changes whenever what an image contains for the same inputs changes, so
 /// that old entries are not reused.
@@ -136,6 +153,8 @@ pub struct ImageRequest {
     pub sources: Vec<AptEntry>,
     /// Every package to install, the base set included, sorted.
     pub packages: BTreeSet<String>,
+    /// Whether its nodes have a display (its kernel and base set say so).
+    pub graphics: bool,
     /// The nodes that use this image, in name order.
     pub nodes: Vec<String>,
 }
@@ -155,7 +174,8 @@ impl ImageRequest {
 
     /// The packages the nodes asked for, without the base set.
     pub fn node_packages(&self) -> impl Iterator<Item = &String> {
-        self.packages.iter().filter(|p| !BASE_PACKAGES.contains(&p.as_str()))
+        let base: BTreeSet<&str> = packages_every(self.graphics).collect();
+        self.packages.iter().filter(move |p| !base.contains(p.as_str()))
     }
 }
 
@@ -164,9 +184,8 @@ impl ImageRequest {
 pub fn plan(spec: &TestSpec, sources: &[AptEntry]) -> Vec<ImageRequest> {
     let mut by_set: Vec<ImageRequest> = Vec::new();
     for node in spec.nodes.values() {
-        let packages: BTreeSet<String> = BASE_PACKAGES
-            .iter()
-            .map(|p| p.to_string())
+        let packages: BTreeSet<String> = packages_every(node.graphics)
+            .map(str::to_string)
             .chain(node.packages.iter().cloned())
             .collect();
         match by_set.iter_mut().find(|r| r.packages == packages) {
@@ -175,6 +194,7 @@ pub fn plan(spec: &TestSpec, sources: &[AptEntry]) -> Vec<ImageRequest> {
                 distro: spec.distro.clone(),
                 sources: sources.to_vec(),
                 packages,
+                graphics: node.graphics,
                 nodes: vec![node.name.clone()],
             }),
         }

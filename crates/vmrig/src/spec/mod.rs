@@ -85,6 +85,9 @@ pub struct Node {
     pub boot: BootMode,
     /// Whether the node's own table (or `[defaults]`) set `boot`.
     pub boot_given: bool,
+    /// Whether the node has a display, a keyboard and a tablet (NixOS's
+    /// `virtualisation.graphics`), and what a screen needs in the guest.
+    pub graphics: bool,
 }
 
 /// How a node starts, from the least kept from earlier runs to the most

@@ -33,6 +33,7 @@ const NODE_KEYS: &[&str] = &[
     "kernel_params",
     "extra_hosts",
     "boot",
+    "graphics",
 ];
 const FILE_KEYS: &[&str] = &["source", "exclude", "mode", "text"];
 const SERVICE_KEYS: &[&str] = &[
@@ -447,6 +448,10 @@ impl Parser<'_> {
             Some(v) => self.boot_mode(v).map(Some),
             None => Some(None),
         };
+        let graphics = match field(table, "graphics") {
+            Some(v) => self.boolean(v, "`graphics`"),
+            None => Some(false),
+        };
 
         if !ok {
             return None;
@@ -469,6 +474,7 @@ impl Parser<'_> {
             extra_hosts: extra_hosts?,
             boot: boot?.unwrap_or(BootMode::Warm),
             boot_given: boot?.is_some(),
+            graphics: graphics?,
         })
     }
 

@@ -61,6 +61,8 @@ pub struct MachineConfig {
     /// The run's shared folder, which the node sees at `/tmp/shared`
     /// (none for a template: it has the port, and nothing behind it).
     pub shared_dir: Option<PathBuf>,
+    /// Whether it has a display (virtio-gpu), a keyboard and a tablet.
+    pub graphics: bool,
     /// How the machine's first start goes; every later start is a cold
     /// boot from its own writable layer.
     pub first_start: FirstStart,
@@ -215,6 +217,18 @@ impl MachineConfig {
             .arg(format!("unix:{},server=on,wait=off", self.socket(Socket::Events).display()));
         if !allow_reboot {
             command.arg("-no-reboot");
+        }
+        if c.graphics {
+            // On virtio-mmio like every other device: the screen the
+            // virtual terminals (and X or Wayland) draw on, which
+            // `screendump` reads, and the keyboard and tablet `send-key`
+            // and pointer events reach. Their drivers take only virtio
+            // 1.0 devices, and QEMU's virtio-mmio is legacy (0.9) unless
+            // told otherwise.
+            command.args(["-global", "virtio-mmio.force-legacy=false"]);
+            for device in ["virtio-gpu-device", "virtio-keyboard-device", "virtio-tablet-device"] {
+                command.args(["-device", device]);
+            }
         }
         for (index, nic) in c.nics.iter().enumerate() {
             // A template's NICs are on no network; a node restored from it

@@ -70,6 +70,24 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    /// A screen or keyboard call on a node without a display.
+    #[error("{node} has no {what}: give it `graphics = true` (or set it in `[defaults]`)")]
+    Headless {
+        /// The node.
+        node: String,
+        /// What it lacks.
+        what: &'static str,
+    },
+    /// QEMU knows no key by a name the script gave.
+    #[error("{node}: no key `{keys}`: {message}")]
+    NoSuchKey {
+        /// The node.
+        node: String,
+        /// The combination as written.
+        keys: String,
+        /// QEMU's words.
+        message: String,
+    },
     /// The guest did not power off in time.
     #[error("{node}: the guest did not power off within {} s", .timeout.as_secs())]
     ShutdownTimeout {

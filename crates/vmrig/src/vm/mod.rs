@@ -19,6 +19,7 @@ mod forward;
 mod launcher;
 mod process;
 pub mod qmp;
+mod screen;
 mod shared;
 mod snapshot;
 
@@ -41,6 +42,7 @@ pub use feed::Feed;
 pub use forward::ShellOpener;
 pub use launcher::Launcher;
 pub use process::KillSwitch;
+pub use screen::{Keys, KEY_STROKE};
 use serde_json::{json, Value};
 use vmrig_proto::SocketTarget;
 

@@ -13,6 +13,8 @@ use serde::Deserialize;
 use serde_json::Value;
 use vmrig_proto::AnswerAt;
 
+use crate::vm::Keys;
+
 /// One request line, before its call is read.
 #[derive(Deserialize)]
 pub(super) struct Envelope {
@@ -149,6 +151,22 @@ pub(super) enum NodeCall {
     ForwardPort { host_port: u16, guest_port: u16 },
     ConsoleLog {},
     SendMonitorCommand { command: String },
+    /// Presses keys together (`ctrl-alt-delete`), then waits `delay`.
+    SendKey {
+        key: KeyCombo,
+        delay: Option<Seconds>,
+        #[serde(default = "logged")]
+        log: bool,
+    },
+    /// Types text, key by key, waiting `delay` after each.
+    SendChars { chars: TypedText, delay: Option<Seconds> },
+    /// Saves the screen as `filename` (in the result folder when relative;
+    /// `.png` added when it has no extension).
+    Screenshot { filename: String },
+}
+
+fn logged() -> bool {
+    true
 }
 
 impl NodeCall {
@@ -174,6 +192,7 @@ impl NodeCall {
                 | Self::GetUnitProperty { .. }
                 | Self::RequireUnitState { .. }
                 | Self::ConsoleLog {}
+                | Self::Screenshot { .. }
         )
     }
 }
@@ -251,6 +270,39 @@ impl TryFrom<Value> for Tty {
             .filter(|n| (1..=63).contains(n))
             .map(Tty)
             .ok_or_else(|| format!("must be a virtual terminal's number (1 to 63), not {value}"))
+    }
+}
+
+/// A key or keys pressed together, by NixOS's names.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct KeyCombo(pub Keys);
+
+impl TryFrom<String> for KeyCombo {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        Keys::named(&name).map(KeyCombo)
+    }
+}
+
+/// Text to type: the keys of each character, on a US keyboard.
+#[derive(Debug, Deserialize)]
+#[serde(try_from = "String")]
+pub(super) struct TypedText {
+    pub text: String,
+    pub keys: Vec<Keys>,
+}
+
+impl TryFrom<String> for TypedText {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let keys = text
+            .chars()
+            .map(|c| Keys::typing(c).ok_or_else(|| format!("{c:?} cannot be typed on a US keyboard; send_key sends any key by its name")))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { text, keys })
     }
 }
 
@@ -346,5 +398,11 @@ mod tests {
         let Err(error) = envelope(Some("a"), "wait_for_file", json!({"filename": "/x", "timeout": -1})).call() else { panic!("a negative timeout was taken") };
         assert_eq!(error, "argument `timeout`: must be a number of seconds from 0 on, not -1");
         assert!(envelope(Some("a"), "wait_for_open_port", json!({"port": 70000})).call().is_err());
+        let Ok(Call::Node(_, NodeCall::SendKey { key, log, .. })) = envelope(Some("a"), "send_key", json!({"key": "alt-f2"})).call() else { panic!("send_key not read") };
+        assert_eq!((key.0.name(), log), ("alt-f2", true));
+        let Err(error) = envelope(Some("a"), "send_key", json!({"key": "alt+f2"})).call() else { panic!("alt+f2 was taken") };
+        assert!(error.starts_with("argument `key`: `alt+f2` is not a key"), "{error}");
+        let Err(error) = envelope(Some("a"), "send_chars", json!({"chars": "café"})).call() else { panic!("é was taken") };
+        assert!(error.starts_with("argument `chars`: 'é' cannot be typed"), "{error}");
     }
 }

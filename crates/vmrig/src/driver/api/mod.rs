@@ -18,6 +18,7 @@
 
 mod call;
 mod command;
+mod screen;
 pub(super) mod copy;
 mod wait;
 
@@ -48,7 +49,11 @@ impl Failure {
 
 impl From<VmError> for Failure {
     fn from(error: VmError) -> Self {
-        Self::Infra(crate::error::chain(&error))
+        match error {
+            // The script asked what the node cannot do.
+            VmError::Headless { .. } | VmError::NoSuchKey { .. } => Self::Test(error.to_string()),
+            _ => Self::Infra(crate::error::chain(&error)),
+        }
     }
 }
 
@@ -347,6 +352,22 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
         }
         NodeCall::ConsoleLog {} => Value::String(locked(run, node)?.console().since(0, Instant::now()).join("\n")),
         NodeCall::SendMonitorCommand { command } => Value::String(locked(run, node)?.monitor_command(&command)?),
+        NodeCall::SendKey { key, delay, log: logged } => {
+            let _block = logged.then(|| log.block(Some(node), format!("sending key {}", key.0.name())));
+            screen::send(run, node, &[key.0], delay)?;
+            Value::Null
+        }
+        NodeCall::SendChars { chars, delay } => {
+            let _block = log.block(Some(node), format!("sending keys {:?}", chars.text));
+            screen::send(run, node, &chars.keys, delay)?;
+            Value::Null
+        }
+        NodeCall::Screenshot { filename } => {
+            let path = screen::screenshot_path(&run.result_dir, &filename);
+            let _block = log.block(Some(node), format!("making screenshot {}", path.display()));
+            locked(run, node)?.screendump(&path)?;
+            Value::Null
+        }
     };
     Ok(value.into())
 }
