@@ -530,3 +530,25 @@ fn build_failure(request: &ImageRequest, log_path: &Path) -> ImageError {
         tail: lines[lines.len().saturating_sub(15)..].join("\n"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_with_a_display_share_an_image_of_their_own_with_the_generic_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = "[nodes.a]\ngraphics = true\npackages = [\"curl\"]\n[nodes.b]\ngraphics = true\npackages = [\"curl\"]\n[nodes.c]\npackages = [\"curl\"]\n[test]\nscript = \"a.succeed('true')\"\n";
+        fs::write(dir.path().join("vmrig.toml"), toml).unwrap();
+        let spec = TestSpec::load(dir.path()).unwrap();
+        let requests = plan(&spec, &[]);
+        assert_eq!(requests.iter().map(|r| r.nodes.clone()).collect::<Vec<_>>(), [vec!["a", "b"], vec!["c"]]);
+        let (display, headless) = (&requests[0], &requests[1]);
+        assert!(display.graphics && display.packages.contains("linux-image-amd64") && display.packages.contains("dbus"));
+        assert!(!display.packages.contains("linux-image-cloud-amd64"));
+        assert!(!headless.graphics && headless.packages.contains("linux-image-cloud-amd64") && headless.packages.contains("procps"));
+        for request in &requests {
+            assert_eq!(request.node_packages().collect::<Vec<_>>(), ["curl"]);
+        }
+    }
+}

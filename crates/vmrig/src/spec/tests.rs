@@ -75,6 +75,27 @@ fn defaults_fill_in_what_nodes_leave_out() {
 }
 
 #[test]
+fn a_display_is_asked_per_node_or_for_all_and_headless_is_the_default() {
+    let (_dir, spec) = load(&with_script("[nodes.a]
+graphics = true
+[nodes.b]
+"));
+    let spec = spec.unwrap();
+    assert!(spec.nodes["a"].graphics && !spec.nodes["b"].graphics);
+    let (_dir, spec) = load(&with_script("[defaults]
+graphics = true
+[nodes.a]
+[nodes.b]
+graphics = false
+"));
+    let spec = spec.unwrap();
+    assert!(spec.nodes["a"].graphics && !spec.nodes["b"].graphics);
+    let (_, _, message, _) = error(&with_script("[nodes.a]
+graphics = \"yes\"\n"));
+    assert_eq!(message, "`graphics` must be true or false, found string");
+}
+
+#[test]
 fn defaults_merge_into_a_nodes_own_tables_and_add_to_its_packages() {
     let (_dir, spec) = load(&with_script(
         r#"
