@@ -432,7 +432,7 @@ fn doctor(ui: Ui) -> ExitCode {
             }
         }
     };
-    for tool in [host::QEMU, host::MMDEBSTRAP, host::MKFS_EXT4, host::PYTHON] {
+    for tool in [host::QEMU, host::MMDEBSTRAP, host::MKFS_EXT4, host::PYTHON, host::TESSERACT] {
         line(tool.program, describe(tool));
     }
     line(

@@ -63,6 +63,13 @@ pub const PYTHON: Tool = Tool {
     version_arg: "--version",
 };
 
+/// The OCR engine that reads text off nodes' screens.
+pub const TESSERACT: Tool = Tool {
+    program: "tesseract",
+    package: "tesseract-ocr",
+    version_arg: "--version",
+};
+
 /// The formatter of nodes' writable layers.
 pub const MKFS_EXT4: Tool = Tool {
     program: "mkfs.ext4",

@@ -22,6 +22,7 @@ pub mod image;
 pub mod interrupt;
 pub mod net;
 pub mod nodeconfig;
+pub mod ocr;
 pub mod report;
 pub mod runlog;
 pub mod script;

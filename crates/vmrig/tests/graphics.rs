@@ -1,6 +1,7 @@
 //! Nodes with a display (`graphics = true`) on real VMs: their virtual
 //! terminals on a screen, driven by keys as NixOS tests drive them
-//! (nixpkgs's `login.nix`, in vmrig's words), and screenshots.
+//! (nixpkgs's `login.nix`, in vmrig's words), screenshots, and their
+//! text read by OCR.
 
 mod common;
 
@@ -50,6 +51,12 @@ with subtest("root logs in by typing, and what it types runs"):
     desk.wait_until_tty_matches("2", "root@desk")
     desk.screenshot("logged-in.png")
 
+with subtest("what is on the screen is read by OCR"):
+    desk.wait_for_text("Typed: .HOME")
+    variants = desk.get_screen_text_variants()
+    assert len(variants) == 3, variants
+    assert "login" in desk.get_screen_text(), desk.get_screen_text()
+
 with subtest("a node without a display says so"):
     try:
         plain.send_key("ret")
@@ -72,6 +79,7 @@ with subtest("a node without a display says so"):
     assert_eq!(png_size(&logged_in), (width, height));
     assert_ne!(at_boot, logged_in, "the screen did not change");
     assert!(output.contains("desk: sending keys \"root\\n\""), "{output}");
+    assert!(output.contains("(finished: waiting for Typed: .HOME to appear on the screen"), "{output}");
     let report = fs::read_to_string(result.join("report.html")).unwrap();
     assert!(report.contains("logged-in.png"), "the report does not show the screenshot");
     assert!(Path::new(&result.join("junit.xml")).exists());

@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Every package the script installs, so that a status file holding them
 /// all needs nothing.
-const HOST_PACKAGES: [&str; 8] = ["qemu-system-x86", "mmdebstrap", "erofs-utils", "e2fsprogs", "python3", "cpio", "tcpdump", "rclone"];
+const HOST_PACKAGES: [&str; 9] = ["qemu-system-x86", "mmdebstrap", "erofs-utils", "e2fsprogs", "python3", "cpio", "tcpdump", "rclone", "tesseract-ocr"];
 
 const MAIN_QEMU: &str = "1:7.2+dfsg-7+deb12u18";
 const BACKPORTS_QEMU: &str = "1:10.0.2+ds-2+deb13u1~bpo12+1";
@@ -98,6 +98,7 @@ const MAIN_PACKAGES: &[Stanza] = &[
     ("cpio", "2.13+dfsg-7.1", ""),
     ("tcpdump", "4.99.3-1", ""),
     ("rclone", "1.60.1+dfsg-2+b5", ""),
+    ("tesseract-ocr", "5.3.0-2", ""),
     ("fonts-dejavu-core", "2.37-6", ""),
 ];
 const BACKPORTS_PACKAGES: &[Stanza] = &[
@@ -237,7 +238,7 @@ const QEMU_UTILS_FROM_BACKPORTS: Stanza = ("qemu-utils", BACKPORTS_QEMU, "");
 const QEMU_UTILS_FROM_MAIN: Stanza = ("qemu-utils", MAIN_QEMU, "");
 
 /// What the host lacks besides QEMU, in the main suite's versions.
-const OTHERS_FROM_MAIN: [&str; 5] = ["cpio 2.13+dfsg-7.1", "erofs-utils 1.5-1", "mmdebstrap 1.3.5-7", "rclone 1.60.1+dfsg-2+b5", "tcpdump 4.99.3-1"];
+const OTHERS_FROM_MAIN: [&str; 6] = ["cpio 2.13+dfsg-7.1", "erofs-utils 1.5-1", "mmdebstrap 1.3.5-7", "rclone 1.60.1+dfsg-2+b5", "tcpdump 4.99.3-1", "tesseract-ocr 5.3.0-2"];
 
 /// A host with e2fsprogs and python3 and, besides, `also`.
 fn host_with(also: &[Stanza]) -> Vec<Stanza> {

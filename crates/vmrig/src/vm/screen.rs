@@ -135,6 +135,15 @@ impl Machine {
         self.qmp()?.execute("screendump", Some(arguments)).map(drop).map_err(|source| VmError::Qmp { node, source })
     }
 
+    /// What the screen shows, as a PNG.
+    pub fn screen_png(&mut self) -> Result<Vec<u8>, VmError> {
+        let path = self.config.socket_dir.join(format!("{}-screen.png", self.config.name));
+        self.screendump(&path)?;
+        let png = std::fs::read(&path).map_err(self.io_error(&path));
+        let _ = std::fs::remove_file(&path);
+        png
+    }
+
     /// Starts the machine if it is off; fails, naming `what` it lacks,
     /// for a node without a display.
     fn ensure_display(&mut self, what: &'static str) -> Result<(), VmError> {

@@ -163,6 +163,14 @@ pub(super) enum NodeCall {
     /// Saves the screen as `filename` (in the result folder when relative;
     /// `.png` added when it has no extension).
     Screenshot { filename: String },
+    /// The text OCR reads on the screen: every variant's, or the main
+    /// one's; none when the screen is still the one `unless_screen`
+    /// names (each answer names its screen).
+    ScreenText {
+        #[serde(default)]
+        variants: bool,
+        unless_screen: Option<String>,
+    },
 }
 
 fn logged() -> bool {
@@ -193,6 +201,7 @@ impl NodeCall {
                 | Self::RequireUnitState { .. }
                 | Self::ConsoleLog {}
                 | Self::Screenshot { .. }
+                | Self::ScreenText { .. }
         )
     }
 }

@@ -362,6 +362,7 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
             screen::send(run, node, &chars.keys, delay)?;
             Value::Null
         }
+        NodeCall::ScreenText { variants, unless_screen } => screen::text(run, node, variants, unless_screen.as_deref())?,
         NodeCall::Screenshot { filename } => {
             let path = screen::screenshot_path(&run.result_dir, &filename);
             let _block = log.block(Some(node), format!("making screenshot {}", path.display()));
