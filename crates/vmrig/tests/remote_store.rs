@@ -64,7 +64,8 @@ fn run_on(store: &Path, remote: &WebDav, dir: &Path, args: &[&str]) -> (Option<i
         .env("VMRIG_STORE", store)
         .env("VMRIG_STORE_REMOTE", &remote.url)
         .env("VMRIG_STORE_REMOTE_USER", "fleet")
-        .env("VMRIG_STORE_REMOTE_PASSWORD", &remote.password);
+        .env("VMRIG_STORE_REMOTE_PASSWORD", &remote.password)
+        .env_remove("VMRIG_BOOT");
     let (code, output) = common::run_command(&mut command);
     assert!(!output.contains(&remote.password), "the password reached the output:\n{output}");
     (code, output)
@@ -80,14 +81,15 @@ fn test_dir(script: &str) -> tempfile::TempDir {
 fn machines_share_builds_and_passes_through_a_remote_store_and_refuse_damaged_entries() {
     let remote = WebDav::start();
     let machines = tempfile::tempdir().unwrap();
-    let (a, b, c) = (machines.path().join("a"), machines.path().join("b"), machines.path().join("c"));
+    let [a, b, c, d] = ["a", "b", "c", "d"].map(|name| machines.path().join(name));
     let test = test_dir("machine.wait_for_unit('default.target')\nmachine.succeed('test -d /etc')");
 
     // Machine A builds everything, passes, and uploads it all.
     let (code, output) = run_on(&a, &remote, test.path(), &[]);
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("building image for machine"), "{output}");
-    for kind in ["images", "initramfs", "templates", "result"] {
+    // Its node, saved once up, too.
+    for kind in ["images", "initramfs", "templates", "warm", "result"] {
         assert_eq!(remote.entries(kind).len(), 1, "one {kind} entry uploaded:\n{output}");
         assert!(output.contains(&format!("uploading {kind}/")), "{output}");
     }
@@ -125,4 +127,12 @@ fn machines_share_builds_and_passes_through_a_remote_store_and_refuse_damaged_en
     assert!(output.contains("building image for machine") && output.contains("uploading images/"), "{output}");
     let rebuilt = c.join("images").join(&remote.entries("images")[0]).join("rootfs.img");
     assert!(fs::read(&image).unwrap() == fs::read(&rebuilt).unwrap(), "the remote image was not replaced by the rebuilt one");
+
+    // Machine D runs another script on the same node: it starts the node
+    // warm from the save machine A uploaded, and builds nothing.
+    let other = test_dir("machine.wait_for_unit('default.target')\nmachine.succeed('test -d /usr')");
+    let (code, output) = run_on(&d, &remote, other.path(), &[]);
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("downloaded warm/") && output.contains("machine: starting warm"), "{output}");
+    assert!(!output.contains("building"), "{output}");
 }
