@@ -18,10 +18,6 @@ use crate::host::{HostError, TESSERACT};
 /// cells become 32, near the size tesseract is trained on.
 const SCALE: u32 = 2;
 
-/// Which variant `get_screen_text` reads: the negated one, dark text on a
-/// light ground.
-pub const MAIN_VARIANT: usize = 1;
-
 /// Errors reading a screen's text.
 #[derive(Debug, thiserror::Error)]
 pub enum OcrError {
@@ -46,17 +42,34 @@ pub enum OcrError {
 
 /// The variants of a screen (a PNG) that OCR reads, as PNGs.
 pub fn variants(screen_png: &[u8]) -> Result<Vec<Vec<u8>>, OcrError> {
-    let grey = ::image::load_from_memory(screen_png)?.to_luma8();
-    let (width, height) = grey.dimensions();
-    let mut enlarged = imageops::resize(&grey, width * SCALE, height * SCALE, FilterType::CatmullRom);
-    stretch_contrast(&mut enlarged);
-    let mut negated = enlarged.clone();
-    imageops::invert(&mut negated);
+    let enlarged = enlarged(screen_png)?;
+    let negated = negated(&enlarged);
     let mut black_and_white = negated.clone();
     for Luma([value]) in black_and_white.pixels_mut() {
         *value = if *value < 128 { 0 } else { 255 };
     }
     [enlarged, negated, black_and_white].iter().map(png).collect()
+}
+
+/// The text tesseract reads in the main variant of a screen (a PNG),
+/// without making the others.
+pub fn read_main(screen_png: &[u8]) -> Result<String, OcrError> {
+    read(&png(&negated(&enlarged(screen_png)?))?)
+}
+
+/// The screen in grey, enlarged, its contrast stretched.
+fn enlarged(screen_png: &[u8]) -> Result<GrayImage, OcrError> {
+    let grey = ::image::load_from_memory(screen_png)?.to_luma8();
+    let (width, height) = grey.dimensions();
+    let mut enlarged = imageops::resize(&grey, width * SCALE, height * SCALE, FilterType::CatmullRom);
+    stretch_contrast(&mut enlarged);
+    Ok(enlarged)
+}
+
+fn negated(image: &GrayImage) -> GrayImage {
+    let mut negated = image.clone();
+    imageops::invert(&mut negated);
+    negated
 }
 
 /// Spreads the image's grey levels over the whole range, darkest to black
@@ -128,7 +141,8 @@ mod tests {
         for variant in &decoded {
             assert_eq!(variant.dimensions(), (16, 8));
         }
-        let main = &decoded[MAIN_VARIANT];
+        // The negated one, which `read_main` reads.
+        let main = &decoded[1];
         assert_eq!(main.get_pixel(0, 0), &Luma([255]), "the ground is white");
         assert!(main.get_pixel(5, 3).0[0] < 128, "the text is dark");
         assert!(decoded[2].pixels().all(|Luma([v])| *v == 0 || *v == 255), "the last one is black and white");

@@ -36,7 +36,7 @@ pub(super) fn text(run: &Run<'_>, node: &str, variants: bool, unless_screen: Opt
     let texts = if variants {
         ocr::read_variants(&screen)
     } else {
-        ocr::variants(&screen).and_then(|all| ocr::read(&all[ocr::MAIN_VARIANT])).map(|text| vec![text])
+        ocr::read_main(&screen).map(|text| vec![text])
     };
     let texts = texts.map_err(|error| Failure::Infra(format!("{node}: cannot read the screen's text: {}", crate::error::chain(&error))))?;
     Ok(json!({"screen": hash, "texts": texts}))
