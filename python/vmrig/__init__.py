@@ -488,30 +488,32 @@ class Machine:
         """The text OCR reads on the screen, in each of the screen's
         variants (enlarged; negated; black and white). Needs a node with
         `graphics = true` and tesseract on the host."""
-        return self._call("screen_text", variants=True)["texts"]
+        return self._call("screen_text", variants=True)
 
     def get_screen_text(self) -> str:
         """The text OCR reads on the screen (its negated variant)."""
-        return self._call("screen_text", variants=False)["texts"][0]
+        return self._call("screen_text", variants=False)[0]
 
     def wait_for_text(self, regex: str, timeout: Timeout = 900) -> None:
         """Waits until OCR reads text matching regex on the screen, in any
-        variant. A screen that has not changed is not read again."""
-        limit = _seconds(timeout) or 900.0
-        deadline = time.monotonic() + limit
-        with self.nested(f"waiting for {regex} to appear on the screen"):
-            screen = None
-            texts: List[str] = []
-            while True:
-                answer = self._call("screen_text", variants=True, unless_screen=screen)
-                screen = answer["screen"]
-                texts = answer["texts"] if answer["texts"] is not None else texts
-                if any(re.search(regex, text) for text in texts):
-                    return
-                if time.monotonic() > deadline:
-                    shown = "\n---\n".join(texts)
-                    raise TestFailure(f"{self.name}: {regex!r} did not appear on the screen within {limit} s; OCR read:\n{shown}")
-                time.sleep(0.5)
+        variant: the variants are read side by side, and the first that
+        matches ends the wait. A screen that has not changed is not read
+        again."""
+        self._call("wait_for_text", regex=regex, timeout=_seconds(timeout))
+
+    def wait_for_x(self, timeout: Timeout = 900) -> None:
+        """Waits until the X server on display :0 answers (asked with
+        xwininfo: the node needs the package x11-utils)."""
+        self._call("wait_for_x", timeout=_seconds(timeout))
+
+    def get_window_names(self) -> List[str]:
+        """The names of the X server's windows."""
+        return self._call("get_window_names")
+
+    def wait_for_window(self, regexp: str, timeout: Timeout = 900) -> None:
+        """Waits until the name of one of the X server's windows matches
+        regexp."""
+        self._call("wait_for_window", regexp=regexp, timeout=_seconds(timeout))
 
     def block(self) -> None:
         """Unplugs the cable of the machine's NIC on its first VLAN (eth1),

@@ -7,7 +7,8 @@
 //! that negated; and that made black and white.
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Mutex};
 
 use ::image::imageops::{self, FilterType};
 use ::image::{GrayImage, ImageFormat, Luma};
@@ -51,12 +52,6 @@ pub fn variants(screen_png: &[u8]) -> Result<Vec<Vec<u8>>, OcrError> {
     [enlarged, negated, black_and_white].iter().map(png).collect()
 }
 
-/// The text tesseract reads in the main variant of a screen (a PNG),
-/// without making the others.
-pub fn read_main(screen_png: &[u8]) -> Result<String, OcrError> {
-    read(&png(&negated(&enlarged(screen_png)?))?)
-}
-
 /// The screen in grey, enlarged, its contrast stretched.
 fn enlarged(screen_png: &[u8]) -> Result<GrayImage, OcrError> {
     let grey = ::image::load_from_memory(screen_png)?.to_luma8();
@@ -91,39 +86,126 @@ fn png(image: &GrayImage) -> Result<Vec<u8>, OcrError> {
     Ok(bytes.into_inner())
 }
 
-/// The text tesseract reads in one image (a PNG).
-pub fn read(image_png: &[u8]) -> Result<String, OcrError> {
-    let program = TESSERACT.require()?;
-    let mut child = Command::new(program)
-        .args(["stdin", "stdout"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let mut stdin = child.stdin.take().expect("piped");
-    // Written from a thread of its own: tesseract reads all of its input
-    // before it writes, but a pipe holds less than an image.
-    let text = std::thread::scope(|scope| {
-        let writer = scope.spawn(move || stdin.write_all(image_png));
-        let mut text = String::new();
-        let read = child.stdout.take().expect("piped").read_to_string(&mut text);
-        writer.join().expect("the writer does not panic")?;
-        read.map(|_| text)
-    })?;
-    let output = child.wait_with_output()?;
-    if !output.status.success() {
-        return Err(OcrError::Failed { status: output.status.to_string(), stderr: String::from_utf8_lossy(&output.stderr).trim().to_string() });
-    }
-    Ok(text)
+/// What a search of a screen's variants read.
+#[derive(Debug)]
+pub struct Reading {
+    /// The text of each variant read, in the variants' order.
+    pub texts: Vec<String>,
+    /// Whether one of them was wanted; the reads still going then were
+    /// stopped.
+    pub found: bool,
+}
+
+/// Reads the variants of a screen (a PNG) side by side, until one's text
+/// is `wanted`: the others' tesseracts are then killed.
+pub fn search(screen_png: &[u8], wanted: impl Fn(&str) -> bool) -> Result<Reading, OcrError> {
+    read_until(&variants(screen_png)?, wanted)
 }
 
 /// The text of each variant of a screen (a PNG), read side by side.
 pub fn read_variants(screen_png: &[u8]) -> Result<Vec<String>, OcrError> {
-    let variants = variants(screen_png)?;
+    Ok(read_until(&variants(screen_png)?, |_| false)?.texts)
+}
+
+/// The text tesseract reads in the main variant of a screen (a PNG),
+/// without making the others.
+pub fn read_main(screen_png: &[u8]) -> Result<String, OcrError> {
+    let main = png(&negated(&enlarged(screen_png)?))?;
+    let mut texts = read_until(&[main], |_| false)?.texts;
+    Ok(texts.pop().expect("one image, one text"))
+}
+
+/// Runs a tesseract per image (PNGs), side by side, until one reads
+/// text that is `wanted` or all have read theirs.
+fn read_until(images: &[Vec<u8>], wanted: impl Fn(&str) -> bool) -> Result<Reading, OcrError> {
+    let program = TESSERACT.require()?;
+    let readers = images
+        .iter()
+        .map(|_| {
+            let child = Command::new(&program).args(["stdin", "stdout"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+            Ok(Reader(Mutex::new(child)))
+        })
+        .collect::<Result<Vec<_>, OcrError>>()?;
+    // Whatever ends the search, no tesseract outlives it.
+    let stop = StopAll(&readers);
     std::thread::scope(|scope| {
-        let readers: Vec<_> = variants.iter().map(|variant| scope.spawn(|| read(variant))).collect();
-        readers.into_iter().map(|reader| reader.join().expect("a reader does not panic")).collect()
+        let (sender, ended) = mpsc::channel();
+        for (index, (reader, image)) in readers.iter().zip(images).enumerate() {
+            let sender = sender.clone();
+            scope.spawn(move || sender.send((index, reader.read(image))));
+        }
+        drop(sender);
+        let mut texts = vec![None; images.len()];
+        let mut found = false;
+        for (index, text) in ended {
+            let text = text?;
+            found = wanted(&text);
+            texts[index] = Some(text);
+            if found {
+                stop.stop();
+                break;
+            }
+        }
+        Ok(Reading { texts: texts.into_iter().flatten().collect(), found })
     })
+}
+
+/// A running tesseract, shared between the thread reading its answer and
+/// the search that may stop it.
+struct Reader(Mutex<Child>);
+
+impl Reader {
+    /// Gives tesseract `image_png` and returns the text it reads.
+    fn read(&self, image_png: &[u8]) -> Result<String, OcrError> {
+        let (stdin, stdout, stderr) = {
+            let mut child = self.child();
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        };
+        let (mut stdin, mut stdout, mut stderr) = (stdin.expect("piped"), stdout.expect("piped"), stderr.expect("piped"));
+        // Written from a thread of its own: tesseract reads all of its
+        // input before it writes, but a pipe holds less than an image.
+        let (text, errors) = std::thread::scope(|scope| {
+            let writer = scope.spawn(move || stdin.write_all(image_png));
+            let errors = scope.spawn(move || {
+                let mut errors = String::new();
+                stderr.read_to_string(&mut errors).map(|_| errors)
+            });
+            let mut text = String::new();
+            let read = stdout.read_to_string(&mut text).map(|_| text);
+            // A tesseract stopped mid-read leaves its input unwritten:
+            // its status below says what happened.
+            let _ = writer.join().expect("the writer does not panic");
+            (read, errors.join().expect("the reader does not panic"))
+        });
+        let status = self.child().wait()?;
+        if !status.success() {
+            return Err(OcrError::Failed { status: status.to_string(), stderr: errors.unwrap_or_default().trim().to_string() });
+        }
+        Ok(text?)
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Kills every tesseract of a search that is still running, when told or
+/// when dropped.
+struct StopAll<'a>(&'a [Reader]);
+
+impl StopAll<'_> {
+    fn stop(&self) {
+        for reader in self.0 {
+            // An exited (even reaped) child is not signalled again.
+            let _ = reader.child().kill();
+        }
+    }
+}
+
+impl Drop for StopAll<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,15 @@ with subtest("a node without a display says so"):
         assert "plain has no keyboard: give it `graphics = true`" in str(e), str(e)
     else:
         raise Exception("a headless node took a key")
+
+with subtest("the X calls say what a node lacks"):
+    for machine, lack in ((plain, "plain has no display"), (desk, "add `x11-utils` to the node's packages")):
+        try:
+            machine.wait_for_x(timeout=5)
+        except Exception as e:
+            assert lack in str(e), str(e)
+        else:
+            raise Exception(f"{machine.name} waited for X")
 '''
 "#,
     )

@@ -146,7 +146,7 @@ impl Machine {
 
     /// Starts the machine if it is off; fails, naming `what` it lacks,
     /// for a node without a display.
-    fn ensure_display(&mut self, what: &'static str) -> Result<(), VmError> {
+    pub fn ensure_display(&mut self, what: &'static str) -> Result<(), VmError> {
         if !self.config.graphics {
             return Err(VmError::Headless { node: self.config.name.clone(), what });
         }

@@ -164,13 +164,19 @@ pub(super) enum NodeCall {
     /// `.png` added when it has no extension).
     Screenshot { filename: String },
     /// The text OCR reads on the screen: every variant's, or the main
-    /// one's; none when the screen is still the one `unless_screen`
-    /// names (each answer names its screen).
+    /// one's.
     ScreenText {
         #[serde(default)]
         variants: bool,
-        unless_screen: Option<String>,
     },
+    /// Waits until OCR reads text matching `regex` on the screen.
+    WaitForText { regex: String, timeout: Option<Seconds> },
+    /// Waits until the X server on display `:0` answers.
+    WaitForX { timeout: Option<Seconds> },
+    /// The names of the X server's windows.
+    GetWindowNames {},
+    /// Waits until a window's name matches `regexp`.
+    WaitForWindow { regexp: String, timeout: Option<Seconds> },
 }
 
 fn logged() -> bool {
@@ -202,6 +208,10 @@ impl NodeCall {
                 | Self::ConsoleLog {}
                 | Self::Screenshot { .. }
                 | Self::ScreenText { .. }
+                | Self::WaitForText { .. }
+                | Self::WaitForX { .. }
+                | Self::GetWindowNames {}
+                | Self::WaitForWindow { .. }
         )
     }
 }

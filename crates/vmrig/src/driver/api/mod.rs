@@ -21,6 +21,7 @@ mod command;
 mod screen;
 pub(super) mod copy;
 mod wait;
+mod windows;
 
 use std::time::Instant;
 
@@ -274,6 +275,19 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
             wait::for_file(run, node, &filename, call::limit(timeout), deadline)?;
             Value::Null
         }
+        NodeCall::WaitForText { regex, timeout } => {
+            screen::for_text(run, node, &regex, call::limit(timeout), deadline)?;
+            Value::Null
+        }
+        NodeCall::WaitForX { timeout } => {
+            windows::for_x(run, node, call::limit(timeout), deadline)?;
+            Value::Null
+        }
+        NodeCall::GetWindowNames {} => json!(windows::names(run, node)?),
+        NodeCall::WaitForWindow { regexp, timeout } => {
+            windows::for_window(run, node, &regexp, call::limit(timeout), deadline)?;
+            Value::Null
+        }
         // The rest ask the machine one thing, and hold it meanwhile.
         NodeCall::Block {} | NodeCall::Unblock {} => {
             let up = matches!(call, NodeCall::Unblock {});
@@ -362,7 +376,7 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
             screen::send(run, node, &chars.keys, delay)?;
             Value::Null
         }
-        NodeCall::ScreenText { variants, unless_screen } => screen::text(run, node, variants, unless_screen.as_deref())?,
+        NodeCall::ScreenText { variants } => json!(screen::text(run, node, variants)?),
         NodeCall::Screenshot { filename } => {
             let path = screen::screenshot_path(&run.result_dir, &filename);
             let _block = log.block(Some(node), format!("making screenshot {}", path.display()));
