@@ -8,6 +8,7 @@
 mod identity;
 mod init;
 mod layer;
+mod ports;
 mod server;
 mod shared;
 mod shell;

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use crate::ports;
 use crate::shared::SharedMount;
 use crate::worker::{change_directory, Job, Worker, NODE_ENV, SHELL_SETUP};
 use vmrig_proto::tunnel::{Socket, Target, Tunnel, TUNNEL_PORT};
@@ -38,14 +39,14 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
 /// How often the exit of a command is looked for where no pidfd tells.
 const EXIT_POLL: Duration = Duration::from_millis(5);
-/// Size of the chunks file contents and output travel in: the largest a
-/// frame carries, so that a fast writer costs as few frames as can be.
 /// The shared directory's mount in this boot.
 static SHARED: SharedMount = SharedMount::new();
 /// Whether systemd has reached `sysinit.target` in this boot (see
 /// [`wait_past_early_boot`]).
 static PAST_EARLY_BOOT: AtomicBool = AtomicBool::new(false);
 
+/// Size of the chunks file contents and output travel in: the largest a
+/// frame carries, so that a fast writer costs as few frames as can be.
 const CHUNK: usize = vmrig_proto::MAX_DATA as usize;
 /// How much a command's output pipes hold (Linux's default is 64 KiB):
 /// under TCG each switch between a writer and the agent costs more than
@@ -73,20 +74,10 @@ pub fn serve() -> ! {
     }
 }
 
-/// The device of the virtio-serial port `name`, found through sysfs since
-/// no udev runs this early to make `/dev/virtio-ports/` links.
-pub(crate) fn find_port(name: &str) -> Option<PathBuf> {
-    fs::read_dir("/sys/class/virtio-ports").into_iter().flatten().flatten().find_map(|dirent| {
-        let port_name = fs::read_to_string(dirent.path().join("name")).unwrap_or_default();
-        let device = Path::new("/dev").join(dirent.file_name());
-        (port_name.trim() == name && device.exists()).then_some(device)
-    })
-}
-
 /// The agent's port, once the kernel has made it.
 fn agent_port() -> PathBuf {
     loop {
-        if let Some(device) = find_port(AGENT_PORT) {
+        if let Some(device) = ports::find(AGENT_PORT) {
             return device;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -207,7 +198,7 @@ impl TunnelServer {
         if self.serving.load(Ordering::SeqCst) {
             return Reply::Ack;
         }
-        let Some(device) = find_port(TUNNEL_PORT) else {
+        let Some(device) = ports::find(TUNNEL_PORT) else {
             return Reply::Error { message: format!("this machine has no port named {TUNNEL_PORT}") };
         };
         let port = match File::options().read(true).write(true).open(&device) {

@@ -56,7 +56,7 @@ impl SharedMount {
         if !matches!(*state, MountState::NotAsked) {
             return Reply::Ack;
         }
-        let Some(device) = crate::server::find_port(SHARED_PORT) else {
+        let Some(device) = crate::ports::find(SHARED_PORT) else {
             return Reply::Error { message: format!("this machine has no port named {SHARED_PORT}") };
         };
         *state = MountState::Mounting;
