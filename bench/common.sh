@@ -16,3 +16,16 @@ bench_run() {
 
 # The figure the script printed as `BENCH NAME VALUE`.
 value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
+
+# Builds REVISION's vmrig, in a worktree of its own under target/, and
+# prints its path: for benchmarks that measure a change against the commit
+# before it in one run.
+revision_vmrig() {
+    local tree=target/bench-$1
+    if [ ! -d "$tree" ]; then
+        git worktree add --detach "$tree" "$1" >/dev/null
+    fi
+    git -C "$tree" checkout -q --detach "$1"
+    (cd "$tree" && cargo build --release -q --workspace)
+    echo "$tree/target/x86_64-unknown-linux-gnu/release/vmrig"
+}
