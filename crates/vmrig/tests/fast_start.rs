@@ -6,10 +6,12 @@ mod common;
 
 use std::fs;
 
-/// Runs the test in `dir` with fast start, whatever the suite's
-/// environment asks of the other tests.
+/// Runs the test in `dir` with its nodes restored from templates, whatever
+/// the suite's environment asks of the other tests: the template start is
+/// what these tests are about, so their nodes are never saved warm, and
+/// the warm pass (`VMRIG_TEST_WARM`) starts them from templates again.
 fn run_fast(dir: &std::path::Path) -> (Option<i32>, String) {
-    common::run_command(common::vmrig_run(dir).env_remove("VMRIG_BOOT"))
+    common::run_command(common::vmrig_run(dir).env("VMRIG_BOOT", "template"))
 }
 
 /// A test directory holding `toml` as its definition.
