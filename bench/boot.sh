@@ -23,7 +23,6 @@ printf '#!/bin/busybox sh\n/bin/busybox reboot -f\n' > "$work/initramfs/init"
 chmod +x "$work/initramfs/init"
 (cd "$work/initramfs" && find . | cpio -o -H newc --quiet > "$work/bare.cpio")
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 bare=()
 for _ in $(seq "$rounds"); do

@@ -13,7 +13,6 @@ example=examples/nix-is-cool
 "$vmrig" run "$example" >/dev/null 2>&1
 "$vmrig" run "$example" 2>&1 | grep -q "(cached from " || { echo "the pass was not recorded" >&2; exit 1; }
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 seconds() {
     local started ended
     started=$(date +%s.%N)

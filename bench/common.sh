@@ -17,6 +17,10 @@ bench_run() {
 # The figure the script printed as `BENCH NAME VALUE`.
 value() { echo "$output" | sed -n "s/^BENCH $1 //p"; }
 
+# The median of the numbers on standard input, one a line or several to a
+# line separated by spaces.
+median() { tr ' ' '\n' | sort -n | awk 'NF {a[++n] = $1} END {print a[int((n + 1) / 2)]}'; }
+
 # Builds REVISION's vmrig, in a worktree of its own under target/, and
 # prints its path: for benchmarks that measure a change against the commit
 # before it in one run.

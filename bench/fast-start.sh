@@ -10,7 +10,6 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-5}
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 # Warm images and templates, for both benchmarks' shapes.
 bench_run bench/boot

@@ -10,7 +10,6 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-3}
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 export VMRIG_BOOT=template
 bench_run bench/graphics   # images and templates first
 declare -A figures

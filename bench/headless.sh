@@ -14,7 +14,6 @@ revision=${2:-e8ef746}
 
 old_vmrig=$(revision_vmrig "$revision")
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 export VMRIG_BOOT=template
 declare -A figures
 for round in $(seq 0 "$rounds"); do

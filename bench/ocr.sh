@@ -23,7 +23,6 @@ export BENCH_OEM=1
 export VMRIG_BOOT=template
 bench_run bench/ocr
 
-median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for figure in vmrig-s nixos-s nixos-3-workers-s vmrig-variants-s nixos-variants-s nixos-3-workers-variants-s; do
     values=$(value "$figure" | tr '\n' ' ')
     echo "$figure: $values median $(median <<<"$values")"

@@ -20,7 +20,6 @@ passing=(base/hello base/service base/two-nodes clients/subtests clients/tools)
 # Warm-up: images and templates built, not timed.
 capacity=$("$vmrig" run --rebuild . 2>&1 | grep -o 'as many as [^)]*' || true)
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 seconds() {
     local started ended
     started=$(date +%s.%N)

@@ -9,7 +9,6 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-3}
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 definition=$(cat bench/postgres/vmrig.toml)
@@ -47,5 +46,5 @@ for round in $(seq "$rounds"); do
     ready[warm]+="$(value ready-s) "
 done
 for mode in template first warm; do
-    echo "$mode: script start to a query answered (s): ${ready[$mode]} median $(tr ' ' '\n' <<<"${ready[$mode]}" | grep . | median)"
+    echo "$mode: script start to a query answered (s): ${ready[$mode]} median $(median <<<"${ready[$mode]}")"
 done

@@ -16,7 +16,6 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-3}
 
-median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp -r examples/nix-is-cool/. "$work/"
@@ -93,10 +92,10 @@ for round in $(seq "$rounds"); do
     wall[warm]+="$seconds "; rss[warm]+="$(value rss-per-node-mib) "; pss[warm]+="$(value pss-per-node-mib) "; anon[warm]+="$(value anon-per-node-mib) "
 done
 for mode in template first warm; do
-    echo "$mode: whole run (s): ${wall[$mode]} median $(tr ' ' '\n' <<<"${wall[$mode]}" | grep . | median)"
+    echo "$mode: whole run (s): ${wall[$mode]} median $(median <<<"${wall[$mode]}")"
     echo "$mode: per idle node RSS (MiB): ${rss[$mode]} PSS (MiB): ${pss[$mode]} anonymous (MiB): ${anon[$mode]}"
 done
-t=$(tr ' ' '\n' <<<"${wall[template]}" | grep . | median)
-f=$(tr ' ' '\n' <<<"${wall[first]}" | grep . | median)
-w=$(tr ' ' '\n' <<<"${wall[warm]}" | grep . | median)
+t=$(median <<<"${wall[template]}")
+f=$(median <<<"${wall[first]}")
+w=$(median <<<"${wall[warm]}")
 awk -v t="$t" -v f="$f" -v w="$w" 'BEGIN {printf "first run / template run: %.2f; template run / warm run: %.1f\n", f / t, t / w}'
