@@ -106,7 +106,7 @@ impl Run<'_> {
         self.machines.values().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    pub(super) fn clock(&self) -> MutexGuard<'_, Clock> {
+    fn clock(&self) -> MutexGuard<'_, Clock> {
         self.clock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -115,7 +115,7 @@ impl Run<'_> {
         self.clock().deadline
     }
 
-    pub(super) fn set_deadline(&self, deadline: Instant) {
+    fn set_deadline(&self, deadline: Instant) {
         self.clock().deadline = deadline;
         for mut machine in self.each_machine() {
             machine.set_deadline(deadline);
@@ -144,7 +144,7 @@ impl Run<'_> {
         }
     }
 
-    pub(super) fn is_paused(&self) -> bool {
+    fn is_paused(&self) -> bool {
         self.clock().paused.is_some()
     }
 
@@ -297,7 +297,7 @@ impl Run<'_> {
 
     /// Answers one connection's requests until it closes or the deadline
     /// passes.
-    pub(super) fn serve(&self, stream: UnixStream) {
+    fn serve(&self, stream: UnixStream) {
         let Ok(mut writer) = stream.try_clone() else { return };
         let _ = stream.set_nonblocking(false);
         // Short reads, so that a deadline a pause moved is seen.
