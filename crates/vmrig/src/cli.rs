@@ -410,10 +410,13 @@ fn gc(ui: Ui, keep_days: u64) -> Result<ExitCode, Failure> {
     let store = Store::open(Store::default_location()?)?;
     let report = store.gc(Duration::from_secs(keep_days.saturating_mul(86_400)))?;
     ui.say(format!(
-        "removed {} item{} unused for {keep_days} days ({}); kept {} ({}) in {}",
+        "removed {} item{} unused for {keep_days} days ({}) and {} cached file{} not read for as long ({}); kept {} ({}) in {}",
         report.removed,
         if report.removed == 1 { "" } else { "s" },
         crate::ui::bytes(report.removed_bytes),
+        report.cached_removed,
+        if report.cached_removed == 1 { "" } else { "s" },
+        crate::ui::bytes(report.cached_removed_bytes),
         report.kept,
         crate::ui::bytes(report.kept_bytes),
         store.root().display()

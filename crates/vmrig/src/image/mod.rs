@@ -1,10 +1,17 @@
 //! Node images: from a package set to the files QEMU boots.
 //!
-//! Every node with the same distro, archive and package set shares one image
-//! entry in the store holding:
-//! - `rootfs.img`: the root filesystem built by mmdebstrap, packed read-only
-//!   (erofs, or squashfs where erofs-utils is missing);
-//! - `vmlinuz`: the kernel Debian installed in it;
+//! What every image of a distro, archive and kind (headless, or with a
+//! display) holds is built once into a base entry: the root mmdebstrap
+//! made of the essential set, [`BASE_PACKAGES`] and the kind's kernel, as
+//! `base.tar` (with apt's package lists, so that a build on it asks the
+//! archive only whether they changed), the kernel, and the boot modules.
+//! Every node with the same base and package set then shares one image
+//! entry, built by unpacking the base and installing the node's packages
+//! on it (apt resolves them against what the base has, as it does in a
+//! build from nothing), holding:
+//! - `rootfs.img`: the root filesystem, packed read-only (erofs, or
+//!   squashfs where erofs-utils is missing);
+//! - `vmlinuz`: the base's kernel;
 //! - `modules.cpio`: the few modules needed before the root is mounted.
 //!
 //! A second, small entry joins `modules.cpio` with the guest agent as
@@ -12,20 +19,22 @@
 //! Nothing node-specific is in either: per-node configuration is added at
 //! boot, so editing a service or a file never rebuilds an image.
 
+mod bootstrap;
 mod initramfs;
 pub mod sources;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
+use bootstrap::{shell_quote, Bootstrap};
+pub use bootstrap::PACKAGE_CACHE;
 pub use initramfs::{load_order, CpioWriter, ModulesError, BOOT_MODULES};
 pub use sources::{AptEntry, SourcesError};
 
 use crate::error::{file_error, FileError};
-use crate::host::{self, Agent, HostError, Packer};
+use crate::host::{Agent, HostError, Packer};
 use crate::spec::TestSpec;
 use crate::store::{key_of, Entry, Provenance, Store, StoreError};
 use crate::ui::Ui;
@@ -52,16 +61,21 @@ fn packages_every(graphics: bool) -> impl Iterator<Item = &'static str> {
     BASE_PACKAGES.iter().chain(added).copied()
 }
 
-/// Changes whenever what an image contains for the same inputs changes, so
-/// that old entries are not reused.
-const IMAGE_FORMAT: &str = "image-v2";
+/// Change whenever what a base or an image contains for the same inputs
+/// changes, so that old entries are not reused.
+const BASE_FORMAT: &str = "base-v1";
+const IMAGE_FORMAT: &str = "image-v3";
 const INITRAMFS_FORMAT: &str = "initramfs-v1";
 
-/// Store entry kinds.
+/// Store entry kind of bases.
+pub const BASE_KIND: &str = "bases";
+/// Store entry kind of images.
 pub const IMAGE_KIND: &str = "images";
 /// Store entry kind of initramfs archives.
 pub const INITRAMFS_KIND: &str = "initramfs";
 
+/// The root of a base entry, as a tar archive.
+pub const BASE_FILE: &str = "base.tar";
 /// File names inside an image entry.
 pub const ROOTFS_FILE: &str = "rootfs.img";
 /// The kernel inside an image entry.
@@ -70,8 +84,6 @@ pub const KERNEL_FILE: &str = "vmlinuz";
 pub const MODULES_FILE: &str = "modules.cpio";
 /// The initramfs inside an initramfs entry.
 pub const INITRD_FILE: &str = "initrd.img";
-/// mmdebstrap's `$TMPDIR`, inside the entry being built.
-const SCRATCH_DIR: &str = "scratch";
 
 /// Errors of the image layer.
 #[derive(Debug, thiserror::Error)]
@@ -94,8 +106,10 @@ pub enum ImageError {
         packages: Vec<(String, Vec<String>)>,
     },
     /// mmdebstrap failed for another reason.
-    #[error("building the image for {} failed; the end of its log ({}):\n{tail}", node_list(.nodes), .log.display())]
+    #[error("building the {} for {} failed; the end of its log ({}):\n{tail}", if *.base { "base" } else { "image" }, node_list(.nodes), .log.display())]
     BuildFailed {
+        /// Whether it was the base the image builds on.
+        base: bool,
         /// The nodes sharing the image.
         nodes: Vec<String>,
         /// The full log.
@@ -160,15 +174,11 @@ pub struct ImageRequest {
 }
 
 impl ImageRequest {
-    /// The store key: every input that decides the image's content.
+    /// The store key: every input that decides the image's content (the
+    /// base's among them).
     pub fn key(&self) -> String {
-        let mut parts = vec![IMAGE_FORMAT.to_string(), self.distro.clone()];
-        parts.extend(self.sources.iter().map(AptEntry::to_line));
-        parts.push(String::new());
-        parts.extend(self.packages.iter().cloned());
-        // The boot modules are packed with the image (`modules.cpio`).
-        parts.push(String::new());
-        parts.extend(BOOT_MODULES.iter().map(|module| module.to_string()));
+        let mut parts = vec![IMAGE_FORMAT.to_string(), self.base().key(), String::new()];
+        parts.extend(self.node_packages().cloned());
         key_of(parts)
     }
 
@@ -176,6 +186,49 @@ impl ImageRequest {
     pub fn node_packages(&self) -> impl Iterator<Item = &String> {
         let base: BTreeSet<&str> = packages_every(self.graphics).collect();
         self.packages.iter().filter(move |p| !base.contains(p.as_str()))
+    }
+
+    /// The base the image is built on.
+    pub fn base(&self) -> BaseRequest {
+        BaseRequest {
+            distro: self.distro.clone(),
+            sources: self.sources.clone(),
+            graphics: self.graphics,
+        }
+    }
+}
+
+/// What every image of a distro, archive and kind holds, built once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseRequest {
+    /// The Debian suite.
+    pub distro: String,
+    /// The archive entries to build from.
+    pub sources: Vec<AptEntry>,
+    /// Whether it is the base of nodes with a display.
+    pub graphics: bool,
+}
+
+impl BaseRequest {
+    /// The store key: every input that decides the base's content.
+    pub fn key(&self) -> String {
+        let mut parts = vec![BASE_FORMAT.to_string(), self.distro.clone()];
+        parts.extend(self.sources.iter().map(AptEntry::to_line));
+        parts.push(String::new());
+        parts.extend(self.packages());
+        // The boot modules are gathered with the base (`modules.cpio`).
+        parts.push(String::new());
+        parts.extend(BOOT_MODULES.iter().map(|module| module.to_string()));
+        key_of(parts)
+    }
+
+    /// The packages it holds besides the essential set.
+    pub fn packages(&self) -> BTreeSet<String> {
+        packages_every(self.graphics).map(str::to_string).collect()
+    }
+
+    fn describe(&self) -> String {
+        format!("{} {}", self.distro, if self.graphics { "with a display" } else { "headless" })
     }
 }
 
@@ -294,6 +347,7 @@ impl<'a> Builder<'a> {
         let (image, image_provenance) = match self.store.lookup(IMAGE_KIND, &key) {
             Some(entry) => (entry, Provenance::Cached),
             None => {
+                let base = self.base(request)?;
                 let step = self.ui.step(format!(
                     "building image for {} ({})",
                     request.nodes.join(", "),
@@ -301,13 +355,8 @@ impl<'a> Builder<'a> {
                 ));
                 let built = self
                     .store
-                    .get_or_build(IMAGE_KIND, &key, |dir| self.build_image(request, &key, dir, &step));
-                match &built {
-                    Ok((_, Provenance::Built)) => step.finish("done"),
-                    Ok((_, Provenance::Cached)) => step.finish("built meanwhile by another vmrig"),
-                    Ok((_, Provenance::Downloaded)) => step.finish("downloaded from the remote store"),
-                    Err(_) => step.finish("failed"),
-                }
+                    .get_or_build(IMAGE_KIND, &key, |dir| self.build_image(request, &base, &key, dir, &step));
+                step.finish(outcome(&built));
                 built?
             }
         };
@@ -329,72 +378,107 @@ impl<'a> Builder<'a> {
         })
     }
 
-    fn build_image(
+    /// The base `request` builds on, built if the store lacks it.
+    fn base(&self, request: &ImageRequest) -> Result<Entry, ImageError> {
+        let base = request.base();
+        let key = base.key();
+        if let Some(entry) = self.store.lookup(BASE_KIND, &key) {
+            return Ok(entry);
+        }
+        let step = self.ui.step(format!("building the {} base", base.describe()));
+        let built = self.store.get_or_build(BASE_KIND, &key, |dir| self.build_base(request, &base, &key, dir, &step));
+        step.finish(outcome(&built));
+        Ok(built?.0)
+    }
+
+    fn build_base(
         &self,
         request: &ImageRequest,
+        base: &BaseRequest,
         key: &str,
         dir: &Path,
         step: &crate::ui::Step,
     ) -> Result<serde_json::Value, ImageError> {
-        let mmdebstrap = host::MMDEBSTRAP.require()?;
+        let started = std::time::Instant::now();
+        let log_path = self.store.log_path("base", key);
+        let packages = base.packages();
+        let status = Bootstrap {
+            distro: &base.distro,
+            sources: &base.sources,
+            packages: &packages,
+            setup_hook: None,
+            essential_hook: Some(DIVERT_INITRAMFS_HOOK.to_string()),
+            customize_hook: export_base_hook(dir),
+            // An image built on it asks the archive whether its package
+            // lists changed; and it is packed before mmdebstrap's cleanup,
+            // as an image built from nothing is, so the base keeps what
+            // that cleanup would take (the machine-id made at the build
+            // above all: emptied, every boot would be a first boot).
+            skip: &["cleanup/apt/lists", "cleanup/reproducible"],
+            format: "tar",
+            output: &dir.join(BASE_FILE),
+        }
+        .run(self.store, dir, &log_path, step)?;
+        if !status.success() {
+            return Err(build_failure(request, true, &log_path));
+        }
+        let kernel_version = self.gather_boot_modules(request, dir)?;
+        Ok(serde_json::json!({
+            "distro": base.distro,
+            "sources": base.sources.iter().map(AptEntry::to_line).collect::<Vec<_>>(),
+            "packages": packages,
+            "kernel": kernel_version,
+            "log": log_path,
+            "seconds": started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    fn build_image(
+        &self,
+        request: &ImageRequest,
+        base: &Entry,
+        key: &str,
+        dir: &Path,
+        step: &crate::ui::Step,
+    ) -> Result<serde_json::Value, ImageError> {
+        let started = std::time::Instant::now();
         let packer = Packer::find()?;
         let log_path = self.store.log_path("image", key);
-        let mut log = File::create(&log_path).map_err(file_error("create", &log_path))?;
-
-        // As root, mmdebstrap mounts /proc, /sys and /dev in its temporary
-        // root; in a mount namespace of its own, they vanish with it
-        // however it ends, and no one deleting what a killed build left
-        // walks into the host's. (Others run it in a user namespace.)
-        let mut command = if nix::unistd::geteuid().is_root() {
-            let mut unshare = Command::new("unshare");
-            unshare.args(["--mount", "--propagation", "private", "--"]).arg(mmdebstrap);
-            unshare
-        } else {
-            Command::new(mmdebstrap)
-        };
-        // Its temporary root goes in the entry's staging directory: on the
-        // filesystem of `dir`, so that the hook can hard-link the kernel
-        // modules out, and swept with it if the build dies.
-        let scratch = dir.join(SCRATCH_DIR);
-        fs::create_dir(&scratch).map_err(file_error("create", &scratch))?;
-        command
-            .arg("--variant=essential")
-            .arg(format!(
-                "--include={}",
-                request.packages.iter().cloned().collect::<Vec<_>>().join(",")
-            ))
-            .arg(format!("--essential-hook={DIVERT_INITRAMFS_HOOK}"))
-            .arg(format!("--customize-hook={}", export_hook(dir, packer)))
-            .arg("--format=null")
-            .arg(&request.distro)
-            .arg("/dev/null")
-            .args(request.sources.iter().map(AptEntry::to_line))
-            .env("TMPDIR", &scratch)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        writeln!(log, "$ {command:?}").map_err(file_error("write", &log_path))?;
-
-        let status = run_logged(&mut command, &mut log, |line| {
-            if let Some(info) = line.strip_prefix("I: ") {
-                step.detail(info);
-            }
-        })
-        .map_err(file_error("run mmdebstrap for", &log_path))?;
-        drop(log);
-
-        if !status.success() {
-            return Err(build_failure(request, &log_path));
+        let kernel = base.manifest.meta["kernel"].as_str().unwrap_or_default();
+        let status = Bootstrap {
+            distro: &request.distro,
+            sources: &request.sources,
+            packages: &request.packages,
+            // The base's devices are made by mmdebstrap, as in any root.
+            setup_hook: Some(format!(
+                r#"tar -C "$1" --exclude=./dev/* -xf {}"#,
+                shell_quote(&base.file(BASE_FILE).to_string_lossy())
+            )),
+            essential_hook: None,
+            customize_hook: export_image_hook(dir, kernel, packer),
+            skip: &[],
+            format: "null",
+            output: Path::new("/dev/null"),
         }
-        fs::remove_dir(&scratch).map_err(file_error("remove", &scratch))?;
-        let kernel_version = self.gather_boot_modules(request, dir)?;
+        .run(self.store, dir, &log_path, step)?;
+        if !status.success() {
+            return Err(build_failure(request, false, &log_path));
+        }
+        for name in [KERNEL_FILE, MODULES_FILE] {
+            let (from, to) = (base.file(name), dir.join(name));
+            fs::hard_link(&from, &to)
+                .or_else(|_| fs::copy(&from, &to).map(drop))
+                .map_err(file_error("copy the base's file to", &to))?;
+        }
         Ok(serde_json::json!({
             "distro": request.distro,
             "sources": request.sources.iter().map(AptEntry::to_line).collect::<Vec<_>>(),
             "packages": request.packages,
-            "kernel": kernel_version,
+            "base": base.manifest.key,
+            "kernel": kernel,
             "fstype": packer.fstype(),
             "log": log_path,
+            "seconds": started.elapsed().as_secs_f64(),
         }))
     }
 
@@ -428,8 +512,19 @@ impl<'a> Builder<'a> {
     }
 }
 
+/// How a build's step ends.
+fn outcome<E>(built: &Result<(Entry, Provenance), E>) -> &'static str {
+    match built {
+        Ok((_, Provenance::Built)) => "done",
+        Ok((_, Provenance::Cached)) => "built meanwhile by another vmrig",
+        Ok((_, Provenance::Downloaded)) => "downloaded from the remote store",
+        Err(_) => "failed",
+    }
+}
+
 /// Keeps the kernel package from building an initramfs-tools image that
-/// vmrig never boots: it costs seconds per build.
+/// vmrig never boots: it costs seconds per build. Run in the base; the
+/// diversion stays for any package of an image that asks for one.
 const DIVERT_INITRAMFS_HOOK: &str = "chroot \"$1\" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && ln -s /bin/true \"$1/usr/sbin/update-initramfs\"";
 
 /// What a node never reads: removed from the finished root. (Excluding them
@@ -437,21 +532,40 @@ const DIVERT_INITRAMFS_HOOK: &str = "chroot \"$1\" dpkg-divert --quiet --local -
 /// essential packages three times slower: 14.5 s against 5.6 s a build.)
 const UNREAD_TREES: &[&str] = &["man", "doc", "info", "locale", "lintian"];
 
-/// The shell hook run inside the finished root: it takes out the kernel and
-/// its module tree, drops what a node never needs, and packs the root.
-fn export_hook(dir: &Path, packer: Packer) -> String {
+/// Checks that `$1` (a root) has one kernel in `/boot`, as `$kernel`.
+const ONE_KERNEL: &str = r#"set -- "$root"/boot/vmlinuz-*
+if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then echo "vmrig: expected one kernel in /boot, found: $*" >&2; exit 1; fi
+kernel="$1""#;
+
+/// The shell hook run inside a base's finished root: it copies the kernel
+/// and its module tree out. (Hard links cannot leave the build's tmpfs.)
+fn export_base_hook(dir: &Path) -> String {
     let out = shell_quote(&dir.to_string_lossy());
-    let unread: Vec<String> = UNREAD_TREES.iter().map(|tree| format!("\"$root\"/usr/share/{tree}/*")).collect();
-    let unread = unread.join(" ");
     format!(
         r#"set -eu
 root="$1"
 out={out}
-image="$out/{ROOTFS_FILE}"
-set -- "$root"/boot/vmlinuz-*
-if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then echo "vmrig: expected one kernel in /boot, found: $*" >&2; exit 1; fi
-cp "$1" "$out/{KERNEL_FILE}"
-cp -al "$root/lib/modules" "$out/modules" 2>/dev/null || cp -a "$root/lib/modules" "$out/modules"
+{ONE_KERNEL}
+cp "$kernel" "$out/{KERNEL_FILE}"
+cp -a "$root/lib/modules" "$out/modules"
+"#
+    )
+}
+
+/// The shell hook run inside an image's finished root: it checks that the
+/// kernel is still the base's, drops what a node never needs, and packs
+/// the root.
+fn export_image_hook(dir: &Path, kernel: &str, packer: Packer) -> String {
+    let out = shell_quote(&dir.to_string_lossy());
+    let unread: Vec<String> = UNREAD_TREES.iter().map(|tree| format!("\"$root\"/usr/share/{tree}/*")).collect();
+    let unread = unread.join(" ");
+    let expected = shell_quote(&format!("vmlinuz-{kernel}"));
+    format!(
+        r#"set -eu
+root="$1"
+image={out}/{ROOTFS_FILE}
+{ONE_KERNEL}
+if [ "$(basename "$kernel")" != {expected} ]; then echo "vmrig: the node's packages replaced the base's kernel {kernel} with $kernel" >&2; exit 1; fi
 rm -rf "$root"/boot/* "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* {unread}
 # Pack a plain bind view of the root: it shows none of the filesystems
 # mmdebstrap has mounted inside it, and the private mount namespace takes the
@@ -467,67 +581,21 @@ fn plural(count: usize, noun: &str) -> String {
     format!("{count} {noun}{}", if count == 1 { "" } else { "s" })
 }
 
-fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
-}
-
-/// Runs `command`, writing its stdout and stderr to `log` line by line and
-/// showing each line to `on_line`.
-fn run_logged(command: &mut Command, log: &mut File, mut on_line: impl FnMut(&str)) -> io::Result<std::process::ExitStatus> {
-    let mut child = command.spawn()?;
-    let stdout = child.stdout.take().expect("stdout is piped");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let forward = |stream: Box<dyn io::Read + Send>, tx: std::sync::mpsc::Sender<String>| {
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        })
-    };
-    let readers = [forward(Box::new(stdout), tx.clone()), forward(Box::new(stderr), tx)];
-    for line in rx {
-        writeln!(log, "{line}")?;
-        on_line(&line);
-    }
-    for reader in readers {
-        let _ = reader.join();
-    }
-    child.wait()
-}
-
 /// Explains a failed mmdebstrap run: by the packages apt could not find
 /// when that is the cause, else by the end of the log.
-fn build_failure(request: &ImageRequest, log_path: &Path) -> ImageError {
-    let log = fs::read_to_string(log_path).unwrap_or_default();
-    let missing: BTreeSet<&str> = log
-        .lines()
-        .filter_map(|line| {
-            line.strip_prefix("E: Unable to locate package ")
-                .or_else(|| {
-                    line.strip_prefix("E: Package '")
-                        .and_then(|rest| rest.split_once("' has no installation candidate"))
-                        .map(|(package, _)| package)
-                })
-                .map(str::trim)
-        })
-        .collect();
+fn build_failure(request: &ImageRequest, base: bool, log_path: &Path) -> ImageError {
+    let (missing, tail) = bootstrap::missing_packages(log_path);
     if !missing.is_empty() {
         return ImageError::UnknownPackages {
             distro: request.distro.clone(),
-            packages: missing
-                .into_iter()
-                .map(|package| (package.to_string(), request.nodes.clone()))
-                .collect(),
+            packages: missing.into_iter().map(|package| (package, request.nodes.clone())).collect(),
         };
     }
-    let lines: Vec<&str> = log.lines().collect();
     ImageError::BuildFailed {
+        base,
         nodes: request.nodes.clone(),
         log: log_path.to_path_buf(),
-        tail: lines[lines.len().saturating_sub(15)..].join("\n"),
+        tail,
     }
 }
 
@@ -550,5 +618,28 @@ mod tests {
         for request in &requests {
             assert_eq!(request.node_packages().collect::<Vec<_>>(), ["curl"]);
         }
+    }
+
+    #[test]
+    fn an_image_key_follows_its_base_whose_key_follows_every_input_of_its_own() {
+        let entry = |uri: &str| AptEntry { uri: uri.into(), suite: "bookworm".into(), components: vec!["main".into()], signed_by: None };
+        let request = |distro: &str, uri: &str, graphics: bool, node: &[&str]| {
+            let mut packages: BTreeSet<String> = packages_every(graphics).map(str::to_string).collect();
+            packages.extend(node.iter().map(|p| p.to_string()));
+            ImageRequest { distro: distro.into(), sources: vec![entry(uri)], packages, graphics, nodes: vec!["a".into()] }
+        };
+        let curl = request("bookworm", "http://one/debian", false, &["curl"]);
+        let hello = request("bookworm", "http://one/debian", false, &["hello"]);
+        assert_eq!(curl.base(), hello.base(), "two package sets share one base");
+        assert_ne!(curl.key(), hello.key());
+        for other in [
+            request("trixie", "http://one/debian", false, &["curl"]),
+            request("bookworm", "http://two/debian", false, &["curl"]),
+            request("bookworm", "http://one/debian", true, &["curl"]),
+        ] {
+            assert_ne!(other.base().key(), curl.base().key(), "{other:?}");
+            assert_ne!(other.key(), curl.key(), "{other:?}");
+        }
+        assert_eq!(curl.base().packages(), ["iproute2", "linux-image-cloud-amd64", "nftables", "procps", "systemd"].map(String::from).into());
     }
 }

@@ -21,9 +21,16 @@
 //! entry missing here is downloaded (and verified) under the entry's lock
 //! before anyone builds it, and an entry built here is uploaded.
 //!
+//! Beside entries, a store holds caches (`cache/<name>/`): folders of files
+//! a builder reuses as they are, such as the package files apt fetched,
+//! each file checked by whoever reads it. A builder holds the cache's lock
+//! while it uses it.
+//!
 //! Every lookup that finds an entry marks it used (the manifest's mtime);
 //! [`Store::gc`] removes entries, kept writable layers (`state/`) and build
-//! logs unused for longer than asked, and what dead builds left in `tmp/`.
+//! logs unused for longer than asked, cached files not read for as long
+//! (their access time, which Linux's default `relatime` keeps to within a
+//! day), and what dead builds left in `tmp/`.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -43,7 +50,9 @@ mod remote;
 pub use remote::{Remote, RemoteError, REMOTE_ENV};
 
 /// Directories of the store root that are not entry kinds.
-const RESERVED_DIRS: [&str; 4] = ["tmp", "locks", "logs", STATE_DIR];
+const RESERVED_DIRS: [&str; 5] = ["tmp", "locks", "logs", STATE_DIR, CACHE_DIR];
+/// Where caches live, a folder each.
+const CACHE_DIR: &str = "cache";
 /// Where runs with `--keep-state` keep their nodes' writable layers.
 const STATE_DIR: &str = "state";
 
@@ -190,6 +199,16 @@ impl Store {
         self.root.join(STATE_DIR).join(key)
     }
 
+    /// The cache `name`, created if needed, with its lock: held, nobody
+    /// else uses the cache (a builder, or `gc` trimming it) until it is
+    /// dropped.
+    pub fn cache(&self, name: &str) -> Result<(Flock<File>, PathBuf), StoreError> {
+        let lock = self.lock(CACHE_DIR, name)?;
+        let path = self.root.join(CACHE_DIR).join(name);
+        fs::create_dir_all(&path).map_err(file_error("create", &path))?;
+        Ok((lock, path))
+    }
+
     /// Where builders keep the log of building `kind`/`key`.
     pub fn log_path(&self, kind: &str, key: &str) -> PathBuf {
         self.root.join("logs").join(format!("{kind}-{key}.log"))
@@ -269,6 +288,16 @@ impl Store {
                     Some(_lock) => discard(&entry, &mut report)?,
                     None => report.keep(&entry),
                 }
+            }
+        }
+        for cache in list_dir(&self.root.join(CACHE_DIR))? {
+            let name = cache.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            // A builder holding the lock is using the cache.
+            if let Some(_lock) = self.try_lock(CACHE_DIR, &name)? {
+                trim_cache(&cache, cutoff, &mut report)?;
+            }
+            if !list_dir(&cache)?.is_empty() {
+                report.keep(&cache);
             }
         }
         for state in list_dir(&self.root.join(STATE_DIR)).unwrap_or_default() {
@@ -466,6 +495,27 @@ pub struct GcReport {
     pub kept: usize,
     /// The disk space they take.
     pub kept_bytes: u64,
+    /// Cached files removed.
+    pub cached_removed: usize,
+    /// The disk space they took.
+    pub cached_removed_bytes: u64,
+}
+
+/// Removes the files below `cache` not read since `cutoff`, and the
+/// folders they leave empty.
+fn trim_cache(cache: &Path, cutoff: SystemTime, report: &mut GcReport) -> Result<(), StoreError> {
+    for path in list_dir(cache)? {
+        let Ok(metadata) = fs::symlink_metadata(&path) else { continue };
+        if metadata.is_dir() {
+            trim_cache(&path, cutoff, report)?;
+            let _ = fs::remove_dir(&path);
+        } else if metadata.accessed().unwrap_or(UNIX_EPOCH) < cutoff {
+            fs::remove_file(&path).map_err(file_error("remove", &path))?;
+            report.cached_removed += 1;
+            report.cached_removed_bytes += metadata.len();
+        }
+    }
+    Ok(())
 }
 
 impl GcReport {
@@ -725,6 +775,36 @@ mod tests {
         assert_eq!((report.removed, report.kept), (3, 3), "{report:?}");
         assert!(report.removed_bytes > 0 && report.kept_bytes > 0);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 1, "gc left its own leftovers");
+    }
+
+    #[test]
+    fn gc_trims_a_cache_by_last_read_and_leaves_a_cache_in_use_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let read_days_ago = |path: &Path, days: u64| {
+            let then = SystemTime::now() - Duration::from_secs(days * 86_400);
+            let times = fs::FileTimes::new().set_accessed(then).set_modified(then);
+            File::options().append(true).open(path).unwrap().set_times(times).unwrap();
+        };
+        let (lock, packages) = store.cache("packages").unwrap();
+        drop(lock);
+        fs::create_dir(packages.join("partial")).unwrap();
+        for (name, days) in [("old.deb", 40), ("partial/old.deb", 40), ("read-yesterday.deb", 1)] {
+            fs::write(packages.join(name), "package").unwrap();
+            read_days_ago(&packages.join(name), days);
+        }
+        let (in_use, other) = store.cache("other").unwrap();
+        fs::write(other.join("old.deb"), "package").unwrap();
+        read_days_ago(&other.join("old.deb"), 40);
+
+        let report = store.gc(Duration::from_secs(30 * 86_400)).unwrap();
+        drop(in_use);
+
+        assert!(packages.join("read-yesterday.deb").exists());
+        assert!(!packages.join("old.deb").exists() && !packages.join("partial").exists());
+        assert!(other.join("old.deb").exists(), "gc trimmed a cache in use");
+        assert_eq!((report.cached_removed, report.cached_removed_bytes), (2, 14), "{report:?}");
+        assert_eq!(report.kept, 2, "{report:?}");
     }
 
     #[test]
