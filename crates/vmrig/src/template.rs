@@ -201,8 +201,9 @@ fn build(dir: &Path, boot: &BootFiles, shape: Shape, layer: &[u8], socket_dir: &
     drop(machine);
     pack_extents(&disk, &dir.join(LAYER_FILE)).map_err(file_error("pack the template's layer from", &disk))?;
     let _ = fs::remove_file(&disk);
-    log.line(format!("template built in {:.2} s", started.elapsed().as_secs_f64()));
-    Ok(serde_json::json!({ "shape": format!("{shape:?}") }))
+    let seconds = started.elapsed().as_secs_f64();
+    log.line(format!("template built in {seconds:.2} s"));
+    Ok(serde_json::json!({ "shape": format!("{shape:?}"), "seconds": seconds }))
 }
 
 /// What a template does once, so that no node restored from it does it
