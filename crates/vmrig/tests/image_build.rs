@@ -32,6 +32,11 @@ fn entries(store: &Path, kind: &str) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// How many package files the store's package cache holds.
+fn cached_packages(store: &Path) -> usize {
+    entries(store, "cache/packages").iter().filter(|p| p.extension().is_some_and(|e| e == "deb")).count()
+}
+
 #[test]
 fn concurrent_builds_share_one_image_that_boots_into_systemd() {
     let store = tempfile::tempdir().unwrap();
@@ -53,7 +58,7 @@ fn concurrent_builds_share_one_image_that_boots_into_systemd() {
     assert_eq!(all.matches("building image for alpha, beta (1 package) … done").count(), 1, "{all}");
     assert_eq!(entries(store.path(), "images").len(), 1, "{all}");
     assert_eq!(entries(store.path(), "bases").len(), 1, "{all}");
-    let cached_packages = entries(store.path(), "cache/packages").iter().filter(|p| p.extension().is_some_and(|e| e == "deb")).count();
+    let cached_packages = cached_packages(store.path());
     assert!(cached_packages > 50, "the base's and hello's packages were not kept: {cached_packages}");
     assert!(store.path().join("logs").read_dir().unwrap().count() >= 1);
 
@@ -109,6 +114,8 @@ fn a_package_that_does_not_exist_fails_the_build_and_leaves_nothing() {
     );
     assert!(entries(store.path(), "images").is_empty(), "{message}");
     assert!(entries(store.path(), "tmp").is_empty(), "{:?}", entries(store.path(), "tmp"));
+    // The failed build's root went, the package cache mounted in it did not.
+    assert!(cached_packages(store.path()) > 50, "{:?}", entries(store.path(), "cache/packages"));
 }
 
 /// Lists the root at `$1` into the folder `$2`: its packages (`packages`:

@@ -90,7 +90,10 @@ impl Bootstrap<'_> {
             let cache = shell_quote(&cache.to_string_lossy());
             setup.push(format!(r#"mkdir -p "$1{APT_ARCHIVES}" && mount --bind {cache} "$1{APT_ARCHIVES}""#));
             // Before the hook that packs the root, and before mmdebstrap
-            // empties the folder.
+            // empties the folder. (A build that fails sooner leaves it
+            // mounted: mmdebstrap removes its root with `rm
+            // --one-file-system`, which passes over the cache, on another
+            // filesystem than the tmpfs; checked by hand.)
             customize.push(format!(r#"umount "$1{APT_ARCHIVES}""#));
         }
         customize.push(self.customize_hook.clone());
