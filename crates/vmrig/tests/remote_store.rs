@@ -2,7 +2,8 @@
 //! stand for two machines and a WebDAV server (rclone, on loopback, with a
 //! password) for the fleet's storage. What one machine built or passed,
 //! the other downloads instead of building or running; a damaged remote
-//! entry is refused and rebuilt; a failure is never uploaded.
+//! entry is refused and rebuilt, on the base the remote store shares; a
+//! failure is never uploaded.
 
 mod common;
 
@@ -89,7 +90,7 @@ fn machines_share_builds_and_passes_through_a_remote_store_and_refuse_damaged_en
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("building image for machine"), "{output}");
     // Its node, saved once up, too.
-    for kind in ["images", "initramfs", "templates", "warm", "result"] {
+    for kind in ["bases", "images", "initramfs", "templates", "warm", "result"] {
         assert_eq!(remote.entries(kind).len(), 1, "one {kind} entry uploaded:\n{output}");
         assert!(output.contains(&format!("uploading {kind}/")), "{output}");
     }
@@ -114,8 +115,8 @@ fn machines_share_builds_and_passes_through_a_remote_store_and_refuse_damaged_en
     assert_eq!(code, Some(1), "{output}");
     assert_eq!(remote.entries("result").len(), 1, "a failure reached the remote store");
 
-    // A damaged remote image is refused, built again on machine C, and
-    // replaced in the remote store.
+    // A damaged remote image is refused, built again on machine C on the
+    // base it downloads, and replaced in the remote store.
     let image = remote.root.path().join("fleet/images").join(&remote.entries("images")[0]).join("rootfs.img");
     let mut bytes = fs::read(&image).unwrap();
     let middle = bytes.len() / 2;
@@ -125,6 +126,7 @@ fn machines_share_builds_and_passes_through_a_remote_store_and_refuse_damaged_en
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("is damaged: `rootfs.img` does not have its hash; building it here"), "{output}");
     assert!(output.contains("building image for machine") && output.contains("uploading images/"), "{output}");
+    assert!(output.contains("downloaded bases/") && !output.contains("building the "), "{output}");
     let rebuilt = c.join("images").join(&remote.entries("images")[0]).join("rootfs.img");
     assert!(fs::read(&image).unwrap() == fs::read(&rebuilt).unwrap(), "the remote image was not replaced by the rebuilt one");
 
