@@ -8,13 +8,15 @@
 //! it as a [`vm`] and runs the test script against it, logging to the
 //! [`runlog`]; [`report`] writes the JUnit file and records a pass so that
 //! the same inputs need not run again; [`template`] saves booted guests
-//! that nodes start from; [`script`] checks the script beforehand;
+//! that nodes start from; [`script`] checks the script beforehand, against
+//! the embedded Python [`client`];
 //! [`interrupt`] notes the signals that stop a run. [`suite`] runs many
 //! tests side by side through the driver's phases. [`cli`] is the command
 //! line over all of it and [`ui`] is how progress and status look.
 
 pub mod attach;
 pub mod cli;
+pub mod client;
 pub mod driver;
 pub mod error;
 pub mod host;

@@ -8,25 +8,9 @@ use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
+use crate::client::{driver_globals, PYTHON_CLIENT};
 use crate::host::{HostError, PYTHON};
 use crate::spec::{nearest, Diagnostic, ScriptContext, SourceFile};
-
-/// The Python client every script imports (see `python/vmrig`), embedded.
-pub const PYTHON_CLIENT: &str = include_str!("../../../python/vmrig/__init__.py");
-
-/// The names the driver gives every script besides its nodes, as the
-/// Python client lists them in its `DRIVER_GLOBALS`: the client is the one
-/// place they are written.
-pub fn driver_globals() -> Vec<&'static str> {
-    let list = PYTHON_CLIENT
-        .split_once("DRIVER_GLOBALS = [")
-        .and_then(|(_, rest)| rest.split_once(']'))
-        .map_or("", |(list, _)| list);
-    list.split(',')
-        .map(|item| item.trim().trim_matches('"'))
-        .filter(|name| !name.is_empty())
-        .collect()
-}
 
 /// Reads `{"script", "machines", "client"}` on stdin and prints, as JSON,
 /// the script's syntax error, or the global names it reads without

@@ -164,3 +164,15 @@ print(vlan2)
     assert!(output.contains("uses `vlan2`, which nothing defines"), "{output}");
     assert_eq!(output.matches("error:").count(), 1, "{output}");
 }
+
+#[test]
+fn a_file_inside_a_file_and_a_node_named_as_a_script_global_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let definition = "[nodes.machines]\nfiles.\"/etc/x\" = { text = \"a file\" }\nfiles.\"/etc/x/y\" = { text = \"inside it\" }\n\n[test]\nscript = \"machines[0].succeed('true')\"\n";
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("error: node `machines` would be `machines` in the test script, which hides the script's own `machines`: rename the node\n"), "{output}");
+    assert!(output.contains("error: file `/etc/x/y` is inside `/etc/x`, which line 2 declares as a file: a path is a file or a folder, not both\n"), "{output}");
+    assert!(output.contains("vmrig.toml:3:7\n"), "{output}");
+}

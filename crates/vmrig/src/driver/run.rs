@@ -155,7 +155,7 @@ impl Run<'_> {
         let python_dir = private.join("python").join("vmrig");
         fs::create_dir_all(&python_dir).map_err(file_error("create", &python_dir))?;
         let client = python_dir.join("__init__.py");
-        fs::write(&client, crate::script::PYTHON_CLIENT).map_err(file_error("write", &client))?;
+        fs::write(&client, crate::client::PYTHON_CLIENT).map_err(file_error("write", &client))?;
         let script_copy = private.join("script.py");
         fs::write(&script_copy, &self.spec.script.text).map_err(file_error("write", &script_copy))?;
         let socket = private.join("driver.sock");

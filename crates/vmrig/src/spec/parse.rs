@@ -10,6 +10,8 @@ use std::time::Duration;
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
+use crate::client::driver_globals;
+
 use super::{
     nearest, python_identifier, BootMode, Password, RawUnit, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
     ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User,
@@ -362,6 +364,11 @@ impl Parser<'_> {
                     key.span(),
                     format!("`{name}` is not a valid node name: it is the node's hostname, so use letters, digits, `-` and `_`, starting with a letter, at most 63 characters"),
                 );
+            } else if driver_globals().contains(&python_identifier(&name).as_str()) {
+                self.error(
+                    key.span(),
+                    format!("node `{name}` would be `{}` in the test script, which hides the script's own `{}`: rename the node", python_identifier(&name), python_identifier(&name)),
+                );
             }
             let Some(node_table) = self.table(value, &format!("node `{name}`")) else {
                 complete = false;
@@ -590,7 +597,31 @@ impl Parser<'_> {
                 None => ok = false,
             }
         }
+        ok &= self.no_file_holds_another(table, &files);
         ok.then_some(files)
+    }
+
+    /// Reports each file whose path lies below another file's: a path is
+    /// a file or a folder, not both. (A folder copied from the host may
+    /// hold another declared file.)
+    fn no_file_holds_another(&mut self, table: &DeTable<'_>, files: &BTreeMap<String, FileSpec>) -> bool {
+        let mut ok = true;
+        for (outer, spec) in files {
+            let is_file = match &spec.content {
+                FileContent::Text(_) => true,
+                FileContent::Source { path, .. } => !path.is_dir(),
+            };
+            let below = format!("{}/", outer.trim_end_matches('/'));
+            for inner in files.keys().filter(|inner| is_file && inner.starts_with(&below)) {
+                let outer_line = self.source.line_col(key_span(table, outer).unwrap_or(0..0).start).0;
+                self.error(
+                    key_span(table, inner).unwrap_or(0..0),
+                    format!("file `{inner}` is inside `{outer}`, which line {outer_line} declares as a file: a path is a file or a folder, not both"),
+                );
+                ok = false;
+            }
+        }
+        ok
     }
 
     fn file(&mut self, value: &Value<'_>, guest_path: &str) -> Option<FileSpec> {

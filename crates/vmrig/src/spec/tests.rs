@@ -290,6 +290,27 @@ fn node_names_are_hostnames() {
 }
 
 #[test]
+fn node_names_leave_the_scripts_own_globals_alone() {
+    for name in ["machines", "start_all", "Machine", "subtest", "t", "os"] {
+        let (line, _, message, _) = error(&with_script(&format!("[nodes.{name}]\n")));
+        assert_eq!(line, 1);
+        assert_eq!(message, format!("node `{name}` would be `{name}` in the test script, which hides the script's own `{name}`: rename the node"));
+    }
+}
+
+#[test]
+fn a_path_is_a_file_or_a_folder_not_both() {
+    let (line, _, message, _) = error(&with_script("[nodes.a]\nfiles.\"/etc/x\" = { text = \"\" }\nfiles.\"/etc/x/y\" = { text = \"\" }\n"));
+    assert_eq!(line, 3);
+    assert_eq!(message, "file `/etc/x/y` is inside `/etc/x`, which line 2 declares as a file: a path is a file or a folder, not both");
+    // A folder copied from the host may hold another declared file.
+    let (dir, spec) = load(&with_script("[nodes.a]\nfiles.\"/srv\" = { source = \"tree\" }\nfiles.\"/srv/extra\" = { text = \"\" }\n"));
+    assert!(matches!(spec, Err(SpecError::Invalid(_))), "the fixture's tree is made below");
+    std::fs::create_dir(dir.path().join("tree")).unwrap();
+    assert!(TestSpec::load(dir.path()).is_ok());
+}
+
+#[test]
 fn every_mistake_is_reported_at_once() {
     let all = errors(&with_script(
         "[nodes.a]\npakages = []\nmemory = 1\n[nodes.b]\nfirewall.allowed_tcp_ports = [0]\n",
