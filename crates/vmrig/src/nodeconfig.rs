@@ -334,17 +334,20 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
     .map_err(error(&spec_path))
 }
 
-/// `/etc/hosts`: loopback names, every node by its first addresses, and
-/// the node's `extra_hosts`.
+/// `/etc/hosts`: loopback names, the node's `extra_hosts`, and every node
+/// by its first addresses. The node's own lines come before the test's, as
+/// NixOS writes a node's `networking.hosts` before the lines its test
+/// framework adds: the first line naming a host is the one resolved, so a
+/// node may map another node's name elsewhere.
 fn hosts_file(spec: &TestSpec, node: &Node) -> String {
     let mut hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", node.name);
+    for (address, names) in &node.extra_hosts {
+        writeln!(hosts, "{address}\t{}", names.join(" ")).expect("writing to a String");
+    }
     for name in spec.nodes.keys() {
         if let Some(nic) = net::nics(spec, name).first() {
             writeln!(hosts, "{}\t{name}\n{}\t{name}", nic.ipv4(), nic.ipv6()).expect("writing to a String");
         }
-    }
-    for (address, names) in &node.extra_hosts {
-        writeln!(hosts, "{address}\t{}", names.join(" ")).expect("writing to a String");
     }
     hosts
 }

@@ -1,6 +1,7 @@
 //! A node as a NixOS test script sees it, on real VMs: interface names,
 //! the shell commands run in, daemons started in the background, the
-//! attributes of `Machine`, the service manager's settings, the shared
+//! attributes of `Machine`, the service manager's settings, its hosts
+//! file, the shell commands the calls make of their arguments, the shared
 //! folder at `/tmp/shared`, and `block()` as an unplugged cable. Each check
 //! is something a nixpkgs test relies on; the test runs with templates and
 //! with cold boots (`scripts/test`).
@@ -20,6 +21,8 @@ packages = ["busybox", "curl"]
 
 [nodes.server]
 firewall.allowed_tcp_port_ranges = [{ from = 7000, to = 7010 }]
+# Another node's name mapped elsewhere, as a NixOS test's networking.hosts.
+extra_hosts = { "fe00:aa:bb:cc::2" = ["web_client"] }
 files."/etc/profile.d/vmrig-test.sh" = { text = "export FROM_PROFILE=profile-was-read\n" }
 files."/srv/www/index.html" = { text = "served" }
 users.alice = { password = "secret", group = "devs", groups = ["audio", "testers"], uid = 1500 }
@@ -110,6 +113,14 @@ with subtest("users, units and drop-ins as the definition declares them"):
     # As systemd names it, and as its name resolves.
     assert web_client.succeed("hostname") == "webclient\n"
     server.succeed("getent hosts web_client")
+    # The node's own hosts lines come before the test's, as on NixOS: the
+    # first address of the name is the node's own mapping.
+    assert server.succeed("getent hosts web_client | head -n1").split()[0] == "fe00:aa:bb:cc::2"
+    assert server.succeed("getent ahostsv4 web_client | head -n1").split()[0] == web_client.ip
+
+with subtest("wait_for_file takes a glob, as NixOS's runs test -e unquoted"):
+    server.succeed("mkdir -p /var/spool/vmrig && touch /var/spool/vmrig/d00042-001")
+    server.wait_for_file("/var/spool/vmrig/d*-001", timeout=30)
 
 with subtest("block() unplugs the cable and unblock() plugs it back"):
     server.block()

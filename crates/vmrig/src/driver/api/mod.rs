@@ -241,8 +241,10 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
         NodeCall::WaitUntilSucceeds(retried) => return command::until(run, node, retried, true, deadline),
         NodeCall::WaitUntilFails(retried) => return command::until(run, node, retried, false, deadline),
         NodeCall::Systemctl { query, user } => return command::systemctl(run, node, &query, user.as_deref()),
-        NodeCall::StartJob(job) => return command::systemctl(run, node, &format!("start {}", vmrig_proto::shell_quote(&job.unit)), job.user.as_deref()),
-        NodeCall::StopJob(job) => return command::systemctl(run, node, &format!("stop {}", vmrig_proto::shell_quote(&job.unit)), job.user.as_deref()),
+        // The unit unquoted, as NixOS's driver writes it: `start_job("a b")`
+        // starts two units there.
+        NodeCall::StartJob(job) => return command::systemctl(run, node, &format!("start {}", job.unit), job.user.as_deref()),
+        NodeCall::StopJob(job) => return command::systemctl(run, node, &format!("stop {}", job.unit), job.user.as_deref()),
         NodeCall::ConsoleLines(since) => {
             let console = locked_running(run, node)?.console();
             return Ok(json!(console.since(since.first, wait_until(&since, deadline))).into());

@@ -103,10 +103,11 @@ pub(super) fn for_unix_socket(run: &Run<'_>, node: &str, path: String, is_datagr
     Ok(())
 }
 
-/// `wait_for_file`: until something is at `path`.
+/// `wait_for_file`: until something is at `path`. The path is not quoted,
+/// as NixOS's driver runs `test -e {path}`: scripts wait for globs.
 pub(super) fn for_file(run: &Run<'_>, node: &str, path: &str, limit: Duration, deadline: Instant) -> Result<(), Failure> {
     let _block = run.log.block(Some(node), format!("waiting for file {path}"));
-    let test = format!("test -e {}", shell_quote(path));
+    let test = format!("test -e {path}");
     if !poll_until(give_up(limit, deadline), POLL_PAUSE, || Ok(locked(run, node)?.shell(&test, None)?.succeeded()))? {
         return Err(Failure::Test(format!("{node}: file {path} did not appear within {} s", limit.as_secs())));
     }
