@@ -532,7 +532,8 @@ const DIVERT_INITRAMFS_HOOK: &str = "chroot \"$1\" dpkg-divert --quiet --local -
 /// essential packages three times slower: 14.5 s against 5.6 s a build.)
 const UNREAD_TREES: &[&str] = &["man", "doc", "info", "locale", "lintian"];
 
-/// Checks that `$1` (a root) has one kernel in `/boot`, as `$kernel`.
+/// A hook's check that the root at `$root` has one kernel in `/boot`;
+/// sets `$kernel` to its path.
 const ONE_KERNEL: &str = r#"set -- "$root"/boot/vmlinuz-*
 if [ "$#" -ne 1 ] || [ ! -f "$1" ]; then echo "vmrig: expected one kernel in /boot, found: $*" >&2; exit 1; fi
 kernel="$1""#;
