@@ -21,6 +21,8 @@ use std::io::{self, BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 
+use vmrig_proto::shell_quote;
+
 use super::sources::AptEntry;
 use super::ImageError;
 use crate::error::file_error;
@@ -31,7 +33,7 @@ use crate::ui::Step;
 /// mmdebstrap's `$TMPDIR`, inside the entry being built.
 const SCRATCH_DIR: &str = "scratch";
 /// The store's cache of the package files apt fetched.
-pub const PACKAGE_CACHE: &str = "packages";
+const PACKAGE_CACHE: &str = "packages";
 /// Where apt keeps package files in a root.
 const APT_ARCHIVES: &str = "/var/cache/apt/archives";
 
@@ -128,11 +130,6 @@ impl Bootstrap<'_> {
         }
         Ok(status)
     }
-}
-
-/// `text` quoted for a POSIX shell.
-pub(super) fn shell_quote(text: &str) -> String {
-    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 /// Runs `command`, writing its stdout and stderr to `log` line by line and

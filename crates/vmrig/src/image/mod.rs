@@ -28,8 +28,9 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use bootstrap::{shell_quote, Bootstrap};
-pub use bootstrap::PACKAGE_CACHE;
+use vmrig_proto::shell_quote;
+
+use bootstrap::Bootstrap;
 pub use initramfs::{load_order, CpioWriter, ModulesError, BOOT_MODULES};
 pub use sources::{AptEntry, SourcesError};
 
