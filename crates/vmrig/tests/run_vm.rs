@@ -671,3 +671,25 @@ fn console_interact_types_the_terminals_lines_on_the_console() {
     let status = session.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{seen}");
 }
+
+#[test]
+fn a_node_slow_to_reach_sysinit_is_waited_for_as_long_as_the_call_allows() {
+    // Its sysinit.target comes 130 s into its boot, and the agent runs
+    // commands only past it: longer than the 120 s a unit query once
+    // waited for the agent's answer, well within wait_for_unit's 900 s.
+    let test = test_dir(
+        r#"
+[nodes.machine]
+boot = "cold"
+services.slow-early-boot = { unit = "[Unit]\nDefaultDependencies=no\nBefore=sysinit.target\n[Service]\nType=oneshot\nExecStart=/bin/sleep 130\n", wanted_by = ["sysinit.target"] }
+
+[test]
+script = '''
+machine.wait_for_unit("multi-user.target")
+assert float(machine.succeed("cut -d' ' -f1 /proc/uptime")) >= 130
+'''
+"#,
+    );
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+}

@@ -16,6 +16,18 @@ use crate::vm::Machine;
 /// Pause between looks at a unit's state, a port, a socket or a file.
 const POLL_PAUSE: Duration = Duration::from_millis(200);
 
+/// How long a one-off unit query may take, as NixOS's `execute` allows by
+/// default: on a node still booting, the agent runs a command only once
+/// `sysinit.target` is reached, and the query's time counts from when it
+/// was asked.
+const UNIT_QUERY_LIMIT: Duration = Duration::from_secs(900);
+
+/// How long a look of a wait may take: what is left of the wait, since
+/// a node still booting answers once it has reached `sysinit.target`.
+fn left_of(give_up: Instant) -> Duration {
+    give_up.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))
+}
+
 /// When a wait of `limit` gives up: then, or at the run's deadline.
 pub(super) fn give_up(limit: Duration, deadline: Instant) -> Instant {
     (Instant::now() + limit).min(deadline)
@@ -48,20 +60,21 @@ pub(super) fn for_shutdown(run: &Run<'_>, node: &str, deadline: Instant) -> Resu
 /// failed, or is inactive with nothing queued that could start it.
 pub(super) fn for_unit(run: &Run<'_>, node: &str, unit: &str, user: Option<&str>, limit: Duration, deadline: Instant) -> Result<(), Failure> {
     let _block = run.log.block(Some(node), format!("waiting for unit {unit}"));
-    let active = poll_until(give_up(limit, deadline), POLL_PAUSE, || {
+    let give_up = give_up(limit, deadline);
+    let active = poll_until(give_up, POLL_PAUSE, || {
         let mut machine = locked(run, node)?;
         let machine = &mut *machine;
-        let Some(info) = settled_unit_info(machine, unit, user)? else { return Ok(false) };
+        let Some(info) = settled_unit_info(machine, unit, user, left_of(give_up))? else { return Ok(false) };
         match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
             "active" => Ok(true),
             "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\"\n{}", unit_status(machine, unit, user)?))),
             "inactive" => {
-                let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(Duration::from_secs(60)))?;
+                let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(left_of(give_up)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
                     return Ok(false);
                 }
                 // It may have become active meanwhile.
-                let again = unit_info(machine, unit, user)?.unwrap_or_default();
+                let again = unit_info(machine, unit, user, left_of(give_up))?.unwrap_or_default();
                 if again.get("ActiveState").map(String::as_str) == Some("active") {
                     return Ok(true);
                 }
@@ -116,21 +129,21 @@ pub(super) fn for_file(run: &Run<'_>, node: &str, path: &str, limit: Duration, d
 
 /// The unit's properties; the test fails when systemd cannot give them.
 pub(super) fn known_unit(machine: &mut Machine, node: &str, unit: &str, user: Option<&str>) -> Result<BTreeMap<String, String>, Failure> {
-    unit_info(machine, unit, user)?.ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))
+    unit_info(machine, unit, user, UNIT_QUERY_LIMIT)?.ok_or_else(|| Failure::Test(format!("{node}: cannot get the state of unit {unit}")))
 }
 
 /// The unit's properties, or `None` while systemd cannot answer yet (the
-/// agent starts before systemd does).
-fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    query_unit(machine, &show_unit(unit, user))
+/// agent starts before systemd does), asked within `limit`.
+fn unit_info(machine: &mut Machine, unit: &str, user: Option<&str>, limit: Duration) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    query_unit(machine, &show_unit(unit, user), limit)
 }
 
 /// As [`unit_info`], and `None` while a node restored from a template is
 /// still catching up with its layer ([`BECOMING_MARKER`]): until its
 /// default target is queued no state is a verdict, and asking systemd
 /// would only slow it down.
-fn settled_unit_info(machine: &mut Machine, unit: &str, user: Option<&str>) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    query_unit(machine, &format!("test ! -e {BECOMING_MARKER} && {}", show_unit(unit, user)))
+fn settled_unit_info(machine: &mut Machine, unit: &str, user: Option<&str>, limit: Duration) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    query_unit(machine, &format!("test ! -e {BECOMING_MARKER} && {}", show_unit(unit, user)), limit)
 }
 
 /// The command printing `unit`'s properties.
@@ -138,9 +151,10 @@ fn show_unit(unit: &str, user: Option<&str>) -> String {
     systemctl_command(&format!("--no-pager show {}", shell_quote(unit)), user)
 }
 
-/// The properties `command` (a `systemctl show`) prints, if it succeeds.
-fn query_unit(machine: &mut Machine, command: &str) -> Result<Option<BTreeMap<String, String>>, Failure> {
-    let outcome = machine.shell(command, Some(Duration::from_secs(60)))?;
+/// The properties `command` (a `systemctl show`) prints, if it succeeds
+/// within `limit`.
+fn query_unit(machine: &mut Machine, command: &str, limit: Duration) -> Result<Option<BTreeMap<String, String>>, Failure> {
+    let outcome = machine.shell(command, Some(limit))?;
     if !outcome.succeeded() {
         return Ok(None);
     }
