@@ -364,10 +364,10 @@ impl Parser<'_> {
                     key.span(),
                     format!("`{name}` is not a valid node name: it is the node's hostname, so use letters, digits, `-` and `_`, starting with a letter, at most 63 characters"),
                 );
-            } else if driver_globals().contains(&python_identifier(&name).as_str()) {
+            } else if let Some(global) = driver_globals().into_iter().find(|global| *global == python_identifier(&name)) {
                 self.error(
                     key.span(),
-                    format!("node `{name}` would be `{}` in the test script, which hides the script's own `{}`: rename the node", python_identifier(&name), python_identifier(&name)),
+                    format!("node `{name}` would be `{global}` in the test script, which hides the script's own `{global}`: rename the node"),
                 );
             }
             let Some(node_table) = self.table(value, &format!("node `{name}`")) else {
@@ -611,9 +611,12 @@ impl Parser<'_> {
                 FileContent::Text(_) => true,
                 FileContent::Source { path, .. } => !path.is_dir(),
             };
+            if !is_file {
+                continue;
+            }
             let below = format!("{}/", outer.trim_end_matches('/'));
-            for inner in files.keys().filter(|inner| is_file && inner.starts_with(&below)) {
-                let outer_line = self.source.line_col(key_span(table, outer).unwrap_or(0..0).start).0;
+            let outer_line = self.source.line_col(key_span(table, outer).unwrap_or(0..0).start).0;
+            for inner in files.keys().filter(|inner| inner.starts_with(&below)) {
                 self.error(
                     key_span(table, inner).unwrap_or(0..0),
                     format!("file `{inner}` is inside `{outer}`, which line {outer_line} declares as a file: a path is a file or a folder, not both"),

@@ -60,21 +60,21 @@ pub(super) fn for_shutdown(run: &Run<'_>, node: &str, deadline: Instant) -> Resu
 /// failed, or is inactive with nothing queued that could start it.
 pub(super) fn for_unit(run: &Run<'_>, node: &str, unit: &str, user: Option<&str>, limit: Duration, deadline: Instant) -> Result<(), Failure> {
     let _block = run.log.block(Some(node), format!("waiting for unit {unit}"));
-    let give_up = give_up(limit, deadline);
-    let active = poll_until(give_up, POLL_PAUSE, || {
+    let give_up_at = give_up(limit, deadline);
+    let active = poll_until(give_up_at, POLL_PAUSE, || {
         let mut machine = locked(run, node)?;
         let machine = &mut *machine;
-        let Some(info) = settled_unit_info(machine, unit, user, left_of(give_up))? else { return Ok(false) };
+        let Some(info) = settled_unit_info(machine, unit, user, left_of(give_up_at))? else { return Ok(false) };
         match info.get("ActiveState").map(String::as_str).unwrap_or_default() {
             "active" => Ok(true),
             "failed" => Err(Failure::Test(format!("{node}: unit {unit} reached state \"failed\"\n{}", unit_status(machine, unit, user)?))),
             "inactive" => {
-                let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(left_of(give_up)))?;
+                let jobs = machine.shell(&systemctl_command("list-jobs --full", user), Some(left_of(give_up_at)))?;
                 if !text(&jobs.stdout).contains("No jobs") {
                     return Ok(false);
                 }
                 // It may have become active meanwhile.
-                let again = unit_info(machine, unit, user, left_of(give_up))?.unwrap_or_default();
+                let again = unit_info(machine, unit, user, left_of(give_up_at))?.unwrap_or_default();
                 if again.get("ActiveState").map(String::as_str) == Some("active") {
                     return Ok(true);
                 }
