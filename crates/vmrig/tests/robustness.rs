@@ -1,4 +1,5 @@
-//! What goes wrong, on real VMs: a QEMU that exits at start-up, a stop
+//! What goes wrong, on real VMs: a QEMU that exits at start-up, a device
+//! QEMU says failed, a stop
 //! signal while a node boots, a wait polling a machine while another
 //! thread drives it, a command that prints more than a script can take,
 //! and a script that ends itself with `sys.exit`.
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{run, text, vmrig, vmrig_run};
+use common::{run, run_command, text, vmrig, vmrig_run};
 
 /// A test directory with one node, `machine`, running `script`.
 fn machine_test(script: &str) -> tempfile::TempDir {
@@ -36,6 +37,19 @@ fn processes_with(needle: &str) -> Vec<String> {
         .collect()
 }
 
+/// A folder holding a `qemu-system-x86_64` that answers `--version` as the
+/// real one does (a template's key holds it) and otherwise runs `script`
+/// (sh, with the real QEMU as `$QEMU`), and a `PATH` that finds it first.
+fn qemu_wrapper(script: &str) -> (tempfile::TempDir, String) {
+    let bin = tempfile::tempdir().unwrap();
+    let real = vmrig::host::find_program("qemu-system-x86_64").expect("QEMU is on the PATH");
+    let wrapper = bin.path().join("qemu-system-x86_64");
+    fs::write(&wrapper, format!("#!/bin/sh\nQEMU={}\ncase \"$1\" in --version) exec $QEMU \"$@\";; esac\n{script}\n", real.display())).unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap());
+    (bin, path)
+}
+
 #[test]
 fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
     let test = machine_test("machine.succeed('true')\n");
@@ -45,20 +59,7 @@ fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
 
     // A QEMU that tells its version (a template's key holds it) and fails
     // to start anything, as one with a broken installation would.
-    let bin = tempfile::tempdir().unwrap();
-    let real = vmrig::host::find_program("qemu-system-x86_64").expect("QEMU is on the PATH");
-    let wrapper = bin.path().join("qemu-system-x86_64");
-    fs::write(
-        &wrapper,
-        format!(
-            "#!/bin/sh\ncase \"$1\" in --version) exec {} \"$@\";; esac\n\
-             echo 'qemu-system-x86_64: -machine microvm: broken on purpose by vmrig-robustness-test' >&2\nexit 1\n",
-            real.display()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
-    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap());
+    let (_bin, path) = qemu_wrapper("echo 'qemu-system-x86_64: -machine microvm: broken on purpose by vmrig-robustness-test' >&2\nexit 1");
 
     let started = Instant::now();
     let output = vmrig_run(test.path()).args(["--accel", "tcg", "--timeout", "600"]).env("PATH", path).output().unwrap();
@@ -67,6 +68,48 @@ fn a_qemu_that_exits_at_start_up_fails_the_run_at_once_with_its_message() {
     assert!(output.ends_with("exit: Some(3)"), "{output}");
     assert!(output.contains("broken on purpose by vmrig-robustness-test"), "QEMU's own words are not in the failure:\n{output}");
     assert!(took < Duration::from_secs(5), "a QEMU that exits at once took {took:?} to fail the run:\n{output}");
+    assert!(processes_with(&test.path().display().to_string()).is_empty());
+}
+
+#[test]
+fn a_device_that_qemu_says_failed_fails_its_machine_at_once_with_the_message() {
+    let trigger_dir = tempfile::tempdir().unwrap();
+    let trigger = trigger_dir.path().join("break-the-device");
+    let test = machine_test(&format!(
+        r#"
+import pathlib, time
+machine.succeed("true")
+pathlib.Path("{trigger}").touch()
+broken = time.monotonic()
+try:
+    machine.wait_until_succeeds("false", timeout=600)
+finally:
+    print(f"the call ended {{time.monotonic() - broken:.1f}} s after the device failed")
+"#,
+        trigger = trigger.display()
+    ));
+    let output = vmrig().arg("build").arg(test.path()).output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+
+    // The real QEMU, and a child that writes on QEMU's stderr what QEMU
+    // prints when a guest breaks a virtio device, once the script says so
+    // (it holds no descriptor of QEMU's, and ends with QEMU).
+    let (_bin, path) = qemu_wrapper(&format!(
+        "qemu=$$\n\
+         (exec </dev/null >/dev/null 2>&1; while [ ! -e {trigger} ] && [ -e /proc/$qemu/fd/2 ]; do sleep 0.1; done; \
+         [ -e {trigger} ] && echo 'qemu-system-x86_64: virtio: zero sized buffers are not allowed' >/proc/$qemu/fd/2) &\n\
+         exec $QEMU \"$@\"",
+        trigger = trigger.display()
+    ));
+    let (code, output) = run_command(vmrig_run(test.path()).env("PATH", path));
+    assert_eq!(code, Some(3), "a machine whose QEMU ended is the infrastructure failing:\n{output}");
+    let waited: f64 = output
+        .split_once("the call ended ")
+        .and_then(|(_, rest)| rest.split_once(" s after"))
+        .and_then(|(seconds, _)| seconds.parse().ok())
+        .unwrap_or_else(|| panic!("the script did not say when its call ended:\n{output}"));
+    assert!(waited < 5.0, "the machine failed {waited} s after its device did:\n{output}");
+    assert!(output.contains("a device failed: qemu-system-x86_64: virtio: zero sized buffers are not allowed"), "{output}");
     assert!(processes_with(&test.path().display().to_string()).is_empty());
 }
 

@@ -59,6 +59,8 @@ use snapshot::take_identity;
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to power off once asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a failed agent connection waits for QEMU's end to show.
+const AGENT_LOSS_GRACE: Duration = Duration::from_millis(500);
 /// How much of each stream of a command's output is kept in memory: what
 /// a script can be handed. The rest goes to a file in the node's report.
 pub const OUTPUT_LIMIT: usize = 64 << 20;
@@ -459,7 +461,11 @@ impl Machine {
     }
 
     fn agent_error(&mut self, source: AgentError) -> VmError {
-        if self.is_running() {
+        // A QEMU being killed closes the agent's socket a moment before
+        // its end can be seen: give it that moment, so that the error says
+        // why QEMU ended rather than that the connection did.
+        let ending = self.running().is_some_and(|running| running.qemu.exit_watch().wait(AGENT_LOSS_GRACE));
+        if !ending && self.is_running() {
             VmError::Agent { node: self.config.name.clone(), source }
         } else {
             self.exited_error()

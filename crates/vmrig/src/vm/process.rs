@@ -2,13 +2,16 @@
 //! moment it happens (a pidfd, readable once the process has exited, reaped
 //! or not), its stderr drained into the run's log while it runs, so that
 //! QEMU never blocks on a full pipe, with the last lines kept for the error
-//! that reports its end. Dropping it kills and reaps QEMU. Also what
+//! that reports its end. A line saying that one of its devices failed
+//! (QEMU's `virtio_error`, after which the device stays broken and the
+//! guest waits on it for ever) kills QEMU at once, and its end says why.
+//! Dropping it kills and reaps QEMU. Also what
 //! reaches it from elsewhere: the [`KillSwitch`] that kills it from any
 //! thread, and connecting to the sockets it serves while it runs.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader};
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command};
@@ -46,6 +49,14 @@ impl ExitWatch {
         Ok(Self(Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) })))
     }
 
+    /// Sends SIGKILL to the process, unless it has been reaped (a pidfd
+    /// never reaches a process that reused the pid).
+    fn kill(&self) {
+        // SAFETY: pidfd_send_signal takes a descriptor we own, a signal
+        // number, a null info pointer and flags; it touches no memory of ours.
+        unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), nix::libc::SIGKILL, std::ptr::null::<()>(), 0) };
+    }
+
     /// Whether the process has exited.
     pub fn has_exited(&self) -> bool {
         self.wait(Duration::ZERO)
@@ -72,6 +83,26 @@ impl ExitWatch {
 struct StderrTail {
     state: Mutex<(VecDeque<String>, bool)>,
     ended: Condvar,
+    /// The line that said a device failed, for which QEMU was killed.
+    device_failure: Mutex<Option<String>>,
+}
+
+/// Whether a line QEMU printed on stderr says one of its devices failed.
+/// QEMU reports such a failure (`virtio_error`: a descriptor the guest
+/// got wrong, a queue it overran) on stderr alone, marks the device
+/// broken and runs on: the guest then waits on that device for ever. Its
+/// messages name virtio, a virtqueue or a descriptor; warnings never
+/// break a device.
+fn says_a_device_failed(line: &str) -> bool {
+    // `qemu-system-x86_64: ` first, as error_report writes it.
+    let message = line.split_once(": ").filter(|(program, _)| program.starts_with("qemu-system-")).map_or(line, |(_, message)| message);
+    // An option QEMU refuses (`-device virtio-…: …`) ends it by itself.
+    if message.starts_with("warning: ") || message.starts_with("info: ") || message.starts_with('-') {
+        return false;
+    }
+    let message = message.to_ascii_lowercase();
+    const SIGNS: [&str; 9] = ["virtio", "virtqueue", "vring", "looped descriptor", "desc next is", "incorrect order for descriptors", "indirect buffer", "guest moved used index", "guest says index"];
+    SIGNS.iter().any(|sign| message.contains(sign))
 }
 
 /// A running (or just ended) QEMU.
@@ -97,7 +128,7 @@ impl Qemu {
         };
         let stderr = Arc::new(StderrTail::default());
         if let Some(pipe) = child.stderr.take() {
-            let (tail, log, node) = (Arc::clone(&stderr), log.clone(), node.to_string());
+            let (tail, log, node, qemu) = (Arc::clone(&stderr), log.clone(), node.to_string(), exit.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(pipe);
                 let mut line = Vec::new();
@@ -110,6 +141,14 @@ impl Qemu {
                         text.push('…');
                     }
                     log.line(format!("{node}: QEMU: {text}"));
+                    if says_a_device_failed(&text) {
+                        let mut failure = tail.device_failure.lock().unwrap_or_else(|p| p.into_inner());
+                        if failure.is_none() {
+                            log.line(format!("{node}: QEMU reported a failed device: stopping the machine"));
+                            qemu.kill();
+                            *failure = Some(text.clone());
+                        }
+                    }
                     let mut state = tail.state.lock().unwrap_or_else(|p| p.into_inner());
                     if state.0.len() == KEPT_LINES {
                         state.0.pop_front();
@@ -156,7 +195,10 @@ impl Qemu {
         if !self.has_exited() {
             let _ = self.child.kill();
         }
-        let status = self.child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+        let mut status = self.child.wait().map_or_else(|e| e.to_string(), |s| s.to_string());
+        if let Some(failure) = self.stderr.device_failure.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            status = format!("killed by vmrig, as a device failed: {failure}");
+        }
         let state = self.stderr.state.lock().unwrap_or_else(|p| p.into_inner());
         let (state, _) = self.stderr.ended.wait_timeout_while(state, STDERR_GRACE, |(_, ended)| !*ended).unwrap_or_else(|p| p.into_inner());
         (status, state.0.iter().cloned().collect::<Vec<_>>().join("\n"))
@@ -222,6 +264,31 @@ pub(super) fn connect_to_qemu(path: &Path, exit: &ExitWatch, wait: Duration) -> 
             Err(error) if started.elapsed() > wait => return Err(error),
             Err(_) if exit.wait(Duration::from_millis(5)) => return Err(io::Error::other("QEMU exited")),
             Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::says_a_device_failed;
+
+    #[test]
+    fn a_virtio_error_is_a_failed_device_and_a_warning_is_not() {
+        for line in [
+            "qemu-system-x86_64: virtio: zero sized buffers are not allowed",
+            "qemu-system-x86_64: virtio-net ctrl missing headers",
+            "qemu-system-x86_64: Looped descriptor",
+            "qemu-system-x86_64: Guest moved used index from 3 to 70",
+            "qemu-system-x86_64: virtqueue_map_desc: virtio: zero sized buffers are not allowed",
+        ] {
+            assert!(says_a_device_failed(line), "{line}");
+        }
+        for line in [
+            "qemu-system-x86_64: warning: hub 0 is not connected to host network",
+            "qemu-system-x86_64: terminating on signal 15 from pid 4242 (vmrig)",
+            "qemu-system-x86_64: -device virtio-net-device,netdev=n1: broken on purpose",
+        ] {
+            assert!(!says_a_device_failed(line), "{line}");
         }
     }
 }
