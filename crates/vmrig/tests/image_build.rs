@@ -122,22 +122,20 @@ fn a_package_that_does_not_exist_fails_the_build_and_leaves_nothing() {
 /// name, version, status) and its files (`files`: path, type, mode, owner,
 /// group), without what no package installs (logs, caches, apt's lists,
 /// the API filesystems' mount points' contents) and what images leave out
-/// (the kernel in `/boot`, documentation, manual pages, locales).
+/// (the kernel in `/boot`).
 const LIST_ROOT: &str = r#"set -eu
 cd "$1"
 chroot . dpkg-query -W -f='${Package} ${Version} ${Status}\n' > "$2/packages"
 find . \( -path ./proc -o -path ./sys -o -path ./dev -o -path ./run -o -path ./tmp \
-    -o -path './var/log/*' -o -path './var/cache/*' -o -path './var/lib/apt/lists/*' -o -path './boot/*' \
-    -o -path './usr/share/man/*' -o -path './usr/share/doc/*' -o -path './usr/share/info/*' \
-    -o -path './usr/share/locale/*' -o -path './usr/share/lintian/*' \) -prune \
+    -o -path './var/log/*' -o -path './var/cache/*' -o -path './var/lib/apt/lists/*' -o -path './boot/*' \) -prune \
     -o -printf '%p %y %m %u %g\n' | sort > "$2/files"
 "#;
 
-/// `vmrig build` of a node with `curl` in the suite's store: the image's
-/// entry.
-fn build_curl(extra_env: &[(&str, &str)]) -> PathBuf {
+/// `vmrig build` of a node with `curl` and `keys` in the suite's store:
+/// the image's entry.
+fn build_curl(keys: &str, extra_env: &[(&str, &str)]) -> PathBuf {
     let test = tempfile::tempdir().unwrap();
-    write_test(test.path(), "[nodes.web]\npackages = [\"curl\"]\n[test]\nscript = \"web.succeed('curl --version')\"\n");
+    write_test(test.path(), &format!("[nodes.web]\npackages = [\"curl\"]\n{keys}[test]\nscript = \"web.succeed('curl --version')\"\n"));
     let output = vmrig(&common::store(), &["build", test.path().to_str().unwrap()]).envs(extra_env.iter().copied()).output().unwrap();
     let printed = text(&output);
     assert!(output.status.success(), "{printed}");
@@ -161,7 +159,7 @@ fn run_ok(command: &mut Command) {
 
 #[test]
 fn an_image_built_on_the_base_holds_what_one_built_from_nothing_holds() {
-    let image = build_curl(&[]);
+    let image = build_curl("", &[]);
     let meta = image_meta(&image);
     let work = tempfile::tempdir().unwrap();
     let script = work.path().join("list-root.sh");
@@ -212,12 +210,28 @@ fn an_image_built_on_the_base_holds_what_one_built_from_nothing_holds() {
 
 #[test]
 fn another_archive_makes_another_base() {
-    let image = build_curl(&[]);
+    let image = build_curl("", &[]);
     let sources = strings(&image_meta(&image)["sources"]);
     // The host's main archive alone, without its updates and security
     // suites: the same packages' archive, other inputs.
     let archive = sources[0].split_whitespace().find(|word| word.contains("://")).unwrap().to_string();
-    let other = build_curl(&[("VMRIG_MIRROR", &archive)]);
+    let other = build_curl("", &[("VMRIG_MIRROR", &archive)]);
     assert_ne!(image_meta(&other)["base"], image_meta(&image)["base"]);
     assert_eq!(strings(&image_meta(&other)["sources"]), [format!("deb {archive} bookworm main")]);
+}
+
+#[test]
+fn an_image_keeps_its_packages_documentation_unless_the_node_opts_out() {
+    let [with, without] = [build_curl("", &[]), build_curl("documentation = false\n", &[])];
+    assert_ne!(with, without);
+    let mount = tempfile::tempdir().unwrap();
+    let found = |image: &Path, paths: &[&str]| -> Vec<bool> {
+        run_ok(Command::new("mount").args(["-o", "loop,ro"]).arg(image.join("rootfs.img")).arg(mount.path()));
+        let found = paths.iter().map(|path| mount.path().join(path).exists()).collect();
+        run_ok(Command::new("umount").arg(mount.path()));
+        found
+    };
+    let paths = ["usr/share/doc/curl/copyright", "usr/share/man/man1/curl.1.gz", "usr/share/doc/nftables/examples", "usr/bin/curl"];
+    assert_eq!(found(&with, &paths), [true, true, true, true]);
+    assert_eq!(found(&without, &paths), [false, false, false, true]);
 }

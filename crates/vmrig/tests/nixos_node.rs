@@ -1,6 +1,7 @@
 //! A node as a NixOS test script sees it, on real VMs: interface names,
 //! the shell commands run in, daemons started in the background, the
-//! attributes of `Machine`, the service manager's settings, its hosts
+//! attributes of `Machine`, the service manager's settings, its packages'
+//! documentation, its hosts
 //! file, the shell commands the calls make of their arguments, the shared
 //! folder at `/tmp/shared`, and `block()` as an unplugged cable. Each check
 //! is something a nixpkgs test relies on; the test runs with templates and
@@ -102,6 +103,9 @@ with subtest("a test node's service manager and kernel settings"):
     assert server.succeed("cat /proc/sys/kernel/hung_task_timeout_secs") == "600\n"
     server.succeed("grep -q '^root::' /etc/shadow")
     server.fail("ip route show default | grep -q .")
+    # Every file its packages install, documentation included.
+    server.succeed("test -s /usr/share/doc/busybox/copyright && ls /usr/share/doc/nftables/examples/*.nft")
+    server.succeed("test -f /usr/share/man/man1/curl.1.gz")
 
 with subtest("users, units and drop-ins as the definition declares them"):
     assert server.succeed("id -u alice; id -gn alice") == "1500\ndevs\n"

@@ -65,7 +65,7 @@ fn packages_every(graphics: bool) -> impl Iterator<Item = &'static str> {
 /// Change whenever what a base or an image contains for the same inputs
 /// changes, so that old entries are not reused.
 const BASE_FORMAT: &str = "base-v1";
-const IMAGE_FORMAT: &str = "image-v3";
+const IMAGE_FORMAT: &str = "image-v4";
 const INITRAMFS_FORMAT: &str = "initramfs-v1";
 
 /// Store entry kind of bases.
@@ -170,6 +170,9 @@ pub struct ImageRequest {
     pub packages: BTreeSet<String>,
     /// Whether its nodes have a display (its kernel and base set say so).
     pub graphics: bool,
+    /// Whether it keeps the packages' documentation (else [`UNREAD_TREES`]
+    /// are removed).
+    pub documentation: bool,
     /// The nodes that use this image, in name order.
     pub nodes: Vec<String>,
 }
@@ -178,7 +181,8 @@ impl ImageRequest {
     /// The store key: every input that decides the image's content (the
     /// base's among them).
     pub fn key(&self) -> String {
-        let mut parts = vec![IMAGE_FORMAT.to_string(), self.base().key(), String::new()];
+        let documentation = if self.documentation { "documentation" } else { "no documentation" };
+        let mut parts = vec![IMAGE_FORMAT.to_string(), self.base().key(), documentation.to_string(), String::new()];
         parts.extend(self.node_packages().cloned());
         key_of(parts)
     }
@@ -242,13 +246,14 @@ pub fn plan(spec: &TestSpec, sources: &[AptEntry]) -> Vec<ImageRequest> {
             .map(str::to_string)
             .chain(node.packages.iter().cloned())
             .collect();
-        match by_set.iter_mut().find(|r| r.packages == packages) {
+        match by_set.iter_mut().find(|r| r.packages == packages && r.documentation == node.documentation) {
             Some(request) => request.nodes.push(node.name.clone()),
             None => by_set.push(ImageRequest {
                 distro: spec.distro.clone(),
                 sources: sources.to_vec(),
                 packages,
                 graphics: node.graphics,
+                documentation: node.documentation,
                 nodes: vec![node.name.clone()],
             }),
         }
@@ -456,7 +461,7 @@ impl<'a> Builder<'a> {
                 shell_quote(&base.file(BASE_FILE).to_string_lossy())
             )),
             essential_hook: None,
-            customize_hook: export_image_hook(dir, kernel, packer),
+            customize_hook: export_image_hook(dir, kernel, request.documentation, packer),
             skip: &[],
             format: "null",
             output: Path::new("/dev/null"),
@@ -528,9 +533,10 @@ fn outcome<E>(built: &Result<(Entry, Provenance), E>) -> &'static str {
 /// diversion stays for any package of an image that asks for one.
 const DIVERT_INITRAMFS_HOOK: &str = "chroot \"$1\" dpkg-divert --quiet --local --rename --add /usr/sbin/update-initramfs && ln -s /bin/true \"$1/usr/sbin/update-initramfs\"";
 
-/// What a node never reads: removed from the finished root. (Excluding them
-/// with dpkg's `path-exclude` makes mmdebstrap's extraction of the
-/// essential packages three times slower: 14.5 s against 5.6 s a build.)
+/// What `documentation = false` removes from the finished root, below
+/// `/usr/share`. (Excluding them with dpkg's `path-exclude` makes
+/// mmdebstrap's extraction of the essential packages three times slower:
+/// 14.5 s against 5.6 s a build.)
 const UNREAD_TREES: &[&str] = &["man", "doc", "info", "locale", "lintian"];
 
 /// A hook's check that the root at `$root` has one kernel in `/boot`;
@@ -555,11 +561,12 @@ cp -a "$root/lib/modules" "$out/modules"
 }
 
 /// The shell hook run inside an image's finished root: it checks that the
-/// kernel is still the base's, drops what a node never needs, and packs
-/// the root.
-fn export_image_hook(dir: &Path, kernel: &str, packer: Packer) -> String {
+/// kernel is still the base's, drops what a booted node never reads (the
+/// kernel's files, apt's lists and caches) and, without `documentation`,
+/// the [`UNREAD_TREES`], and packs the root.
+fn export_image_hook(dir: &Path, kernel: &str, documentation: bool, packer: Packer) -> String {
     let out = shell_quote(&dir.to_string_lossy());
-    let unread: Vec<String> = UNREAD_TREES.iter().map(|tree| format!("\"$root\"/usr/share/{tree}/*")).collect();
+    let unread: Vec<String> = if documentation { Vec::new() } else { UNREAD_TREES.iter().map(|tree| format!("\"$root\"/usr/share/{tree}/*")).collect() };
     let unread = unread.join(" ");
     let expected = shell_quote(&format!("vmlinuz-{kernel}"));
     format!(
@@ -628,7 +635,7 @@ mod tests {
         let request = |distro: &str, uri: &str, graphics: bool, node: &[&str]| {
             let mut packages: BTreeSet<String> = packages_every(graphics).map(str::to_string).collect();
             packages.extend(node.iter().map(|p| p.to_string()));
-            ImageRequest { distro: distro.into(), sources: vec![entry(uri)], packages, graphics, nodes: vec!["a".into()] }
+            ImageRequest { distro: distro.into(), sources: vec![entry(uri)], packages, graphics, documentation: true, nodes: vec!["a".into()] }
         };
         let curl = request("bookworm", "http://one/debian", false, &["curl"]);
         let hello = request("bookworm", "http://one/debian", false, &["hello"]);

@@ -88,6 +88,11 @@ pub struct Node {
     /// Whether the node has a display, a keyboard and a tablet (NixOS's
     /// `virtualisation.graphics`), and what a screen needs in the guest.
     pub graphics: bool,
+    /// Whether the node keeps its packages' documentation, manual pages,
+    /// info pages, translations and lintian overrides (NixOS's
+    /// `documentation.enable`); `documentation = false` leaves them out of
+    /// its image.
+    pub documentation: bool,
 }
 
 /// How a node starts, from the least kept from earlier runs to the most

@@ -36,6 +36,7 @@ const NODE_KEYS: &[&str] = &[
     "extra_hosts",
     "boot",
     "graphics",
+    "documentation",
 ];
 const FILE_KEYS: &[&str] = &["source", "exclude", "mode", "text"];
 const SERVICE_KEYS: &[&str] = &[
@@ -459,6 +460,10 @@ impl Parser<'_> {
             Some(v) => self.boolean(v, "`graphics`"),
             None => Some(false),
         };
+        let documentation = match field(table, "documentation") {
+            Some(v) => self.boolean(v, "`documentation`"),
+            None => Some(true),
+        };
 
         if !ok {
             return None;
@@ -482,6 +487,7 @@ impl Parser<'_> {
             boot: boot?.unwrap_or(BootMode::Warm),
             boot_given: boot?.is_some(),
             graphics: graphics?,
+            documentation: documentation?,
         })
     }
 
