@@ -194,7 +194,8 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(Systemd, QueuedStart
     // Units the template never loaded (multi-user.target and the services
     // it wants, among them) are read from disk when first needed; only a
     // unit it had loaded keeps what it read then, until a reload.
-    if changes_loaded_units(&mut systemd, written)? {
+    let changed_units = loaded_units_changed(&mut systemd, written)?;
+    if !changed_units.is_empty() {
         let skipped = skip_idle_generators(written);
         let reloaded = systemd.reload();
         for mask in skipped {
@@ -222,13 +223,21 @@ fn settle(written: &[String], steps: &mut Steps) -> Result<(Systemd, QueuedStart
     // early boot was not running): each starts with the node's files. A
     // unit that fails now is reported by systemd as it would be after a
     // cold boot; the node goes on to its default target all the same.
-    for unit in early_package_services() {
-        systemd.restart(&unit)?;
-        steps.done(&unit);
+    let early = early_package_services();
+    for unit in &early {
+        systemd.restart(unit)?;
+        steps.done(unit);
+    }
+    // What the template started keeps the settings it started with (a
+    // socket its package's, listening where the package said) until it
+    // starts again: each the layer changed starts again with the node's.
+    for unit in changed_units.iter().filter(|unit| restarted_when_changed(unit) && !early.contains(unit)) {
+        systemd.try_restart_no_block(unit)?;
+        steps.done(unit);
     }
     // Starting the default target does not start what a target the
     // template already reached has come to want since.
-    for unit in wanted_by_reached_targets(written) {
+    for unit in wanted_by_reached_targets(written, Path::new("/")) {
         systemd.start_no_block(&unit)?;
         steps.done(&unit);
     }
@@ -250,16 +259,40 @@ const REACHED_TARGETS: [&str; 9] = [
     "basic.target",
 ];
 
-/// What the layer links into the `.wants` of a [`REACHED_TARGETS`] target
-/// (a node's timer, say): a cold boot starts it as it reaches the target.
-fn wanted_by_reached_targets(written: &[String]) -> Vec<String> {
-    written
-        .iter()
-        .filter_map(|path| path.strip_prefix("/etc/systemd/system/"))
-        .filter_map(|rest| rest.split_once(".wants/"))
-        .filter(|(target, unit)| REACHED_TARGETS.contains(target) && !unit.contains('/'))
-        .map(|(_, unit)| unit.to_string())
+/// What the layer adds to a [`REACHED_TARGETS`] target, which a cold boot
+/// starts as it reaches the target: a unit linked into its `.wants` (a
+/// node's timer, say), or named by `Wants=` or `Requires=` in a drop-in
+/// of its (read at `root`).
+fn wanted_by_reached_targets(written: &[String], root: &Path) -> Vec<String> {
+    let mut units = Vec::new();
+    for rest in written.iter().filter_map(|path| path.strip_prefix("/etc/systemd/system/")) {
+        if let Some((_, unit)) = rest.split_once(".wants/").filter(|(target, unit)| REACHED_TARGETS.contains(target) && !unit.contains('/')) {
+            units.push(unit.to_string());
+        } else if let Some((target, drop_in)) = rest.split_once(".d/").filter(|(target, drop_in)| REACHED_TARGETS.contains(target) && drop_in.ends_with(".conf")) {
+            let text = fs::read_to_string(root.join("etc/systemd/system").join(format!("{target}.d")).join(drop_in)).unwrap_or_default();
+            units.extend(dependencies_named(&text));
+        }
+    }
+    units.sort_unstable();
+    units.dedup();
+    units
+}
+
+/// The units a unit file's `Wants=` and `Requires=` lines name.
+fn dependencies_named(unit_file: &str) -> Vec<String> {
+    unit_file
+        .lines()
+        .filter_map(|line| line.trim().split_once('='))
+        .filter(|(key, _)| matches!(key.trim(), "Wants" | "Requires"))
+        .flat_map(|(_, units)| units.split_whitespace().map(str::to_string))
         .collect()
+}
+
+/// Whether a unit the layer changed starts again with the node's settings
+/// if the template had started it (what a boot starts and keeps running;
+/// not targets, mounts or devices, which a boot only reaches).
+fn restarted_when_changed(unit: &str) -> bool {
+    [".service", ".socket", ".timer", ".path"].iter().any(|kind| unit.ends_with(kind)) && unit != "systemd-journald.service"
 }
 
 /// The services packages enabled into a target a template reaches (ferm
@@ -277,10 +310,10 @@ fn early_package_services() -> Vec<String> {
     units
 }
 
-/// Whether `changed` (the layer's guest paths the template did not have
-/// as they are) holds a unit file, drop-in or dependency directory of a
-/// unit systemd has loaded, or looked for and not found.
-fn changes_loaded_units(systemd: &mut Systemd, changed: &[String]) -> Result<bool, String> {
+/// The units systemd has loaded, or looked for and not found, whose unit
+/// file, drop-in or dependency directory is among `changed` (the layer's
+/// guest paths the template did not have as they are).
+fn loaded_units_changed(systemd: &mut Systemd, changed: &[String]) -> Result<Vec<String>, String> {
     const UNIT_DIRS: [&str; 4] = ["/etc/systemd/system/", "/run/systemd/system/", "/lib/systemd/system/", "/usr/lib/systemd/system/"];
     let mut touched: Vec<&str> = changed
         .iter()
@@ -290,12 +323,13 @@ fn changes_loaded_units(systemd: &mut Systemd, changed: &[String]) -> Result<boo
         .collect();
     touched.sort_unstable();
     touched.dedup();
+    let mut loaded = Vec::new();
     for unit in touched {
         if systemd.has_loaded(unit)? {
-            return Ok(true);
+            loaded.push(unit.to_string());
         }
     }
-    Ok(false)
+    Ok(loaded)
 }
 
 /// Whether the layer's file at guest `path` (below `overlay`) differs from
@@ -493,9 +527,28 @@ mod tests {
             "/etc/systemd/system/timers.target.wants/tick.timer",
             "/etc/systemd/system/multi-user.target.wants/app.service",
             "/etc/systemd/system/tick.timer",
+            "/etc/systemd/system/sockets.target.d/remote.conf",
+            "/etc/systemd/system/multi-user.target.d/more.conf",
             "/etc/hostname",
         ]
         .map(String::from);
-        assert_eq!(wanted_by_reached_targets(&written), ["tick.timer"]);
+        let root = tempfile::tempdir().unwrap();
+        for target in ["sockets", "multi-user"] {
+            let dir = root.path().join(format!("etc/systemd/system/{target}.target.d"));
+            fs::create_dir_all(&dir).unwrap();
+            let name = if target == "sockets" { "remote.conf" } else { "more.conf" };
+            fs::write(dir.join(name), "[Unit]\nDescription=x\nWants=journal-remote.socket other.socket\nRequires = needed.path\nAfter=late.socket\n").unwrap();
+        }
+        assert_eq!(wanted_by_reached_targets(&written, root.path()), ["journal-remote.socket", "needed.path", "other.socket", "tick.timer"]);
+    }
+
+    #[test]
+    fn what_the_template_started_starts_again_when_the_layer_changed_it() {
+        for unit in ["uuidd.socket", "cups.socket", "tick.timer", "watch.path", "ferm.service"] {
+            assert!(restarted_when_changed(unit), "{unit}");
+        }
+        for unit in ["sockets.target", "tmp.mount", "systemd-journald.service"] {
+            assert!(!restarted_when_changed(unit), "{unit}");
+        }
     }
 }

@@ -186,6 +186,12 @@ impl Systemd {
         self.expect_return("StartUnit", &[unit, "replace"]).map(drop)
     }
 
+    /// Queues a restart of `unit` if it is active, as `systemctl
+    /// try-restart --no-block` does.
+    pub fn try_restart_no_block(&mut self, unit: &str) -> Result<(), String> {
+        self.expect_return("TryRestartUnit", &[unit, "replace"]).map(drop)
+    }
+
     /// Queues a start of `unit` and returns a wait for its job to end.
     pub fn start_later(&mut self, unit: &str) -> Result<QueuedStart, String> {
         self.subscribe()?;

@@ -1,7 +1,7 @@
 //! A node as a NixOS test script sees it, on real VMs: interface names,
 //! the shell commands run in, daemons started in the background, the
 //! attributes of `Machine`, the service manager's settings, its packages'
-//! documentation, its hosts
+//! documentation, sockets the node changes or adds, its hosts
 //! file, the shell commands the calls make of their arguments, the shared
 //! folder at `/tmp/shared`, and `block()` as an unplugged cable. Each check
 //! is something a nixpkgs test relies on; the test runs with templates and
@@ -18,7 +18,7 @@ fn a_node_is_what_nixos_test_scripts_expect() {
     let test = tempfile::tempdir().unwrap();
     let definition = r#"
 [defaults]
-packages = ["busybox", "curl"]
+packages = ["busybox", "curl", "uuid-runtime", "systemd-journal-remote"]
 
 [nodes.server]
 firewall.allowed_tcp_port_ranges = [{ from = 7000, to = 7010 }]
@@ -29,6 +29,11 @@ files."/srv/www/index.html" = { text = "served" }
 users.alice = { password = "secret", group = "devs", groups = ["audio", "testers"], uid = 1500 }
 drop_ins."dpkg-db-backup.service" = "[Service]\nEnvironment=FROM_DROP_IN=yes\n"
 units."tick.timer" = { unit = "[Timer]\nOnActiveSec=1\n", wanted_by = ["timers.target"] }
+# A packaged socket (enabled, listening before the node's files are there
+# on a node restored from a template) moved elsewhere, and one Debian
+# leaves disabled added to sockets.target by a drop-in.
+drop_ins."uuidd.socket" = "[Socket]\nListenStream=\nListenStream=/run/uuidd/node-request\n"
+drop_ins."sockets.target" = "[Unit]\nWants=systemd-journal-remote.socket\n"
 
 [nodes.server.services.tick]
 unit = "[Service]\nType=oneshot\nExecStart=/bin/touch /run/ticked\n"
@@ -121,6 +126,14 @@ with subtest("users, units and drop-ins as the definition declares them"):
     # first address of the name is the node's own mapping.
     assert server.succeed("getent hosts web_client | head -n1").split()[0] == "fe00:aa:bb:cc::2"
     assert server.succeed("getent ahostsv4 web_client | head -n1").split()[0] == web_client.ip
+
+with subtest("sockets the node changed or added listen as after a boot"):
+    server.wait_for_open_unix_socket("/run/uuidd/node-request", timeout=60)
+    connect = "perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Peer => shift) or die qq($!)' "
+    server.fail(connect + "/run/uuidd/request")
+    server.succeed(connect + "/run/uuidd/node-request")
+    server.wait_for_unit("uuidd.service", timeout=60)
+    server.wait_for_open_port(19532, timeout=60)
 
 with subtest("wait_for_file takes a glob, as NixOS's runs test -e unquoted"):
     server.succeed("mkdir -p /var/spool/vmrig && touch /var/spool/vmrig/d00042-001")
