@@ -20,9 +20,12 @@
 //!    again (sysctl, tmpfiles, modules, udev rules); the services packages
 //!    enable into early boot (ferm into `sysinit.target`, say), which ran
 //!    in the template with the image's files (and were stopped before the
-//!    layer was applied, to undo that), run again with the node's,
-//!    and what the layer adds to a target the template has reached (a
-//!    timer into `timers.target`) is started;
+//!    layer was applied, to undo that), run again with the node's; what
+//!    the template started and the layer changed (a packaged socket the
+//!    node moves) is restarted if it runs; and what the layer adds to a
+//!    target the template has reached (a timer linked into
+//!    `timers.target`, a socket a drop-in of `sockets.target` wants) is
+//!    started;
 //! 6. the default target is started, as a boot would have; once its
 //!    start has ended the agent prints [`DEFAULT_TARGET_LINE`] on the
 //!    console, and once systemd has no job left [`NODE_UP_LINE`] (the
