@@ -37,6 +37,10 @@ use vmrig_proto::{read_frame, write_frame, AnswerAt, Command, EntryKind, FrameEr
 const DRAIN_GRACE: Duration = Duration::from_millis(100);
 /// How long a power request waits for systemd to be able to take it.
 const SYSTEMD_WAIT: Duration = Duration::from_secs(120);
+/// How long a command or a file waits for early boot to end: as long as
+/// a NixOS call may take by default (the driver bounds each request by
+/// what its call allows; four VMs booting cold on two cores took 157 s).
+const EARLY_BOOT_WAIT: Duration = Duration::from_secs(900);
 /// How often the exit of a command is looked for where no pidfd tells.
 const EXIT_POLL: Duration = Duration::from_millis(5);
 /// The shared directory's mount in this boot.
@@ -341,7 +345,7 @@ fn wait_past_early_boot() {
     if PAST_EARLY_BOOT.load(Ordering::SeqCst) {
         return;
     }
-    if let Err(error) = crate::systemd::wait_for_target("sysinit.target", SYSTEMD_WAIT) {
+    if let Err(error) = crate::systemd::wait_for_target("sysinit.target", EARLY_BOOT_WAIT) {
         eprintln!("vmrig-agent: going on without sysinit.target: {error}");
     }
     PAST_EARLY_BOOT.store(true, Ordering::SeqCst);

@@ -58,7 +58,7 @@ enum Incoming {
 }
 
 /// Waits until systemd has reached `target` (at once when it has),
-/// connecting as soon as systemd listens; gives up after `limit`.
+/// connecting as soon as systemd listens; gives up after `limit` in all.
 pub fn wait_for_target(target: &str, limit: Duration) -> Result<(), String> {
     let started = Instant::now();
     let mut systemd = loop {
@@ -68,7 +68,7 @@ pub fn wait_for_target(target: &str, limit: Duration) -> Result<(), String> {
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
-    systemd.start(target)
+    systemd.run_job("StartUnit", target, limit.saturating_sub(started.elapsed()))
 }
 
 /// A start that systemd has queued, to wait for.
@@ -134,27 +134,21 @@ impl Systemd {
     /// Restarts `unit` and waits until the job has ended, as `systemctl
     /// restart` does.
     pub fn restart(&mut self, unit: &str) -> Result<(), String> {
-        self.run_job("RestartUnit", unit)
-    }
-
-    /// Starts `unit` and waits until the job has ended, as `systemctl
-    /// start` does (a unit already started ends the job at once).
-    pub fn start(&mut self, unit: &str) -> Result<(), String> {
-        self.run_job("StartUnit", unit)
+        self.run_job("RestartUnit", unit, CALL_TIMEOUT)
     }
 
     /// Stops `unit` and waits until the job has ended, as `systemctl stop`
     /// does.
     pub fn stop(&mut self, unit: &str) -> Result<(), String> {
-        self.run_job("StopUnit", unit)
+        self.run_job("StopUnit", unit, CALL_TIMEOUT)
     }
 
     /// Calls `method` (a job of the manager's) on `unit` and waits for the
-    /// job's `JobRemoved`.
-    fn run_job(&mut self, method: &str, unit: &str) -> Result<(), String> {
+    /// job's `JobRemoved`, for `limit` at most.
+    fn run_job(&mut self, method: &str, unit: &str, limit: Duration) -> Result<(), String> {
         self.subscribe()?;
         let job = self.expect_return(method, &[unit, "replace"])?.ok_or_else(|| format!("systemd: {method} {unit} named no job"))?;
-        self.wait_for_job(&job, &format!("{method} {unit}"), CALL_TIMEOUT)
+        self.wait_for_job(&job, &format!("{method} {unit}"), limit)
     }
 
     /// Asks systemd to tell this connection of its jobs, once.

@@ -675,8 +675,9 @@ fn console_interact_types_the_terminals_lines_on_the_console() {
 #[test]
 fn a_node_slow_to_reach_sysinit_is_waited_for_as_long_as_the_call_allows() {
     // Its sysinit.target comes 130 s into its boot, and the agent runs
-    // commands only past it: longer than the 120 s a unit query once
-    // waited for the agent's answer, well within wait_for_unit's 900 s.
+    // commands and writes files only past it: longer than the 120 s a unit
+    // query or a copy once waited for the agent's answer, well within
+    // wait_for_unit's 900 s and a copy's.
     let test = test_dir(
         r#"
 [nodes.machine]
@@ -685,8 +686,14 @@ services.slow-early-boot = { unit = "[Unit]\nDefaultDependencies=no\nBefore=sysi
 
 [test]
 script = '''
+import tempfile
+with tempfile.NamedTemporaryFile("w", suffix=".txt") as early:
+    early.write("copied in early boot")
+    early.flush()
+    machine.copy_from_host(early.name, "/root/early.txt")
 machine.wait_for_unit("multi-user.target")
 assert float(machine.succeed("cut -d' ' -f1 /proc/uptime")) >= 130
+assert machine.succeed("cat /root/early.txt") == "copied in early boot"
 '''
 "#,
     );

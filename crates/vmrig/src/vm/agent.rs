@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 
 use vmrig_proto::{read_frame, write_frame, Command, EntryKind, FrameError, Reply, Request, SocketTarget, Stream, MAX_DATA};
 
+/// How long the agent may take to answer a request it answers at once,
+/// or to send the next piece of a file.
+const ANSWER_WAIT: Duration = Duration::from_secs(120);
+/// How long a file or folder written to the guest may wait for its
+/// answer: the agent writes it only once early boot has ended (which a
+/// slow boot can take minutes to), and as long as NixOS's
+/// `copy_from_host`, a command with the default 900 s, may take.
+const EARLY_BOOT_WAIT: Duration = Duration::from_secs(900);
+
 /// Errors of the agent connection.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -219,8 +228,13 @@ impl AgentClient {
         }
     }
 
+    /// Reads the answer to a request answered at once.
     fn expect_ack(&mut self) -> Result<(), AgentError> {
-        match self.receive(Some(Duration::from_secs(120)))? {
+        self.expect_ack_within(ANSWER_WAIT)
+    }
+
+    fn expect_ack_within(&mut self, limit: Duration) -> Result<(), AgentError> {
+        match self.receive(Some(limit))? {
             (Reply::Ack, _) => Ok(()),
             (Reply::Error { message }, _) => Err(AgentError::Agent(message)),
             (other, _) => Err(AgentError::Unexpected(format!("{other:?}"))),
@@ -237,13 +251,13 @@ impl AgentClient {
             let more = chunks.peek().is_some();
             self.send(&Request::WriteFile { path: path.into(), mode, more }, chunk)?;
         }
-        self.expect_ack()
+        self.expect_ack_within(EARLY_BOOT_WAIT)
     }
 
     /// Creates directory `path` (and its parents) in the guest.
     pub fn make_dir(&mut self, path: &str, mode: u32) -> Result<(), AgentError> {
         self.send(&Request::MakeDir { path: path.into(), mode }, &[])?;
-        self.expect_ack()
+        self.expect_ack_within(EARLY_BOOT_WAIT)
     }
 
     /// Receives guest file or tree `path`, handing each entry to `on_entry`.
@@ -252,7 +266,7 @@ impl AgentClient {
     pub fn read_path(&mut self, path: &str, mut on_entry: impl FnMut(PathEntry<'_>)) -> Result<(), AgentError> {
         self.send(&Request::ReadPath { path: path.into() }, &[])?;
         loop {
-            match self.receive(Some(Duration::from_secs(120)))? {
+            match self.receive(Some(ANSWER_WAIT))? {
                 (Reply::Entry { path, kind, mode, more }, data) => on_entry(PathEntry { path: &path, kind, mode, data: &data, more }),
                 (Reply::Done, _) => return Ok(()),
                 (Reply::Error { message }, _) => return Err(AgentError::Agent(message)),
