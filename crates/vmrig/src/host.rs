@@ -222,6 +222,21 @@ pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(4);
 /// What the probe's kernel prints when it has run to its end.
 const PROBE_END: &str = "Kernel panic";
 
+/// An unnamed file for a child's output: the end to read back, and the end
+/// to hand the child.
+fn output_file() -> std::io::Result<(std::fs::File, std::fs::File)> {
+    let file = tempfile::tempfile()?;
+    Ok((file.try_clone()?, file))
+}
+
+/// What a child wrote to `file` (from [`output_file`]).
+fn read_back(mut file: std::fs::File) -> String {
+    use std::io::{Read, Seek};
+    let mut bytes = Vec::new();
+    let _ = file.rewind().and_then(|()| file.read_to_end(&mut bytes));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// Tells whether QEMU can run guests under KVM here, by booting `kernel`
 /// under KVM with no root filesystem and no initramfs: a kernel that runs
 /// reaches its "cannot mount root" panic and, with `panic=-1` and
@@ -236,6 +251,13 @@ pub fn probe_kvm(kernel: &Path) -> Kvm {
         Ok(qemu) => qemu,
         Err(error) => return Kvm::Unusable(error.to_string()),
     };
+    // Its output goes to files, not pipes: a pipe is read to its end only
+    // once every process holding it has closed it, and a QEMU wrapper may
+    // leave a child that keeps it open long after QEMU has exited.
+    let [(stdout_file, stdout), (stderr_file, stderr)] = match [output_file(), output_file()] {
+        [Ok(stdout), Ok(stderr)] => [stdout, stderr],
+        [Err(error), _] | [_, Err(error)] => return Kvm::Unusable(format!("cannot make a file for QEMU's output: {error}")),
+    };
     let mut command = Command::new(qemu);
     command
         .args(["-accel", "kvm", "-machine", "microvm", "-m", "128", "-smp", "1"])
@@ -246,8 +268,8 @@ pub fn probe_kvm(kernel: &Path) -> Kvm {
         // triple fault (`reboot=t`) turns the panic's reboot into QEMU's exit.
         .args(["-append", "console=ttyS0 panic=-1 reboot=t quiet loglevel=1"])
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdout(stdout)
+        .stderr(stderr);
     let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => return Kvm::Unusable(format!("cannot start QEMU: {error}")),
@@ -263,10 +285,8 @@ pub fn probe_kvm(kernel: &Path) -> Kvm {
     if !finished {
         let _ = child.kill();
     }
-    let output = child.wait_with_output();
-    let (stdout, stderr) = output
-        .map(|o| (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned()))
-        .unwrap_or_default();
+    let _ = child.wait();
+    let (stdout, stderr) = (read_back(stdout_file), read_back(stderr_file));
     if !finished {
         return Kvm::Unusable(format!(
             "/dev/kvm is present, but a guest kernel made no progress under KVM in {} s",
