@@ -441,7 +441,7 @@ fn reseed(entropy: &str) -> Result<(), String> {
 /// Unpacks a newc cpio into `into`; returns the guest paths it holds below
 /// the overlay directory (as `/etc/...`), for knowing what early boot must
 /// see again.
-fn unpack_cpio(archive: &[u8], into: &Path) -> Result<Vec<String>, String> {
+pub fn unpack_cpio(archive: &[u8], into: &Path) -> Result<Vec<String>, String> {
     let bad = || "the layer is not a newc cpio archive".to_string();
     let field = |header: &[u8], index: usize| -> Result<usize, String> {
         let text = std::str::from_utf8(&header[6 + 8 * index..14 + 8 * index]).map_err(|_| bad())?;

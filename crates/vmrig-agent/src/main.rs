@@ -3,8 +3,11 @@
 //! Started by the kernel as the initramfs's `/init` (PID 1), it loads the
 //! boot modules, assembles the root filesystem from the read-only image, a
 //! writable layer and the node's own files, then forks the agent that
-//! serves the driver and hands PID 1 over to systemd.
+//! serves the driver and hands PID 1 over to systemd. In a container node
+//! `systemd-nspawn` starts it as PID 1 instead, on a root already
+//! assembled (see `container`).
 
+mod container;
 mod identity;
 mod init;
 mod layer;
@@ -18,6 +21,10 @@ mod worker;
 
 fn main() -> std::process::ExitCode {
     if std::process::id() == 1 {
+        // systemd-nspawn, as every container manager, says so to PID 1.
+        if std::env::var_os("container").is_some() {
+            container::run()
+        }
         init::run()
     }
     eprintln!("vmrig-agent: this is the guest's /init; it runs as PID 1 inside a vmrig node");

@@ -18,7 +18,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -78,18 +78,8 @@ pub fn serve() -> ! {
     }
 }
 
-/// The agent's port, once the kernel has made it.
-fn agent_port() -> PathBuf {
-    loop {
-        if let Some(device) = ports::find(AGENT_PORT) {
-            return device;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn serve_port(tunnel: &TunnelServer, worker: &mut Option<Worker>) -> Result<(), FrameError> {
-    let port = File::options().read(true).write(true).open(agent_port())?;
+    let port = ports::open(AGENT_PORT)?;
     let mut input = port.try_clone()?;
     let mut output = port;
     let mut upload = Upload::default();
@@ -202,20 +192,23 @@ impl TunnelServer {
         if self.serving.load(Ordering::SeqCst) {
             return Reply::Ack;
         }
-        let Some(device) = ports::find(TUNNEL_PORT) else {
+        if !ports::exists(TUNNEL_PORT) {
             return Reply::Error { message: format!("this machine has no port named {TUNNEL_PORT}") };
-        };
-        let port = match File::options().read(true).write(true).open(&device) {
-            Ok(port) => port,
-            Err(error) => return Reply::Error { message: format!("cannot open {}: {error}", device.display()) },
+        }
+        let sessions = match ports::sessions(TUNNEL_PORT) {
+            Ok(sessions) => sessions,
+            Err(error) => return Reply::Error { message: format!("cannot open the port {TUNNEL_PORT}: {error}") },
         };
         self.serving.store(true, Ordering::SeqCst);
         std::thread::spawn(move || loop {
-            // Reading the port yields end of file while the host side is
-            // not connected, which the guest may hear of only after this
-            // request; the tunnel then ends, and a new one waits again.
-            if let (Ok(reader), Ok(writer)) = (port.try_clone(), port.try_clone()) {
-                Tunnel::guest(reader, writer, connect).wait();
+            // A virtio-serial port reads end of file while its host side
+            // is not connected, which the guest may hear of only after
+            // this request; the tunnel then ends, and a new one waits on
+            // the next session.
+            if let Ok(port) = sessions.next() {
+                if let (Ok(reader), Ok(writer)) = (port.try_clone(), port.try_clone()) {
+                    Tunnel::guest(reader, writer, connect).wait();
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         });
@@ -641,6 +634,7 @@ impl<T: Read + AsFd> ReadFd for T {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
     use vmrig_proto::shell_quote;
 
     /// `line` run by a worker shell, and by a bash of its own.

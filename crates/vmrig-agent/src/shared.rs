@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -56,12 +55,12 @@ impl SharedMount {
         if !matches!(*state, MountState::NotAsked) {
             return Reply::Ack;
         }
-        let Some(device) = crate::ports::find(SHARED_PORT) else {
+        if !crate::ports::exists(SHARED_PORT) {
             return Reply::Error { message: format!("this machine has no port named {SHARED_PORT}") };
-        };
+        }
         *state = MountState::Mounting;
         std::thread::spawn(move || {
-            let ended = mount_and_serve(&device, || self.settle(MountState::Mounted));
+            let ended = mount_and_serve(|| self.settle(MountState::Mounted));
             if let Err(error) = ended {
                 eprintln!("vmrig-agent: the shared directory {SHARED_MOUNT}: {error}");
             }
@@ -88,14 +87,14 @@ impl SharedMount {
 
 /// Waits for `local-fs.target`, mounts the filesystem, calls `mounted`
 /// and serves it until the guest stops.
-fn mount_and_serve(port: &Path, mounted: impl FnOnce()) -> Result<(), String> {
+fn mount_and_serve(mounted: impl FnOnce()) -> Result<(), String> {
     wait_for_local_filesystems()?;
     let fuse = File::options().read(true).write(true).open("/dev/fuse").map_err(|e| format!("cannot open /dev/fuse: {e}"))?;
     std::fs::create_dir_all(SHARED_MOUNT).map_err(|e| format!("cannot make the mount point: {e}"))?;
     let options = format!("fd={},rootmode=40755,user_id=0,group_id=0,allow_other", fuse.as_raw_fd());
     mount(Some("vmrig-shared"), SHARED_MOUNT, Some("fuse.vmrig-shared"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(options.as_str()))
         .map_err(|e| format!("cannot mount: {e}"))?;
-    let host = File::options().read(true).write(true).open(port).map_err(|e| format!("cannot open {}: {e}", port.display()))?;
+    let host = crate::ports::open(SHARED_PORT).map_err(|e| format!("cannot open the port {SHARED_PORT}: {e}"))?;
     let filesystem = SharedFs { host: Mutex::new(host), inodes: Mutex::new(Inodes::default()) };
     let session = Session::from_fd(filesystem, fuse.into(), SessionACL::All, Config::default()).map_err(|e| format!("FUSE handshake: {e}"))?;
     mounted();

@@ -80,6 +80,15 @@ pub const HANDOVER_BANNER: &str = "vmrig-init: starting systemd";
 /// The name of the virtio-serial port the agent listens on.
 pub const AGENT_PORT: &str = "vmrig.agent";
 
+/// Where a container node's agent finds the node's layer (the cpio a VM
+/// gets in its initramfs), bind-mounted read-only by the host.
+pub const CONTAINER_LAYER: &str = "/run/vmrig/layer.cpio";
+
+/// The folder, bind-mounted from the host, where a container node's agent
+/// listens on a Unix socket for each of its ports, named as the VM's
+/// virtio-serial ports are.
+pub const CONTAINER_PORTS: &str = "/run/vmrig/ports";
+
 /// The MAC a template's NIC number `index` (from 0) has; a node restored
 /// from the template finds its NICs by them and gives each its own.
 pub fn template_mac(index: usize) -> String {

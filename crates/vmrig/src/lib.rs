@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client;
 pub mod driver;
 pub mod error;
+pub mod guest;
 pub mod host;
 pub mod image;
 pub mod interrupt;

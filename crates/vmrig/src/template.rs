@@ -28,7 +28,8 @@ use crate::image::BootFiles;
 use crate::net::Nic;
 use crate::runlog::RunLog;
 use crate::store::{key_of, Entry, Store, StoreError};
-use crate::vm::{Accel, FirstStart, Launcher, Machine, MachineConfig, VmError};
+use crate::guest::Launcher;
+use crate::vm::{Accel, FirstStart, Machine, MachineConfig, VmError};
 
 /// Store entry kind of templates.
 pub const TEMPLATE_KIND: &str = "templates";

@@ -39,7 +39,8 @@ use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::spec::{BootMode, Node};
 use crate::template::{self, Shape, Template};
-use crate::vm::{Accel, FirstStart, Launcher, Machine, MachineConfig, Restore, Restored};
+use crate::guest::Launcher;
+use crate::vm::{Accel, FirstStart, Machine, MachineConfig, Restore, Restored};
 use crate::warm::{self, Keeper, Saved};
 
 /// How long an interactive session may last without `--timeout`.

@@ -25,7 +25,8 @@ use crate::net::{Contacts, SharedRules, Switch};
 use crate::runlog::{Block, RunLog};
 use crate::spec::TestSpec;
 use crate::store::Store;
-use crate::vm::{KillSwitch, Machine, ShellOpener};
+use crate::guest::{KillSwitch, ShellOpener};
+use crate::vm::Machine;
 use crate::warm::Keeper;
 
 /// A run in progress: the machines and where the report goes. Requests

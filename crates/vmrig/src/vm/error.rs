@@ -5,7 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::agent::AgentError;
+use crate::guest::AgentError;
 use super::qmp::QmpError;
 
 /// Errors of the vm layer.

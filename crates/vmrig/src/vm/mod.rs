@@ -10,17 +10,13 @@
 //! value, [`State`]: off, or on with its guest booting, becoming the node
 //! (restored from a template) or up.
 
-pub mod agent;
 mod config;
 mod delta;
 mod error;
-mod feed;
-mod forward;
-mod launcher;
+mod events;
 mod process;
 pub mod qmp;
 mod screen;
-mod shared;
 mod snapshot;
 
 use std::fs::File;
@@ -35,23 +31,19 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
 pub use config::{make_state_disk, Accel, FirstStart, MachineConfig, Restore, Restored, Socket};
 pub use error::VmError;
-pub use feed::Feed;
-pub use forward::ShellOpener;
-pub use launcher::Launcher;
-pub use process::KillSwitch;
 pub use screen::{Keys, KEY_STROKE};
 use serde_json::{json, Value};
 use vmrig_proto::SocketTarget;
 
 use crate::runlog::RunLog;
-use feed::{spawn_console_reader, spawn_event_reader};
-use forward::{BootTunnel, Forwards};
-use process::{connect_to_qemu, Control, Qemu};
+use crate::guest::{
+    connect_while_running, spawn_console_reader, AgentClient, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, PathEntry, ShellOpener, SharedServer,
+};
+use events::spawn_event_reader;
+use process::Qemu;
 use qmp::{Qmp, QmpError};
-use shared::SharedServer;
 use snapshot::take_identity;
 
 /// How long a guest may take from QEMU's start to its agent's first answer.
@@ -363,7 +355,7 @@ impl Machine {
         let socket = self.socket(Socket::Agent);
         let boot_timeout = self.within_deadline(BOOT_TIMEOUT);
         let deadline = Instant::now() + boot_timeout;
-        let mut client = match connect_to_qemu(&socket, &exit, boot_timeout).and_then(AgentClient::new) {
+        let mut client = match connect_while_running(&socket, &exit, boot_timeout).and_then(AgentClient::new) {
             Ok(client) => client,
             Err(_) => return Err(self.exited_error()),
         };
@@ -602,7 +594,7 @@ impl Machine {
         let socket = self.socket(Socket::Qmp);
         let running = self.running_mut().ok_or_else(|| VmError::Exited { node: node.clone(), status: "not started".into(), stderr: String::new() })?;
         if running.qmp.is_none() {
-            let stream = connect_to_qemu(&socket, &running.qemu.exit_watch(), Duration::from_secs(30))
+            let stream = connect_while_running(&socket, &running.qemu.exit_watch(), Duration::from_secs(30))
                 .map_err(|e| VmError::Qmp { node: node.clone(), source: QmpError::Io(e) })?;
             running.qmp = Some(Qmp::handshake(stream, Duration::from_secs(30)).map_err(|source| VmError::Qmp { node, source })?);
         }

@@ -5,23 +5,15 @@
 //! that reports its end. A line saying that one of its devices failed
 //! (QEMU's `virtio_error`, after which the device stays broken and the
 //! guest waits on it for ever) kills QEMU at once, and its end says why.
-//! Dropping it kills and reaps QEMU. Also what
-//! reaches it from elsewhere: the [`KillSwitch`] that kills it from any
-//! thread, and connecting to the sockets it serves while it runs.
+//! Dropping it kills and reaps QEMU.
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-
-use super::launcher::Launcher;
+use crate::guest::{ExitWatch, Launcher};
 use crate::runlog::RunLog;
 
 /// How many of QEMU's last stderr lines a failure quotes.
@@ -31,52 +23,6 @@ const LINE_LIMIT: usize = 2000;
 /// How long the end of QEMU's stderr is waited for once QEMU has exited
 /// (a child it left may hold the pipe open).
 const STDERR_GRACE: Duration = Duration::from_millis(500);
-
-/// Tells whether a process has exited, from any thread, without reaping it.
-#[derive(Clone)]
-pub struct ExitWatch(Arc<OwnedFd>);
-
-impl ExitWatch {
-    /// A watch on process `pid`, which must be a child not reaped yet.
-    fn of(pid: u32) -> io::Result<Self> {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new
-        // descriptor or -1; it touches no memory of ours.
-        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a non-negative result is a descriptor we now own.
-        Ok(Self(Arc::new(unsafe { OwnedFd::from_raw_fd(fd as i32) })))
-    }
-
-    /// Sends SIGKILL to the process, unless it has been reaped (a pidfd
-    /// never reaches a process that reused the pid).
-    fn kill(&self) {
-        // SAFETY: pidfd_send_signal takes a descriptor we own, a signal
-        // number, a null info pointer and flags; it touches no memory of ours.
-        unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_send_signal, self.0.as_raw_fd(), nix::libc::SIGKILL, std::ptr::null::<()>(), 0) };
-    }
-
-    /// Whether the process has exited.
-    pub fn has_exited(&self) -> bool {
-        self.wait(Duration::ZERO)
-    }
-
-    /// Waits up to `timeout` for the process to exit; whether it has.
-    pub fn wait(&self, timeout: Duration) -> bool {
-        let timeout = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
-        loop {
-            let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLIN)];
-            match poll(&mut fds, timeout) {
-                Err(nix::errno::Errno::EINTR) => continue,
-                // A pidfd that cannot be polled says nothing; treat the
-                // process as gone rather than wait on it forever.
-                Err(_) => return true,
-                Ok(ready) => return ready > 0,
-            }
-        }
-    }
-}
 
 /// QEMU's stderr as it comes: the last lines, and whether it has ended.
 #[derive(Default)]
@@ -209,62 +155,6 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// What a [`KillSwitch`] shares with its machine.
-#[derive(Default)]
-pub(super) struct Control {
-    /// The running QEMU's pid, or 0.
-    pub pid: AtomicU32,
-    /// Set once by the switch; a stopped machine never starts again.
-    pub stopped: AtomicBool,
-}
-
-impl Control {
-    pub fn kill(&self) -> Option<u32> {
-        let pid = self.pid.load(Ordering::SeqCst);
-        // The machine reaps its child itself, and clears the pid first, so
-        // the pid cannot belong to another process.
-        (pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).is_ok()).then_some(pid)
-    }
-}
-
-/// Stops a machine from any thread, without waiting for whoever is using
-/// it: how a run that is interrupted or out of time ends requests in
-/// flight. The machine's QEMU is killed, and it refuses to start again.
-#[derive(Clone)]
-pub struct KillSwitch {
-    control: Arc<Control>,
-}
-
-impl KillSwitch {
-    pub(super) fn new(control: Arc<Control>) -> Self {
-        Self { control }
-    }
-
-    /// Kills the QEMU running now, if any (its pid is returned), and every
-    /// later start.
-    pub fn pull(&self) -> Option<u32> {
-        // Stopped first: a start that stores its pid after this line sees
-        // the flag and kills its own QEMU (see `Machine::start`).
-        self.control.stopped.store(true, Ordering::SeqCst);
-        self.control.kill()
-    }
-}
-
-/// Connects to the Unix socket that QEMU serves at `path`, which it
-/// creates a moment after it starts: waits for it up to `wait`, and no
-/// longer than QEMU runs (`exit`).
-pub(super) fn connect_to_qemu(path: &Path, exit: &ExitWatch, wait: Duration) -> io::Result<UnixStream> {
-    let started = Instant::now();
-    loop {
-        match UnixStream::connect(path) {
-            Ok(stream) => return Ok(stream),
-            Err(error) if started.elapsed() > wait => return Err(error),
-            Err(_) if exit.wait(Duration::from_millis(5)) => return Err(io::Error::other("QEMU exited")),
-            Err(_) => {}
-        }
     }
 }
 

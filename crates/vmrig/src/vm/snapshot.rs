@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::config::RAM_BLOCK;
 use super::delta::{write_delta, DeltaError, DeltaStats};
-use super::process::{connect_to_qemu, ExitWatch};
+use crate::guest::{connect_while_running, ExitWatch};
 use super::qmp::QmpError;
 use super::{AgentClient, AgentError, Machine, Restore, Restored, VmError, BOOT_TIMEOUT};
 use crate::runlog::RunLog;
@@ -158,7 +158,7 @@ fn time_and_entropy() -> io::Result<(u64, String, String)> {
 pub(super) fn take_identity(name: &str, socket: &Path, exit: &ExitWatch, then: &Restored, timeout: Duration, log: &RunLog) -> Result<(AgentClient, String), AgentError> {
     let started = Instant::now();
     let io = |e| AgentError::Frame(vmrig_proto::FrameError::Io(e));
-    let mut client = connect_to_qemu(socket, exit, timeout).and_then(AgentClient::new).map_err(io)?;
+    let mut client = connect_while_running(socket, exit, timeout).and_then(AgentClient::new).map_err(io)?;
     let boot_id = client.hello(timeout)?;
     match then {
         Restored::Become(layer) => {

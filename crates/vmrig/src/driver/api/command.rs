@@ -10,7 +10,8 @@ use vmrig_proto::{shell_quote, AnswerAt};
 use super::call::{self, Commands, Retried, Seconds};
 use super::wait::{give_up, poll_until};
 use super::{locked, Failure, Reply, Run};
-use crate::vm::{ExecOutcome, Machine};
+use crate::guest::ExecOutcome;
+use crate::vm::Machine;
 
 /// Pause between attempts of `wait_until_succeeds` and `wait_until_fails`.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);

@@ -10,7 +10,8 @@ use std::path::{Component, Path, PathBuf};
 use vmrig_proto::EntryKind;
 
 use super::Failure;
-use crate::vm::{Machine, PathEntry, VmError};
+use crate::guest::PathEntry;
+use crate::vm::{Machine, VmError};
 
 /// `copy_from_host`: `source` on the host, a file or a tree, to `target`
 /// in the guest, modes kept.
@@ -105,7 +106,7 @@ pub(in crate::driver) fn receive(machine: &mut Machine, source: &str, root: &Pat
         }
     });
     match received {
-        Err(VmError::Agent { source: crate::vm::AgentError::Agent(message), .. }) => Err(Failure::Test(message)),
+        Err(VmError::Agent { source: crate::guest::AgentError::Agent(message), .. }) => Err(Failure::Test(message)),
         Err(error) => Err(error.into()),
         Ok(()) => stored.map_err(|error| Failure::Infra(format!("cannot store what {source} held: {error}"))),
     }

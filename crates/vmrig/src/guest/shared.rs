@@ -20,14 +20,14 @@ use vmrig_proto::{read_frame, write_frame, FrameError, MAX_DATA};
 
 /// The thread serving one QEMU's guest; dropping it (QEMU is gone or about
 /// to be) disconnects the port and waits for the thread.
-pub(super) struct SharedServer {
+pub struct SharedServer {
     port: UnixStream,
     thread: Option<JoinHandle<()>>,
 }
 
 impl SharedServer {
     /// Serves requests arriving on `port` with the folder `dir`.
-    pub(super) fn start(port: UnixStream, dir: PathBuf) -> io::Result<Self> {
+    pub fn start(port: UnixStream, dir: PathBuf) -> io::Result<Self> {
         let (reader, writer) = (port.try_clone()?, port.try_clone()?);
         let thread = std::thread::Builder::new().name("shared-dir".into()).spawn(move || serve(reader, writer, &dir))?;
         Ok(Self { port, thread: Some(thread) })

@@ -1,21 +1,16 @@
-//! What a node's QEMU produces for the script to wait on: the console's
-//! lines and QMP's events, read by threads of their own into feeds that
-//! any thread can wait on without holding the machine.
+//! What a node produces for the script to wait on (the console's lines;
+//! QEMU's events), read by threads of their own into feeds that any
+//! thread can wait on without holding the machine.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use serde_json::Value;
-
-use super::process::{connect_to_qemu, ExitWatch};
-use super::qmp::Qmp;
 use crate::runlog::RunLog;
 
-/// What a node's QEMU produced in this run, in order, shared with the
-/// threads that read it from QEMU and with anyone waiting for more.
+/// What a node produced in this run, in order, shared with the
+/// threads that read it and with anyone waiting for more.
 pub struct Feed<T> {
     items: Mutex<Vec<T>>,
     grew: Condvar,
@@ -32,7 +27,8 @@ impl<T: Clone> Feed<T> {
         self.items.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn push(&self, item: T) {
+    /// Adds `item`, waking whoever waits for more.
+    pub fn push(&self, item: T) {
         self.items().push(item);
         self.grew.notify_all();
     }
@@ -51,7 +47,7 @@ impl<T: Clone> Feed<T> {
 
 /// Copies the console to its log file, to the run log as `node # …`, and
 /// to the lines kept for the script.
-pub(super) fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, console: Arc<Feed<String>>, log: RunLog) {
+pub fn spawn_console_reader(name: String, stdout: impl Read + Send + 'static, mut file: File, console: Arc<Feed<String>>, log: RunLog) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stdout);
         let mut line = Vec::new();
@@ -61,18 +57,6 @@ pub(super) fn spawn_console_reader(name: String, stdout: impl Read + Send + 'sta
             log.console_line(&name, &text);
             console.push(text);
             line.clear();
-        }
-    });
-}
-
-/// Listens on QEMU's event monitor at `socket` while QEMU runs, adding
-/// every event to `events`.
-pub(super) fn spawn_event_reader(socket: PathBuf, exit: ExitWatch, events: Arc<Feed<Value>>) {
-    std::thread::spawn(move || {
-        let Ok(stream) = connect_to_qemu(&socket, &exit, Duration::MAX) else { return };
-        let Ok(mut qmp) = Qmp::handshake(stream, Duration::from_secs(30)) else { return };
-        while let Ok(event) = qmp.next_event() {
-            events.push(event);
         }
     });
 }

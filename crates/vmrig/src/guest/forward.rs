@@ -4,7 +4,7 @@
 //! shells (`vmrig shell`), which travel through the same tunnel.
 //!
 //! Forwards outlive boots: a node's listeners stay for the whole run, and
-//! each boot gets a tunnel of its own, opened by the [`super::Machine`] once
+//! each boot gets a tunnel of its own, opened by the machine once
 //! it has connected to that boot's agent. A connection that arrives while
 //! the node is down or between boots is closed at once.
 
@@ -41,17 +41,17 @@ impl ShellOpener {
 }
 
 /// A node's forwarded ports.
-pub(super) struct Forwards {
+pub struct Forwards {
     node: String,
     log: RunLog,
     current: CurrentTunnel,
     listeners: Vec<Listener>,
 }
 
-/// One boot's tunnel, as its [`super::Machine`] holds it: dropping it (the
+/// One boot's tunnel, as its machine holds it: dropping it (the
 /// boot ends, or is about to) disconnects the port, which ends the tunnel
 /// and every connection through it.
-pub(super) struct BootTunnel {
+pub struct BootTunnel {
     port: UnixStream,
     current: CurrentTunnel,
 }
@@ -82,17 +82,19 @@ impl Drop for Listener {
 }
 
 impl Forwards {
-    pub(super) fn new(node: String, log: RunLog) -> Self {
+    /// No ports forwarded yet, and no boot's tunnel.
+    pub fn new(node: String, log: RunLog) -> Self {
         Self { node, log, current: Arc::default(), listeners: Vec::new() }
     }
 
-    pub(super) fn shell_opener(&self) -> ShellOpener {
+    /// Opens shells on the current boot from any thread.
+    pub fn shell_opener(&self) -> ShellOpener {
         ShellOpener { current: Arc::clone(&self.current) }
     }
 
     /// Starts the tunnel of a new boot on `port`, QEMU's end of the guest's
     /// tunnel port.
-    pub(super) fn attach(&self, port: UnixStream) -> io::Result<BootTunnel> {
+    pub fn attach(&self, port: UnixStream) -> io::Result<BootTunnel> {
         let (reader, writer) = (port.try_clone()?, port.try_clone()?);
         let (node, log) = (self.node.clone(), self.log.clone());
         let tunnel = Tunnel::host(reader, writer, move |why| log.line(format!("{node}: a connection through the tunnel failed: {why}")));
@@ -102,7 +104,7 @@ impl Forwards {
 
     /// Listens on host loopback port `host_port` (0: any free one) and
     /// carries each connection to `guest_port`; returns the address bound.
-    pub(super) fn listen(&mut self, host_port: u16, guest_port: u16) -> io::Result<SocketAddr> {
+    pub fn listen(&mut self, host_port: u16, guest_port: u16) -> io::Result<SocketAddr> {
         let listener = Arc::new(TcpListener::bind((Ipv4Addr::LOCALHOST, host_port))?);
         let address = listener.local_addr()?;
         let stopping = Arc::new(AtomicBool::new(false));
