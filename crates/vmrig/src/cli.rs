@@ -250,7 +250,7 @@ fn open_store(remote: Option<&str>) -> Result<Store, Failure> {
 }
 
 fn load(test: &Path) -> Result<TestSpec, Failure> {
-    Ok(TestSpec::load(test)?)
+    Ok(driver::with_nodes_env(TestSpec::load(test)?)?)
 }
 
 fn check(test: &Path, ui: Ui) -> Result<ExitCode, Failure> {
@@ -421,6 +421,10 @@ fn gc(ui: Ui, keep_days: u64) -> Result<ExitCode, Failure> {
         crate::ui::bytes(report.kept_bytes),
         store.root().display()
     ));
+    let abandoned = crate::container::remove_abandoned_cgroups();
+    if abandoned > 0 {
+        ui.say(format!("removed {abandoned} cgroup(s) that containers of a run that was killed left"));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -17,12 +17,14 @@
 pub mod attach;
 pub mod cli;
 pub mod client;
+pub mod container;
 pub mod driver;
 pub mod error;
 pub mod guest;
 pub mod host;
 pub mod image;
 pub mod interrupt;
+pub mod machine;
 pub mod net;
 pub mod nodeconfig;
 pub mod ocr;

@@ -85,7 +85,14 @@ const JOURNALD_DROP_IN: &str = "/etc/systemd/journald.conf.d/vmrig.conf";
 /// As on a NixOS test node, every journal entry, at every level, is also
 /// printed on the serial console, so that services' logs are `node # …`
 /// lines of the run's log and `wait_for_console_text` sees them.
-const JOURNAL_TO_CONSOLE: &str = "[Journal]\nForwardToConsole=yes\nTTYPath=/dev/ttyS0\nMaxLevelConsole=debug\n";
+fn journal_to_console(console: &str) -> String {
+    format!("[Journal]\nForwardToConsole=yes\nTTYPath={console}\nMaxLevelConsole=debug\n")
+}
+
+/// A VM's console: its first serial port.
+const VM_CONSOLE: &str = "/dev/ttyS0";
+/// A container's console: the terminal `systemd-nspawn` gives it.
+const CONTAINER_CONSOLE: &str = "/dev/console";
 
 /// Where the service manager's settings for a test node go.
 const MANAGER_DROP_IN: &str = "/etc/systemd/system.conf.d/vmrig.conf";
@@ -140,7 +147,7 @@ const TEMPLATE_TARGET_UNIT: &str = "[Unit]\nDescription=vmrig template: settled,
 pub fn template_layer(graphics: bool) -> Vec<u8> {
     let mut layer = Layer { cpio: CpioWriter::new(Vec::new()), dirs: BTreeSet::new() };
     (|| -> io::Result<Vec<u8>> {
-        layer.test_node_settings(graphics)?;
+        layer.test_node_settings(graphics, VM_CONSOLE)?;
         layer.cpio.finish()
     })()
     .expect("writing to memory cannot fail")
@@ -185,7 +192,7 @@ impl<W: Write> Layer<W> {
     /// manager's and the kernel's settings of a NixOS test node, the boot
     /// targets it reaches, and the target a template boots to. A guest
     /// with a display keeps its login prompts on the virtual terminals.
-    fn test_node_settings(&mut self, graphics: bool) -> io::Result<()> {
+    fn test_node_settings(&mut self, graphics: bool, console: &str) -> io::Result<()> {
         for unit in MASKED_UNITS.iter().filter(|unit| !(graphics && **unit == TERMINAL_LOGIN_UNIT)) {
             self.symlink(&format!("/etc/systemd/system/{unit}"), "/dev/null")?;
         }
@@ -195,7 +202,7 @@ impl<W: Write> Layer<W> {
         if graphics {
             self.file(TERMINAL_LOGIN_DROP_IN, 0o644, TERMINAL_LOGIN_NAMED.as_bytes())?;
         }
-        self.file(JOURNALD_DROP_IN, 0o644, JOURNAL_TO_CONSOLE.as_bytes())?;
+        self.file(JOURNALD_DROP_IN, 0o644, journal_to_console(console).as_bytes())?;
         self.file(MANAGER_DROP_IN, 0o644, MANAGER_SETTINGS.as_bytes())?;
         self.file(USER_MANAGER_DROP_IN, 0o644, USER_MANAGER_SETTINGS.as_bytes())?;
         self.file(SYSCTL_FILE, 0o644, KERNEL_SETTINGS.as_bytes())?;
@@ -262,7 +269,7 @@ pub fn write_layer(out: impl Write, spec: &TestSpec, node: &Node) -> Result<(), 
         layer.file("/etc/hostname", 0o644, format!("{}\n", node.name).as_bytes())?;
         layer.file("/etc/hosts", 0o644, hosts_file(spec, node).as_bytes())?;
         layer.file(FIREWALL_RULES, 0o644, firewall_rules(&node.firewall).as_bytes())?;
-        layer.test_node_settings(node.graphics)?;
+        layer.test_node_settings(node.graphics, if node.container { CONTAINER_CONSOLE } else { VM_CONSOLE })?;
         let services = node.services.iter().map(|(name, service)| match service {
             Service::Raw(raw) => (format!("{name}.service"), raw.text.clone(), raw.wanted_by.clone()),
             Service::Fields(fields) => (format!("{name}.service"), unit_file(name, fields), fields.wanted_by.clone()),

@@ -34,6 +34,9 @@ pub enum SuiteError {
     /// A directory could not be read, or the JUnit file written.
     #[error(transparent)]
     Io(#[from] FileError),
+    /// The environment asks for what cannot be done.
+    #[error(transparent)]
+    Driver(#[from] crate::driver::DriverError),
 }
 
 /// Every test at or below `paths`: a path holding a `vmrig.toml` is a test
@@ -277,7 +280,17 @@ fn available_memory_mib() -> Option<u64> {
 pub fn run(tests: &[PathBuf], store: &Store, ui: Ui, options: &RunOptions, suite: &SuiteOptions) -> Result<Vec<TestReport>, SuiteError> {
     let started = Instant::now();
     let options = RunOptions { log_to_file_only: true, ..options.clone() };
-    let specs: Vec<_> = tests.iter().map(|test| TestSpec::load(test)).collect();
+    let as_containers = crate::driver::nodes_as_containers()?;
+    let specs: Vec<_> = tests
+        .iter()
+        .map(|test| {
+            let mut spec = TestSpec::load(test)?;
+            if as_containers {
+                spec.nodes_as_containers();
+            }
+            Ok::<_, crate::spec::SpecError>(spec)
+        })
+        .collect();
     let mut verdicts: Vec<Option<(Verdict, Duration)>> = vec![None; tests.len()];
     let mut queue = VecDeque::new();
     for (index, spec) in specs.iter().enumerate() {

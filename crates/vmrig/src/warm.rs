@@ -43,7 +43,8 @@ use crate::net::{Contacts, Nic};
 use crate::runlog::RunLog;
 use crate::store::{key_of, Entry, Store, StoreError};
 use crate::template::{pack_extents, unpack_layer, Template};
-use crate::vm::{Machine, VmError};
+use crate::machine::Machine;
+use crate::vm::VmError;
 
 /// Store entry kind of saved nodes.
 pub const WARM_KIND: &str = "warm";
@@ -223,14 +224,17 @@ impl Keeper {
         let started = Instant::now();
         // Held before uses stop counting: a call waiting for the machine
         // runs after the save.
-        let held = machine.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = machine.lock().unwrap_or_else(|p| p.into_inner());
+        // Keepers are made for VMs alone.
+        let Some(vm) = held.as_vm() else { return };
+        let (disk, console_log) = (vm.state_disk().to_path_buf(), vm.console_log().to_path_buf());
         self.enter(Phase::Saving);
-        let (disk, console_log) = (held.state_disk().to_path_buf(), held.console_log().to_path_buf());
         let mut saved = None;
         let built = store.get_or_build(WARM_KIND, &self.key, |dir| {
             // Let go once saved: an upload to a remote store must not hold
             // up the script.
             let mut machine = held;
+            let machine = machine.as_vm().expect("a VM, as checked above");
             let state = dir.join(STATE_FILE);
             let mut paused = Duration::ZERO;
             let stats = machine.save_warm(&state, &self.template_memory, || {

@@ -146,7 +146,7 @@ machine.succeed("false")
     let (code, shown) = terminal.wait();
     assert_eq!(code, Some(1), "{shown}");
     assert!(shown.contains("command `false` failed"), "{shown}");
-    assert!(shown.contains("machine: killing QEMU"), "the machine was not torn down:\n{shown}");
+    assert!(shown.contains("machine: killing its process"), "the machine was not torn down:\n{shown}");
     let junit = fs::read_to_string(test.path().join("result/junit.xml")).unwrap();
     assert!(junit.contains("failures=\"1\""), "{junit}");
 }

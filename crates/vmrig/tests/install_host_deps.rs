@@ -13,7 +13,7 @@ use std::process::Command;
 
 /// Every package the script installs, so that a status file holding them
 /// all needs nothing.
-const HOST_PACKAGES: [&str; 9] = ["qemu-system-x86", "mmdebstrap", "erofs-utils", "e2fsprogs", "python3", "cpio", "tcpdump", "rclone", "tesseract-ocr"];
+const HOST_PACKAGES: [&str; 11] = ["qemu-system-x86", "mmdebstrap", "erofs-utils", "e2fsprogs", "python3", "cpio", "tcpdump", "rclone", "tesseract-ocr", "systemd-container", "iproute2"];
 
 const MAIN_QEMU: &str = "1:7.2+dfsg-7+deb12u18";
 const BACKPORTS_QEMU: &str = "1:10.0.2+ds-2+deb13u1~bpo12+1";
@@ -99,6 +99,8 @@ const MAIN_PACKAGES: &[Stanza] = &[
     ("tcpdump", "4.99.3-1", ""),
     ("rclone", "1.60.1+dfsg-2+b5", ""),
     ("tesseract-ocr", "5.3.0-2", ""),
+    ("systemd-container", "252.39-1~deb12u2", ""),
+    ("iproute2", "6.1.0-3", ""),
     ("fonts-dejavu-core", "2.37-6", ""),
 ];
 const BACKPORTS_PACKAGES: &[Stanza] = &[
@@ -238,11 +240,11 @@ const QEMU_UTILS_FROM_BACKPORTS: Stanza = ("qemu-utils", BACKPORTS_QEMU, "");
 const QEMU_UTILS_FROM_MAIN: Stanza = ("qemu-utils", MAIN_QEMU, "");
 
 /// What the host lacks besides QEMU, in the main suite's versions.
-const OTHERS_FROM_MAIN: [&str; 6] = ["cpio 2.13+dfsg-7.1", "erofs-utils 1.5-1", "mmdebstrap 1.3.5-7", "rclone 1.60.1+dfsg-2+b5", "tcpdump 4.99.3-1", "tesseract-ocr 5.3.0-2"];
+const OTHERS_FROM_MAIN: [&str; 7] = ["cpio 2.13+dfsg-7.1", "erofs-utils 1.5-1", "mmdebstrap 1.3.5-7", "rclone 1.60.1+dfsg-2+b5", "systemd-container 252.39-1~deb12u2", "tcpdump 4.99.3-1", "tesseract-ocr 5.3.0-2"];
 
-/// A host with e2fsprogs and python3 and, besides, `also`.
+/// A host with e2fsprogs, python3 and iproute2 and, besides, `also`.
 fn host_with(also: &[Stanza]) -> Vec<Stanza> {
-    let mut installed = vec![("e2fsprogs", "1.47.0-2", ""), ("python3", "3.11.2-1+b1", "")];
+    let mut installed = vec![("e2fsprogs", "1.47.0-2", ""), ("python3", "3.11.2-1+b1", ""), ("iproute2", "6.1.0-3", "")];
     installed.extend_from_slice(also);
     installed
 }

@@ -40,7 +40,9 @@ use crate::ui::Ui;
 use crate::spec::{BootMode, Node};
 use crate::template::{self, Shape, Template};
 use crate::guest::Launcher;
-use crate::vm::{Accel, FirstStart, Machine, MachineConfig, Restore, Restored};
+use crate::container::{self, ContainerConfig};
+use crate::machine::Machine;
+use crate::vm::{self, Accel, FirstStart, MachineConfig, Restore, Restored};
 use crate::warm::{self, Keeper, Saved};
 
 /// How long an interactive session may last without `--timeout`.
@@ -243,6 +245,10 @@ impl<'a> Prepared<'a> {
 
         // Sockets need short paths, so the run's private files live in /tmp.
         sweep_dead_runs();
+        let abandoned = container::remove_abandoned_cgroups();
+        if abandoned > 0 {
+            log.line(format!("removed {abandoned} cgroup(s) that containers of a run that was killed left"));
+        }
         let private = tempfile::Builder::new()
             .prefix(PRIVATE_PREFIX)
             .tempdir()
@@ -259,6 +265,13 @@ impl<'a> Prepared<'a> {
         let shared_dir = private.path().join("shared");
         fs::create_dir(&shared_dir).map_err(file_error("create", &shared_dir))?;
 
+        if nodes_as_containers()? {
+            for node in spec.nodes.values() {
+                if let Some((key, why)) = node.cannot_be_container() {
+                    log.line(format!("{}: a VM, though {NODES_ENV}=container: its `{key}`: {why}", node.name));
+                }
+            }
+        }
         let launcher = Launcher::start();
         // How each node starts; each template needed is found or built
         // once, and those to build are built side by side.
@@ -270,12 +283,13 @@ impl<'a> Prepared<'a> {
             let kept_layer = options.keep_state && state_disk.exists();
             let nics = net::nics(spec, &node.name);
             let mode = node.boot.min(self.boot_cap);
-            let template = match cold_boot_reason(node, mode, kept_layer) {
+            let template = match cold_boot_reason(node, mode, kept_layer).filter(|_| !node.container) {
                 Some(ColdBoot::Because(reason)) => {
                     log.line(format!("{}: booting cold: {reason}", node.name));
                     None
                 }
                 Some(ColdBoot::Asked) => None,
+                None if node.container => None,
                 None => {
                     let key = (boot.image.manifest.key.clone(), Shape { memory_mib: node.memory_mib, cpus: node.cpus, nics: nics.len(), accel, graphics: node.graphics });
                     needed.entry(key.clone()).or_insert(boot);
@@ -289,9 +303,42 @@ impl<'a> Prepared<'a> {
         let mut machines = BTreeMap::new();
         let mut keepers = Vec::new();
         let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
+        let agent_file = private.path().join("vmrig-agent");
+        if spec.nodes.values().any(|node| node.container) {
+            fs::write(&agent_file, &self.agent.bytes)
+                .and_then(|()| fs::set_permissions(&agent_file, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
+                .map_err(file_error("write", &agent_file))?;
+        }
         for (node, NodePlan { state_disk, kept_layer, nics, mode, template }) in spec.nodes.values().zip(plans) {
             let boot = &boot_files[&node.name];
             let layer = &self.layers[&node.name];
+            let console_log = result_dir.join("nodes").join(&node.name).join("console.log");
+            for nic in &nics {
+                vlans.entry(nic.vlan).or_default().push(nic.clone());
+            }
+            if node.container {
+                let layer_file = private.path().join(format!("{}.layer", node.name));
+                fs::write(&layer_file, layer).map_err(file_error("write", &layer_file))?;
+                let container_dir = state_dir.join(&node.name);
+                fs::create_dir_all(&container_dir).map_err(file_error("create", &container_dir))?;
+                let config = ContainerConfig {
+                    name: node.name.clone(),
+                    number: net::node_number(spec, &node.name).unwrap_or(0),
+                    image: boot.rootfs(),
+                    layer: layer_file,
+                    agent: agent_file.clone(),
+                    nics,
+                    socket_dir: private.path().to_path_buf(),
+                    state_dir: container_dir,
+                    console_log,
+                    shared_dir: Some(shared_dir.clone()),
+                    memory_mib: node.memory_mib,
+                    cpus: node.cpus,
+                };
+                log.line(format!("{}: a container (systemd-nspawn)", node.name));
+                machines.insert(node.name.clone(), Mutex::new(Machine::Container(container::Machine::new(config, log.clone(), launcher.clone()))));
+                continue;
+            }
             let initrd = private.path().join(format!("{}.initrd", node.name));
             write_node_initrd(&initrd, boot, layer)?;
             let template = template.and_then(|key| templates[&key].as_ref());
@@ -323,9 +370,6 @@ impl<'a> Prepared<'a> {
                     FirstStart::Cold
                 }
             };
-            for nic in &nics {
-                vlans.entry(nic.vlan).or_default().push(nic.clone());
-            }
             let config = MachineConfig {
                 name: node.name.clone(),
                 memory_mib: node.memory_mib,
@@ -339,12 +383,12 @@ impl<'a> Prepared<'a> {
                 kernel_params: node.kernel_params.clone(),
                 nics,
                 socket_dir: private.path().to_path_buf(),
-                console_log: result_dir.join("nodes").join(&node.name).join("console.log"),
+                console_log,
                 shared_dir: Some(shared_dir.clone()),
                 graphics: node.graphics,
                 first_start,
             };
-            machines.insert(node.name.clone(), Mutex::new(Machine::new(config, log.clone(), launcher.clone())));
+            machines.insert(node.name.clone(), Mutex::new(Machine::Vm(vm::Machine::new(config, log.clone(), launcher.clone()))));
         }
 
         let rules = SharedRules::default();
@@ -566,6 +610,29 @@ impl Subtests {
 /// The environment variable that caps how every node starts (`cold`,
 /// `template` or `warm`), as `boot` would, for a whole suite.
 pub const BOOT_ENV: &str = "VMRIG_BOOT";
+
+/// The environment variable that runs nodes as containers where they can
+/// be (`container`), whatever their definition says.
+pub const NODES_ENV: &str = "VMRIG_NODES";
+
+/// Whether [`NODES_ENV`] asks for every node that can be a container to
+/// be one.
+pub fn nodes_as_containers() -> Result<bool, DriverError> {
+    match std::env::var(NODES_ENV) {
+        Err(_) => Ok(false),
+        Ok(value) if value == "container" => Ok(true),
+        Ok(value) if value == "as-declared" => Ok(false),
+        Ok(value) => Err(DriverError::Usage(format!("{NODES_ENV}={value} is not understood: it is `container` (every node that can be one) or `as-declared`"))),
+    }
+}
+
+/// `spec` with [`NODES_ENV`] applied.
+pub fn with_nodes_env(mut spec: TestSpec) -> Result<TestSpec, DriverError> {
+    if nodes_as_containers()? {
+        spec.nodes_as_containers();
+    }
+    Ok(spec)
+}
 
 /// The most [`BOOT_ENV`] lets a node keep from earlier runs (a node's
 /// `boot` may ask for less).

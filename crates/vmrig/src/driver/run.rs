@@ -26,7 +26,7 @@ use crate::runlog::{Block, RunLog};
 use crate::spec::TestSpec;
 use crate::store::Store;
 use crate::guest::{KillSwitch, ShellOpener};
-use crate::vm::Machine;
+use crate::machine::Machine;
 use crate::warm::Keeper;
 
 /// A run in progress: the machines and where the report goes. Requests
@@ -271,7 +271,7 @@ impl Run<'_> {
             // not wait for) end when their machine does.
             for (node, switch) in &kill_switches {
                 if let Some(pid) = switch.pull() {
-                    self.log.line(format!("{node}: killing QEMU (pid {pid})"));
+                    self.log.line(format!("{node}: killing its process (pid {pid})"));
                 }
             }
             end

@@ -312,6 +312,23 @@ impl AgentClient {
     }
 }
 
+/// How much of each stream of a command's output is kept in memory: what
+/// a script can be handed. The rest goes to a file in the node's report.
+pub const OUTPUT_LIMIT: usize = 64 << 20;
+
+/// Where command `base`'s output beyond [`OUTPUT_LIMIT`] goes: files
+/// beside it named by stream (`command-3.stdout`), in the node's folder of
+/// the report.
+pub fn overflow_file(base: PathBuf) -> impl FnMut(Stream) -> io::Result<(PathBuf, File)> {
+    move |stream| {
+        let path = base.with_extension(match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        });
+        File::create(&path).map(|file| (path, file))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,7 @@ mod launcher;
 mod process;
 mod shared;
 
-pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry};
+pub use agent::{overflow_file, AgentClient, AgentError, ExecOutcome, Overflow, PathEntry, OUTPUT_LIMIT};
 pub use feed::{spawn_console_reader, Feed};
 pub use forward::{BootTunnel, Forwards, ShellOpener};
 pub use launcher::Launcher;

@@ -46,7 +46,7 @@ pub struct TestSpec {
     pub script: Script,
 }
 
-/// One VM of the test.
+/// One machine of the test: a VM, or a container.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {
     /// The node's name, also its hostname.
@@ -93,6 +93,36 @@ pub struct Node {
     /// `documentation.enable`); `documentation = false` leaves them out of
     /// its image.
     pub documentation: bool,
+    /// Whether the node runs as a `systemd-nspawn` container (declared
+    /// under `[containers]`) rather than a VM.
+    pub container: bool,
+}
+
+impl Node {
+    /// The key of the node's definition that keeps it from being a
+    /// container, and why, if one does.
+    pub fn cannot_be_container(&self) -> Option<(&'static str, &'static str)> {
+        let given = |key: &str| match key {
+            "graphics" => self.graphics,
+            _ => !self.kernel_params.is_empty(),
+        };
+        CONTAINER_REFUSES.into_iter().find(|(key, _)| given(key))
+    }
+}
+
+/// The keys a container cannot have, and why.
+pub const CONTAINER_REFUSES: [(&str, &str); 2] = [
+    ("graphics", "a container has no display, keyboard or mouse"),
+    ("kernel_params", "a container runs on the host's kernel, which it cannot boot with parameters"),
+];
+
+impl TestSpec {
+    /// Makes every node that can be a container one (`VMRIG_NODES=container`).
+    pub fn nodes_as_containers(&mut self) {
+        for node in self.nodes.values_mut() {
+            node.container |= node.cannot_be_container().is_none();
+        }
+    }
 }
 
 /// How a node starts, from the least kept from earlier runs to the most

@@ -14,12 +14,12 @@ use crate::client::driver_globals;
 
 use super::{
     nearest, python_identifier, BootMode, Password, RawUnit, Diagnostic, Diagnostics, FileContent, FileSpec, Firewall, Node, Script,
-    ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User,
+    ScriptContext, Service, ServiceFields, SourceFile, TestSpec, User, CONTAINER_REFUSES,
 };
 
 type Value<'i> = Spanned<DeValue<'i>>;
 
-const TOP_KEYS: &[&str] = &["name", "distro", "mirror", "timeout", "boot", "defaults", "nodes", "test"];
+const TOP_KEYS: &[&str] = &["name", "distro", "mirror", "timeout", "boot", "defaults", "nodes", "containers", "test"];
 const NODE_KEYS: &[&str] = &[
     "packages",
     "memory",
@@ -99,6 +99,10 @@ const DEFAULT_MEMORY_MIB: i64 = 512;
 /// Node numbers are the last byte of their addresses.
 const MAX_NODES: usize = 254;
 
+/// The tables that declare machines, and whether each makes containers.
+const MACHINE_TABLES: [(&str, bool); 2] = [("nodes", false), ("containers", true)];
+
+
 /// Parses and validates `source`, a definition for the test in `dir`. A
 /// definition with mistakes still yields its script and node names where
 /// they can be read, so that the script can be checked too.
@@ -124,10 +128,11 @@ pub(super) fn parse(source: &SourceFile, dir: &Path) -> Result<TestSpec, (Diagno
     match spec {
         Some(spec) if diagnostics.is_empty() => Ok(spec),
         _ => {
-            let nodes: Vec<String> = field(root.get_ref(), "nodes")
-                .and_then(|nodes| nodes.get_ref().as_table())
-                .map(|table| table.iter().map(|(name, _)| name.get_ref()).filter(|name| is_node_name(name)).map(|name| python_identifier(name)).collect())
-                .unwrap_or_default();
+            let nodes: Vec<String> = MACHINE_TABLES
+                .iter()
+                .filter_map(|(kind, _)| field(root.get_ref(), kind).and_then(|nodes| nodes.get_ref().as_table()))
+                .flat_map(|table| table.iter().map(|(name, _)| name.get_ref()).filter(|name| is_node_name(name)).map(|name| python_identifier(name)))
+                .collect();
             let context = parser.script.filter(|_| !nodes.is_empty()).map(|script| Box::new(ScriptContext { script, nodes, vlans: None }));
             Err((Diagnostics(diagnostics), context))
         }
@@ -336,23 +341,24 @@ impl Parser<'_> {
     }
 
     fn nodes(&mut self, root: &DeTable<'_>, defaults: Option<&DeTable<'_>>) -> Option<BTreeMap<String, Node>> {
-        let Some(nodes_value) = field(root, "nodes") else {
-            self.error(0..0, "the test declares no nodes: add a `[nodes.NAME]` table");
-            return None;
-        };
-        let table = self.table(nodes_value, "`nodes`")?;
-        let nodes_span = key_span(root, "nodes").unwrap_or(0..0);
-        if table.is_empty() {
-            self.error(nodes_span, "the test declares no nodes: add a `[nodes.NAME]` table");
+        let mut tables = Vec::new();
+        for (kind, container) in MACHINE_TABLES {
+            if let Some(value) = field(root, kind) {
+                tables.push((self.table(value, &format!("`{kind}`"))?, container));
+            }
+        }
+        let nodes_span = key_span(root, "nodes").or_else(|| key_span(root, "containers")).unwrap_or(0..0);
+        if tables.iter().all(|(table, _)| table.is_empty()) {
+            self.error(nodes_span, "the test declares no nodes: add a `[nodes.NAME]` table (a VM) or a `[containers.NAME]` table");
             return None;
         }
-        if table.len() > MAX_NODES {
-            self.error(nodes_span, format!("a test may have at most {MAX_NODES} nodes"));
+        if tables.iter().map(|(table, _)| table.len()).sum::<usize>() > MAX_NODES {
+            self.error(nodes_span, format!("a test may have at most {MAX_NODES} nodes and containers"));
         }
         let mut nodes = BTreeMap::new();
         let mut complete = true;
         let mut python_names: BTreeMap<String, String> = BTreeMap::new();
-        for (key, value) in table.iter() {
+        for (key, value, container) in tables.iter().flat_map(|(table, container)| table.iter().map(move |(key, value)| (key, value, *container))) {
             let name = key.get_ref().to_string();
             if let Some(other) = python_names.insert(python_identifier(&name), name.clone()) {
                 self.error(
@@ -379,7 +385,7 @@ impl Parser<'_> {
                 Some(defaults) => with_defaults(node_table, defaults, true),
                 None => node_table.clone(),
             };
-            match self.node(&name, &merged) {
+            match self.node(&name, &merged, container) {
                 Some(node) => {
                     nodes.insert(name, node);
                 }
@@ -389,8 +395,15 @@ impl Parser<'_> {
         complete.then_some(nodes)
     }
 
-    fn node(&mut self, name: &str, table: &DeTable<'_>) -> Option<Node> {
+    fn node(&mut self, name: &str, table: &DeTable<'_>, container: bool) -> Option<Node> {
         let context = format!("node `{name}`");
+        if container {
+            for (key, why) in CONTAINER_REFUSES {
+                if let Some(value) = field(table, key).filter(|value| value.get_ref().as_bool() != Some(false)) {
+                    self.error(value.span(), format!("container `{name}` cannot have `{key}`: {why}; make it a VM (`[nodes.{name}]`)"));
+                }
+            }
+        }
         self.known_keys(table, NODE_KEYS, &context);
         let mut ok = true;
         let packages = match field(table, "packages") {
@@ -488,6 +501,7 @@ impl Parser<'_> {
             boot_given: boot?.is_some(),
             graphics: graphics?,
             documentation: documentation?,
+            container,
         })
     }
 

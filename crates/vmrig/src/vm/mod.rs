@@ -39,7 +39,7 @@ use vmrig_proto::SocketTarget;
 
 use crate::runlog::RunLog;
 use crate::guest::{
-    connect_while_running, spawn_console_reader, AgentClient, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, PathEntry, ShellOpener, SharedServer,
+    connect_while_running, overflow_file, spawn_console_reader, AgentClient, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, PathEntry, ShellOpener, SharedServer, OUTPUT_LIMIT,
 };
 use events::spawn_event_reader;
 use process::Qemu;
@@ -53,9 +53,6 @@ pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a failed agent connection waits for QEMU's end to show.
 const AGENT_LOSS_GRACE: Duration = Duration::from_millis(500);
-/// How much of each stream of a command's output is kept in memory: what
-/// a script can be handed. The rest goes to a file in the node's report.
-pub const OUTPUT_LIMIT: usize = 64 << 20;
 
 /// Where a machine is in its life.
 enum State {
@@ -144,6 +141,11 @@ impl Machine {
             deadline: None,
             commands: 0,
         }
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
     }
 
     /// A switch that kills this machine's QEMU from another thread.
@@ -474,14 +476,7 @@ impl Machine {
         self.commands += 1;
         // Beside the console log: the node's folder of the report.
         let base = self.config.console_log.with_file_name(format!("command-{}", self.commands));
-        let overflow = |stream| {
-            let path = base.with_extension(match stream {
-                vmrig_proto::Stream::Stdout => "stdout",
-                vmrig_proto::Stream::Stderr => "stderr",
-            });
-            File::create(&path).map(|file| (path, file))
-        };
-        let result = self.agent()?.exec(command, &[], OUTPUT_LIMIT, overflow);
+        let result = self.agent()?.exec(command, &[], OUTPUT_LIMIT, overflow_file(base));
         result.map_err(|e| self.agent_error(e))
     }
 

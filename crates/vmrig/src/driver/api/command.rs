@@ -11,7 +11,7 @@ use super::call::{self, Commands, Retried, Seconds};
 use super::wait::{give_up, poll_until};
 use super::{locked, Failure, Reply, Run};
 use crate::guest::ExecOutcome;
-use crate::vm::Machine;
+use crate::machine::Machine;
 
 /// Pause between attempts of `wait_until_succeeds` and `wait_until_fails`.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -108,7 +108,7 @@ fn script_command(machine: &mut Machine, node: &str, command: &str, timeout: Opt
         return Err(Failure::Test(format!(
             "{node}: command `{command}` printed {} bytes on its {stream}, more than the {} MiB a script is handed; all of it is in {}",
             overflow.bytes,
-            crate::vm::OUTPUT_LIMIT >> 20,
+            crate::guest::OUTPUT_LIMIT >> 20,
             overflow.path.display()
         )));
     }

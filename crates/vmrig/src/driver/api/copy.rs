@@ -11,7 +11,7 @@ use vmrig_proto::EntryKind;
 
 use super::Failure;
 use crate::guest::PathEntry;
-use crate::vm::{Machine, VmError};
+use crate::machine::Machine;
 
 /// `copy_from_host`: `source` on the host, a file or a tree, to `target`
 /// in the guest, modes kept.
@@ -106,8 +106,10 @@ pub(in crate::driver) fn receive(machine: &mut Machine, source: &str, root: &Pat
         }
     });
     match received {
-        Err(VmError::Agent { source: crate::guest::AgentError::Agent(message), .. }) => Err(Failure::Test(message)),
-        Err(error) => Err(error.into()),
+        Err(error) => Err(match error.agents_refusal() {
+            Some(message) => Failure::Test(message.to_string()),
+            None => error.into(),
+        }),
         Ok(()) => stored.map_err(|error| Failure::Infra(format!("cannot store what {source} held: {error}"))),
     }
 }

@@ -28,7 +28,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use super::Run;
-use crate::vm::{Machine, Socket, VmError};
+use crate::machine::{Machine, MachineError};
 use call::{Call, Envelope, NodeCall, RunCall, Since};
 
 /// Why a request failed.
@@ -48,12 +48,13 @@ impl Failure {
     }
 }
 
-impl From<VmError> for Failure {
-    fn from(error: VmError) -> Self {
-        match error {
+impl From<MachineError> for Failure {
+    fn from(error: MachineError) -> Self {
+        if error.is_the_scripts() {
             // The script asked what the node cannot do.
-            VmError::Headless { .. } | VmError::NoSuchKey { .. } => Self::Test(error.to_string()),
-            _ => Self::Infra(crate::error::chain(&error)),
+            Self::Test(crate::error::chain(&error))
+        } else {
+            Self::Infra(crate::error::chain(&error))
         }
     }
 }
@@ -126,6 +127,7 @@ fn run_call(run: &Run<'_>, call: RunCall) -> Result<Value, Failure> {
                 json!({
                     "name": n.name,
                     "python_name": n.python_name(),
+                    "container": n.container,
                     "vlans": n.vlans,
                     "ip": nics.first().map(|nic| nic.ipv4()),
                     "ipv6": nics.first().map(|nic| nic.ipv6()),
@@ -304,13 +306,14 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
         NodeCall::IsUp {} => json!(locked(run, node)?.is_up()),
         NodeCall::Describe {} => {
             let machine = locked(run, node)?;
+            let (agent_socket, qmp_socket) = machine.sockets();
             json!({
                 "booted": machine.is_running(),
                 "connected": machine.is_up(),
                 "pid": machine.pid(),
                 "state_dir": machine.state_dir(),
-                "qmp_path": machine.socket(Socket::Qmp),
-                "shell_path": machine.socket(Socket::Agent),
+                "qmp_path": qmp_socket,
+                "shell_path": agent_socket,
             })
         }
         NodeCall::SendConsole { chars } => {
@@ -360,11 +363,7 @@ fn node_call(run: &Run<'_>, node: &str, call: NodeCall, deadline: Instant) -> Re
             if guest_port == 0 {
                 return Err(Failure::Test("forward_port(): `guest_port` must be a port number (1 to 65535)".into()));
             }
-            match locked(run, node)?.forward_port(host_port, guest_port) {
-                Ok(address) => json!(address.port()),
-                Err(error @ VmError::Listen { .. }) => return Err(Failure::Test(crate::error::chain(&error))),
-                Err(error) => return Err(error.into()),
-            }
+            json!(locked(run, node)?.forward_port(host_port, guest_port)?.port())
         }
         NodeCall::ConsoleLog {} => Value::String(locked(run, node)?.console().since(0, Instant::now()).join("\n")),
         NodeCall::SendMonitorCommand { command } => Value::String(locked(run, node)?.monitor_command(&command)?),

@@ -11,7 +11,7 @@ use vmrig_proto::{shell_quote, SocketTarget, BECOMING_MARKER};
 use super::call::{self, PortWait};
 use super::command::{systemctl_command, text};
 use super::{locked, Failure, Run};
-use crate::vm::Machine;
+use crate::machine::Machine;
 
 /// Pause between looks at a unit's state, a port, a socket or a file.
 const POLL_PAUSE: Duration = Duration::from_millis(200);

@@ -1,0 +1,164 @@
+//! Container nodes on real `systemd-nspawn` containers, from the node's
+//! own image: the reference example with both nodes as containers and
+//! with a container and a VM on one VLAN; a container node's NIC, shared
+//! folder, copies, background children, firewall, memory limit, power
+//! failure and cable; and what it cannot see or do of the host. Each run must leave no
+//! container behind.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::run;
+
+/// The pids of the `systemd-nspawn` processes a run's log names.
+fn nspawn_pids(output: &str) -> Vec<u32> {
+    output
+        .lines()
+        .filter_map(|line| line.split_once("systemd-nspawn running (pid ")?.1.split(')').next()?.parse().ok())
+        .collect()
+}
+
+/// Asserts that none of the containers a run started outlived it, nor
+/// their cgroups (`vmrig-<vmrig's pid>-<node>`: those of a vmrig that
+/// has ended; other tests' runs may be going on).
+fn assert_nothing_left(output: &str) {
+    let pids = nspawn_pids(output);
+    assert!(!pids.is_empty(), "no container started:\n{output}");
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "systemd-nspawn {pid} outlived its run");
+    }
+    let cgroups: Vec<_> = ["/sys/fs/cgroup", "/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified"]
+        .iter()
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .flatten()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.strip_prefix("vmrig-").and_then(|rest| rest.split('-').next()).is_some_and(|pid| !Path::new("/proc").join(pid).exists()))
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
+}
+
+fn reference_example(kinds: [&str; 2]) -> tempfile::TempDir {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nix-is-cool");
+    let test = tempfile::tempdir().unwrap();
+    fs::copy(example.join("main.py"), test.path().join("main.py")).unwrap();
+    let definition = fs::read_to_string(example.join("vmrig.toml")).unwrap();
+    let definition = definition.replace("[nodes.server", &format!("[{}.server", kinds[0])).replace("[nodes.client", &format!("[{}.client", kinds[1]));
+    fs::write(test.path().join("vmrig.toml"), definition).unwrap();
+    test
+}
+
+#[test]
+fn the_reference_example_passes_as_containers_and_beside_a_vm() {
+    for kinds in [["containers", "containers"], ["containers", "nodes"]] {
+        let test = reference_example(kinds);
+        let (code, output) = run(test.path());
+        assert_eq!(code, Some(0), "{kinds:?}:\n{output}");
+        assert!(output.contains("server: a container (systemd-nspawn)"), "{output}");
+        assert_eq!(output.contains("client: a container (systemd-nspawn)"), kinds[1] == "containers", "{output}");
+        assert!(output.contains("\nTest was successful\n"), "{output}");
+        // The request crossed vmrig's switch, as between VMs.
+        let capture = fs::read(test.path().join("result/vlan1.pcap")).unwrap();
+        assert!(capture.windows(14).any(|w| w == b"GET / HTTP/1.1"), "the capture lacks the request");
+        assert_nothing_left(&output);
+    }
+}
+
+#[test]
+fn a_container_node_behaves_as_a_node_and_sees_nothing_of_the_host() {
+    let test = tempfile::tempdir().unwrap();
+    let marker = test.path().join("host-only");
+    fs::write(&marker, "the host's").unwrap();
+    fs::write(
+        test.path().join("vmrig.toml"),
+        format!(
+            r#"
+[defaults]
+packages = ["busybox", "curl"]
+
+[containers.server]
+memory = 192
+firewall.allowed_tcp_ports = [8000]
+files."/srv/www/index.html" = {{ text = "served" }}
+
+[containers.server.services.open]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/busybox httpd -f -p 8000 -h /srv/www"
+
+[containers.server.services.closed]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/busybox httpd -f -p 8001 -h /srv/www"
+
+[containers.client]
+
+[test]
+script = '''
+start_all()
+server.wait_for_unit("open.service")
+server.wait_for_unit("closed.service")
+server.wait_for_console_text("Reached target")
+
+# Its NIC, name and addresses, and no other network.
+server.succeed("ip -o addr show eth1 | grep -F 192.168.1.2/24")
+server.succeed("test \"$(ls /sys/class/net | tr '\\n' ' ')\" = 'eth1 lo '")
+server.fail("ip route | grep default")
+assert server.succeed("hostname").strip() == "server"
+
+# The firewall admits the allowed port alone.
+assert client.succeed("curl -s --max-time 5 http://server:8000/") == "served"
+client.fail("curl -s --max-time 5 http://server:8001/")
+server.succeed("curl -s --max-time 5 http://localhost:8001/")
+
+# The shared folder, both ways.
+server.succeed("echo from-server > /tmp/shared/note")
+assert client.succeed("cat /tmp/shared/note").strip() == "from-server"
+
+# Files in and out through the agent.
+server.copy_from_host("{marker}", "/root/from-host")
+assert server.succeed("cat /root/from-host") == "the host's"
+server.copy_from_vm("/root/from-host", "")
+
+# Its memory is a limit: more than it is fails, less passes.
+server.succeed("dd if=/dev/zero of=/dev/null bs=64M count=1")
+server.fail("dd if=/dev/zero of=/dev/null bs=400M count=1")
+
+# A background child outlives its command.
+server.succeed("(sleep 1; echo later > /tmp/later) >&2 &")
+server.wait_for_file("/tmp/later")
+
+# The cable: unplugged, nothing passes; plugged back, it does.
+server.block()
+client.fail("curl -s --max-time 3 http://server:8000/")
+server.unblock()
+client.wait_until_succeeds("curl -s --max-time 3 http://server:8000/", timeout=30)
+
+# A power failure, then a start: the writable layer is kept.
+server.succeed("echo kept > /root/kept")
+server.crash()
+server.start()
+server.wait_for_unit("open.service")
+server.succeed("grep kept /root/kept")
+client.wait_until_succeeds("curl -s --max-time 3 http://server:8000/", timeout=30)
+
+# Root inside is not root outside; the host's files and devices are out
+# of reach.
+server.succeed("awk '$1 == 0 && $2 != 0 && $3 == 65536' /proc/self/uid_map | grep -q .")
+server.fail("test -e {marker}")
+server.fail("mknod /root/disk b 8 0")
+server.fail("test -e /dev/sda -o -e /dev/vda -o -e /dev/kvm")
+client.shutdown()
+print("container node ok")
+'''
+"#,
+            marker = marker.display()
+        ),
+    )
+    .unwrap();
+    let (code, output) = run(test.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("\ncontainer node ok\n"), "{output}");
+    assert_eq!(fs::read_to_string(test.path().join("result/from-host")).unwrap(), "the host's");
+    assert_nothing_left(&output);
+}
