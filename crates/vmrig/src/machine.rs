@@ -13,7 +13,7 @@ use serde_json::Value;
 use vmrig_proto::SocketTarget;
 
 use crate::container::{self, ContainerError};
-use crate::guest::{ExecOutcome, Feed, KillSwitch, PathEntry, ShellOpener};
+use crate::guest::{AgentCalls, ExecOutcome, Feed, KillSwitch, PathEntry, ShellOpener};
 use crate::vm::{self, Keys, Socket, VmError};
 
 /// A node: a VM or a container.

@@ -37,10 +37,10 @@ use network::Network;
 use root::{Root, ID_RANGE};
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::shared::SHARED_PORT;
-use vmrig_proto::{SocketTarget, AGENT_PORT, CONTAINER_LAYER, CONTAINER_PORTS};
+use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_PORTS};
 
 use crate::guest::{
-    connect_while_running, overflow_file, spawn_console_reader, AgentClient, AgentError, BootTunnel, Control, ExecOutcome, ExitWatch, Feed, Forwards, KillSwitch, Launcher, PathEntry, ShellOpener, SharedServer, OUTPUT_LIMIT,
+    connect_while_running, spawn_console_reader, AgentCalls, AgentClient, AgentError, BootTunnel, Commands, Control, ExitWatch, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
 };
 use crate::net::Nic;
 use crate::runlog::RunLog;
@@ -208,15 +208,16 @@ pub struct Machine {
     forwards: Forwards,
     console: Arc<Feed<String>>,
     control: Arc<Control>,
-    deadline: Option<Instant>,
-    commands: u64,
+    /// Its commands: the run's end, which none outlives, and their count.
+    commands: Commands,
 }
 
 impl Machine {
     /// A container that is not started yet.
     pub fn new(config: ContainerConfig, log: RunLog, launcher: Launcher) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
-        Self { config, log, launcher, running: None, forwards, console: Arc::default(), control: Arc::default(), deadline: None, commands: 0 }
+        let commands = Commands::new(config.console_log.parent().unwrap_or(Path::new("/")).to_path_buf());
+        Self { config, log, launcher, running: None, forwards, console: Arc::default(), control: Arc::default(), commands }
     }
 
     /// The node's name.
@@ -236,11 +237,11 @@ impl Machine {
 
     /// Makes every command and wait end by `deadline` at the latest.
     pub fn set_deadline(&mut self, deadline: Instant) {
-        self.deadline = Some(deadline);
+        self.commands.set_deadline(deadline);
     }
 
     fn within_deadline(&self, limit: Duration) -> Duration {
-        self.deadline.map_or(limit, |deadline| limit.min(deadline.saturating_duration_since(Instant::now())))
+        self.commands.within_deadline(limit)
     }
 
     /// Whether the container runs.
@@ -366,15 +367,6 @@ impl Machine {
         Ok(())
     }
 
-    /// The agent, starting the container and waiting for it if needed.
-    pub fn agent(&mut self) -> Result<&mut AgentClient, ContainerError> {
-        self.start()?;
-        if self.running.as_ref().is_some_and(|running| running.boot.is_none()) {
-            self.connect()?;
-        }
-        Ok(&mut self.running.as_mut().and_then(|running| running.boot.as_mut()).expect("connected above").0)
-    }
-
     fn connect(&mut self) -> Result<(), ContainerError> {
         let name = self.config.name.clone();
         let _block = self.log.block(Some(&name), "waiting for the container to start");
@@ -445,53 +437,6 @@ impl Machine {
         }
     }
 
-    fn agent_error(&mut self, source: AgentError) -> ContainerError {
-        let ending = self.running.as_ref().is_some_and(|running| running.exit.wait(Duration::from_millis(500)));
-        if !ending && self.is_running() {
-            ContainerError::Agent { node: self.config.name.clone(), source }
-        } else {
-            self.exited_error()
-        }
-    }
-
-    /// Runs `command` in the container, within its time limit and the
-    /// run's; output beyond what is kept goes to files in the node's report.
-    pub fn exec(&mut self, mut command: vmrig_proto::Command) -> Result<ExecOutcome, ContainerError> {
-        if self.deadline.is_some() {
-            let limit = command.timeout_ms.map_or(Duration::MAX, Duration::from_millis);
-            let limit = self.within_deadline(limit).max(Duration::from_millis(1));
-            command.timeout_ms = Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
-        }
-        self.commands += 1;
-        let base = self.config.console_log.with_file_name(format!("command-{}", self.commands));
-        let result = self.agent()?.exec(command, &[], OUTPUT_LIMIT, overflow_file(base));
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Writes a file in the container.
-    pub fn write_file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<(), ContainerError> {
-        let result = self.agent()?.write_file(path, mode, contents);
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Creates a directory in the container.
-    pub fn make_dir(&mut self, path: &str, mode: u32) -> Result<(), ContainerError> {
-        let result = self.agent()?.make_dir(path, mode);
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Receives a file or tree of the container.
-    pub fn read_path(&mut self, path: &str, on_entry: impl FnMut(PathEntry<'_>)) -> Result<(), ContainerError> {
-        let result = self.agent()?.read_path(path, on_entry);
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Asks the agent to connect to `target`: whether something accepted.
-    pub fn connects(&mut self, target: SocketTarget) -> Result<bool, ContainerError> {
-        let result = self.agent()?.connects(target);
-        result.map_err(|e| self.agent_error(e))
-    }
-
     /// Powers the container off cleanly (its systemd stops every unit) and
     /// waits for it to end.
     pub fn shutdown(&mut self) -> Result<(), ContainerError> {
@@ -547,6 +492,32 @@ impl Machine {
         if let Some(running) = self.running.take() {
             running.end();
         }
+    }
+}
+
+impl AgentCalls for Machine {
+    type Error = ContainerError;
+
+    /// The agent, starting the container and waiting for it if needed.
+    fn agent(&mut self) -> Result<&mut AgentClient, ContainerError> {
+        self.start()?;
+        if self.running.as_ref().is_some_and(|running| running.boot.is_none()) {
+            self.connect()?;
+        }
+        Ok(&mut self.running.as_mut().and_then(|running| running.boot.as_mut()).expect("connected above").0)
+    }
+
+    fn agent_error(&mut self, source: AgentError) -> ContainerError {
+        let ending = self.running.as_ref().is_some_and(|running| running.exit.wait(Duration::from_millis(500)));
+        if !ending && self.is_running() {
+            ContainerError::Agent { node: self.config.name.clone(), source }
+        } else {
+            self.exited_error()
+        }
+    }
+
+    fn commands(&mut self) -> &mut Commands {
+        &mut self.commands
     }
 }
 

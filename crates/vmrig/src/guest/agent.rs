@@ -319,7 +319,7 @@ pub const OUTPUT_LIMIT: usize = 64 << 20;
 /// Where command `base`'s output beyond [`OUTPUT_LIMIT`] goes: files
 /// beside it named by stream (`command-3.stdout`), in the node's folder of
 /// the report.
-pub fn overflow_file(base: PathBuf) -> impl FnMut(Stream) -> io::Result<(PathBuf, File)> {
+pub(super) fn overflow_file(base: PathBuf) -> impl FnMut(Stream) -> io::Result<(PathBuf, File)> {
     move |stream| {
         let path = base.with_extension(match stream {
             Stream::Stdout => "stdout",

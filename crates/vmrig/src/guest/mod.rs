@@ -5,13 +5,15 @@
 //! switch to kill it from any thread).
 
 pub mod agent;
+mod calls;
 mod feed;
 mod forward;
 mod launcher;
 mod process;
 mod shared;
 
-pub use agent::{overflow_file, AgentClient, AgentError, ExecOutcome, Overflow, PathEntry, OUTPUT_LIMIT};
+pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry, OUTPUT_LIMIT};
+pub use calls::{AgentCalls, Commands};
 pub use feed::{spawn_console_reader, Feed};
 pub use forward::{BootTunnel, Forwards, ShellOpener};
 pub use launcher::Launcher;

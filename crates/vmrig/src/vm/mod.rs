@@ -35,11 +35,10 @@ pub use config::{make_state_disk, Accel, FirstStart, MachineConfig, Restore, Res
 pub use error::VmError;
 pub use screen::{Keys, KEY_STROKE};
 use serde_json::{json, Value};
-use vmrig_proto::SocketTarget;
 
 use crate::runlog::RunLog;
 use crate::guest::{
-    connect_while_running, overflow_file, spawn_console_reader, AgentClient, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, PathEntry, ShellOpener, SharedServer, OUTPUT_LIMIT,
+    connect_while_running, spawn_console_reader, AgentCalls, AgentClient, Commands, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
 };
 use events::spawn_event_reader;
 use process::Qemu;
@@ -116,10 +115,9 @@ pub struct Machine {
     allow_reboot: bool,
     /// How the next start goes: the first as configured, then cold.
     next_start: FirstStart,
-    /// The run's end: no command or wait of this machine outlives it.
-    deadline: Option<Instant>,
-    /// How many commands ran, to name the files of output too long to keep.
-    commands: u64,
+    /// Its commands: the run's end, which no command or wait of this
+    /// machine outlives, and their count.
+    commands: Commands,
 }
 
 impl Machine {
@@ -127,7 +125,9 @@ impl Machine {
     /// `launcher`.
     pub fn new(config: MachineConfig, log: RunLog, launcher: Launcher) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
+        let commands = Commands::new(config.console_log.parent().unwrap_or(Path::new("/")).to_path_buf());
         Self {
+            commands,
             next_start: config.first_start.clone(),
             config,
             log,
@@ -138,8 +138,6 @@ impl Machine {
             events: Arc::default(),
             control: Arc::default(),
             allow_reboot: false,
-            deadline: None,
-            commands: 0,
         }
     }
 
@@ -165,15 +163,12 @@ impl Machine {
 
     /// Makes every command and wait end by `deadline` at the latest.
     pub fn set_deadline(&mut self, deadline: Instant) {
-        self.deadline = Some(deadline);
+        self.commands.set_deadline(deadline);
     }
 
     /// `limit`, cut short by the run's deadline.
     fn within_deadline(&self, limit: Duration) -> Duration {
-        match self.deadline {
-            Some(deadline) => limit.min(deadline.saturating_duration_since(Instant::now())),
-            None => limit,
-        }
+        self.commands.within_deadline(limit)
     }
 
     /// Where QEMU serves `socket` for this machine.
@@ -329,15 +324,6 @@ impl Machine {
         written.map_err(self.io_error(Path::new("the serial console")))
     }
 
-    /// The agent, starting the machine and waiting for its boot if needed.
-    pub fn agent(&mut self) -> Result<&mut AgentClient, VmError> {
-        self.ensure_running()?;
-        if self.boot_mut().is_none() {
-            self.connect(None)?;
-        }
-        Ok(&mut self.boot_mut().expect("connected above").agent)
-    }
-
     /// Connects to the agent of the current boot (one whose boot id is not
     /// `previous_boot`).
     fn connect(&mut self, previous_boot: Option<&str>) -> Result<(), VmError> {
@@ -454,54 +440,10 @@ impl Machine {
         VmError::Exited { node: name, status, stderr }
     }
 
-    fn agent_error(&mut self, source: AgentError) -> VmError {
-        // A QEMU being killed closes the agent's socket a moment before
-        // its end can be seen: give it that moment, so that the error says
-        // why QEMU ended rather than that the connection did.
-        let ending = self.running().is_some_and(|running| running.qemu.exit_watch().wait(AGENT_LOSS_GRACE));
-        if !ending && self.is_running() {
-            VmError::Agent { node: self.config.name.clone(), source }
-        } else {
-            self.exited_error()
-        }
-    }
-
-    /// Runs `command` on the node, within its time limit and the run's.
-    pub fn exec(&mut self, mut command: vmrig_proto::Command) -> Result<ExecOutcome, VmError> {
-        if self.deadline.is_some() {
-            let limit = command.timeout_ms.map_or(Duration::MAX, Duration::from_millis);
-            let limit = self.within_deadline(limit).max(Duration::from_millis(1));
-            command.timeout_ms = Some(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX));
-        }
-        self.commands += 1;
-        // Beside the console log: the node's folder of the report.
-        let base = self.config.console_log.with_file_name(format!("command-{}", self.commands));
-        let result = self.agent()?.exec(command, &[], OUTPUT_LIMIT, overflow_file(base));
-        result.map_err(|e| self.agent_error(e))
-    }
-
     /// Runs shell `command` on the node, within `timeout` and the run's
     /// deadline.
     pub fn shell(&mut self, command: &str, timeout: Option<Duration>) -> Result<ExecOutcome, VmError> {
         self.exec(shell_command(command.to_string(), timeout, vmrig_proto::AnswerAt::Exit))
-    }
-
-    /// Writes a file in the guest.
-    pub fn write_file(&mut self, path: &str, mode: u32, contents: &[u8]) -> Result<(), VmError> {
-        let result = self.agent()?.write_file(path, mode, contents);
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Creates a directory in the guest.
-    pub fn make_dir(&mut self, path: &str, mode: u32) -> Result<(), VmError> {
-        let result = self.agent()?.make_dir(path, mode);
-        result.map_err(|e| self.agent_error(e))
-    }
-
-    /// Receives a guest file or tree.
-    pub fn read_path(&mut self, path: &str, on_entry: impl FnMut(PathEntry<'_>)) -> Result<(), VmError> {
-        let result = self.agent()?.read_path(path, on_entry);
-        result.map_err(|e| self.agent_error(e))
     }
 
     /// Powers the guest off cleanly and waits for QEMU to exit.
@@ -613,18 +555,41 @@ impl Machine {
         self.qmp()?.human_monitor_command(command_line).map_err(|source| VmError::Qmp { node, source })
     }
 
-    /// Asks the agent to connect to `target`: whether something accepted.
-    pub fn connects(&mut self, target: SocketTarget) -> Result<bool, VmError> {
-        let result = self.agent()?.connects(target);
-        result.map_err(|e| self.agent_error(e))
-    }
-
     /// Ends QEMU at once, and reaps it.
     fn kill(&mut self) {
         self.control.pid.store(0, Ordering::SeqCst);
         if let State::On(mut running) = std::mem::replace(&mut self.state, State::Off) {
             running.qemu.end();
         }
+    }
+}
+
+impl AgentCalls for Machine {
+    type Error = VmError;
+
+    /// The agent, starting the machine and waiting for its boot if needed.
+    fn agent(&mut self) -> Result<&mut AgentClient, VmError> {
+        self.ensure_running()?;
+        if self.boot_mut().is_none() {
+            self.connect(None)?;
+        }
+        Ok(&mut self.boot_mut().expect("connected above").agent)
+    }
+
+    fn agent_error(&mut self, source: AgentError) -> VmError {
+        // A QEMU being killed closes the agent's socket a moment before
+        // its end can be seen: give it that moment, so that the error says
+        // why QEMU ended rather than that the connection did.
+        let ending = self.running().is_some_and(|running| running.qemu.exit_watch().wait(AGENT_LOSS_GRACE));
+        if !ending && self.is_running() {
+            VmError::Agent { node: self.config.name.clone(), source }
+        } else {
+            self.exited_error()
+        }
+    }
+
+    fn commands(&mut self) -> &mut Commands {
+        &mut self.commands
     }
 }
 
