@@ -1,6 +1,6 @@
 //! Container nodes on real `systemd-nspawn` containers, from the node's
-//! own image: the reference example with both nodes as containers and
-//! with a container and a VM on one VLAN; a container node's NIC, shared
+//! own image: the reference example with both nodes as containers, and
+//! with each beside a VM on one VLAN; a container node's NIC, shared
 //! folder, copies, background children, firewall, memory limit, power
 //! failure and cable; and what it cannot see or do of the host. Each run must leave no
 //! container behind.
@@ -51,14 +51,21 @@ fn reference_example(kinds: [&str; 2]) -> tempfile::TempDir {
 }
 
 #[test]
-fn the_reference_example_passes_as_containers_and_beside_a_vm() {
-    for kinds in [["containers", "containers"], ["containers", "nodes"]] {
+fn the_reference_example_passes_as_containers_and_each_beside_a_vm() {
+    for kinds in [["containers", "containers"], ["containers", "nodes"], ["nodes", "containers"]] {
         let test = reference_example(kinds);
         let (code, output) = run(test.path());
         assert_eq!(code, Some(0), "{kinds:?}:\n{output}");
-        assert!(output.contains("server: a container (systemd-nspawn)"), "{output}");
-        assert_eq!(output.contains("client: a container (systemd-nspawn)"), kinds[1] == "containers", "{output}");
+        for (node, kind) in ["server", "client"].iter().zip(kinds) {
+            assert_eq!(output.contains(&format!("{node}: a container (systemd-nspawn)")), kind == "containers", "{output}");
+        }
         assert!(output.contains("\nTest was successful\n"), "{output}");
+        // The report says which node was which.
+        let report = fs::read_to_string(test.path().join("result/report.html")).unwrap();
+        for (node, kind) in ["server", "client"].iter().zip(kinds) {
+            let shown = format!("{node} ({})", if kind == "containers" { "container" } else { "VM" });
+            assert!(report.contains(&shown), "the report does not say {shown}");
+        }
         // The request crossed vmrig's switch, as between VMs.
         let capture = fs::read(test.path().join("result/vlan1.pcap")).unwrap();
         assert!(capture.windows(14).any(|w| w == b"GET / HTTP/1.1"), "the capture lacks the request");
@@ -146,6 +153,8 @@ client.wait_until_succeeds("curl -s --max-time 3 http://server:8000/", timeout=3
 # of reach.
 server.succeed("awk '$1 == 0 && $2 != 0 && $3 == 65536' /proc/self/uid_map | grep -q .")
 server.fail("test -e {marker}")
+server.fail("pgrep -f 'sleep 86399'")
+assert int(server.succeed("ls -d /proc/[0-9]* | wc -l")) < 100
 server.fail("mknod /root/disk b 8 0")
 server.fail("test -e /dev/sda -o -e /dev/vda -o -e /dev/kvm")
 client.shutdown()
@@ -156,7 +165,11 @@ print("container node ok")
         ),
     )
     .unwrap();
+    // A process of the host's, which the container must not see.
+    let mut host_process = std::process::Command::new("sleep").arg("86399").spawn().unwrap();
     let (code, output) = run(test.path());
+    let _ = host_process.kill();
+    let _ = host_process.wait();
     assert_eq!(code, Some(0), "{output}");
     assert!(output.contains("\ncontainer node ok\n"), "{output}");
     assert_eq!(fs::read_to_string(test.path().join("result/from-host")).unwrap(), "the host's");

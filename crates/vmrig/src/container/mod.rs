@@ -27,7 +27,7 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,8 @@ const AGENT_IN_CONTAINER: &str = "/run/vmrig/init";
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a container's systemd may take to power off once asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
+/// The serial number of this process's next container.
+static NEXT_SERIAL: AtomicU32 = AtomicU32::new(0);
 /// How many of `systemd-nspawn`'s last lines an error quotes.
 const KEPT_LINES: usize = 20;
 
@@ -59,8 +61,6 @@ const KEPT_LINES: usize = 20;
 pub struct ContainerConfig {
     /// The node's name.
     pub name: String,
-    /// The node's number (from 1), which picks its IDs on the host.
-    pub number: u8,
     /// The node's image (erofs), its root read-only.
     pub image: PathBuf,
     /// The node's layer (the cpio a VM gets in its initramfs).
@@ -93,14 +93,6 @@ impl ContainerConfig {
     /// The host path of the agent's port `name`.
     fn port(&self, name: &str) -> PathBuf {
         self.ports_dir().join(name)
-    }
-
-    /// The first of the container's host IDs: distinct per run (vmrig's
-    /// pid) and node, within the range `systemd-nspawn` itself picks from.
-    fn id_base(&self) -> u32 {
-        const FIRST_SLOT: u32 = 0x0008;
-        let slot = FIRST_SLOT + (std::process::id() % 100) * 256 + u32::from(self.number);
-        slot * ID_RANGE
     }
 }
 
@@ -210,6 +202,10 @@ pub struct Machine {
     control: Arc<Control>,
     /// Its commands: the run's end, which none outlives, and their count.
     commands: Commands,
+    /// Which of this process's containers it is: what names its cgroups
+    /// and taps, and picks its IDs, apart from those of other tests a
+    /// suite runs beside it.
+    serial: u32,
 }
 
 impl Machine {
@@ -217,12 +213,22 @@ impl Machine {
     pub fn new(config: ContainerConfig, log: RunLog, launcher: Launcher) -> Self {
         let forwards = Forwards::new(config.name.clone(), log.clone());
         let commands = Commands::new(config.console_log.parent().unwrap_or(Path::new("/")).to_path_buf());
-        Self { config, log, launcher, running: None, forwards, console: Arc::default(), control: Arc::default(), commands }
+        let serial = NEXT_SERIAL.fetch_add(1, Ordering::SeqCst);
+        Self { config, log, launcher, running: None, forwards, console: Arc::default(), control: Arc::default(), commands, serial }
     }
 
     /// The node's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// The first of the container's host IDs: distinct per process (a
+    /// run's, or a suite's) and container, within the range
+    /// `systemd-nspawn` itself picks from.
+    fn id_base(&self) -> u32 {
+        const FIRST_SLOT: u32 = 0x0008;
+        let slot = FIRST_SLOT + (std::process::id() % 100) * 256 + self.serial % 256;
+        slot * ID_RANGE
     }
 
     /// A switch that kills this container from another thread.
@@ -291,8 +297,8 @@ impl Machine {
         }
         self.kill();
         self.log.line(format!("{name}: starting container"));
-        let base = self.config.id_base();
-        let tap_prefix = format!("vm{:x}-{:02x}", std::process::id(), self.config.number);
+        let base = self.id_base();
+        let tap_prefix = format!("vm{:x}-{:x}", std::process::id(), self.serial);
         let network = Network::make(&self.config.nics, &self.config.socket_dir, &tap_prefix).map_err(self.start_error("make its NICs"))?;
         let ports = self.config.ports_dir();
         let _ = std::fs::remove_dir_all(&ports);
@@ -301,7 +307,7 @@ impl Machine {
         fuse_device(&fuse).map_err(self.start_error(format!("make {}", fuse.display())))?;
         let root = Root::prepare(&self.config.image, &self.config.state_dir, base).map_err(self.start_error("prepare its root"))?;
         let limits = Limits { memory_mib: self.config.memory_mib, cpus: self.config.cpus };
-        let cgroups = Cgroups::make(&format!("vmrig-{}-{name}", std::process::id()), limits).map_err(self.start_error("make its cgroups"))?;
+        let cgroups = Cgroups::make(&format!("vmrig-{}-{}-{name}", std::process::id(), self.serial), limits).map_err(self.start_error("make its cgroups"))?;
         let console = File::options().create(true).append(true).open(&self.config.console_log).map_err(self.start_error(format!("open {}", self.config.console_log.display())))?;
 
         let mut command = Command::new("systemd-nspawn");

@@ -323,7 +323,6 @@ impl<'a> Prepared<'a> {
                 fs::create_dir_all(&container_dir).map_err(file_error("create", &container_dir))?;
                 let config = ContainerConfig {
                     name: node.name.clone(),
-                    number: net::node_number(spec, &node.name).unwrap_or(0),
                     image: boot.rootfs(),
                     layer: layer_file,
                     agent: agent_file.clone(),
@@ -548,6 +547,7 @@ fn write_html_report(spec: &TestSpec, result_dir: &Path, cases: &[Case], log: &R
             addresses.insert(nic.ipv6(), name.clone());
         }
     }
+    let kinds = spec.nodes.values().map(|node| (node.name.clone(), if node.container { "container" } else { "VM" })).collect();
     let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let page = report::html::Page {
         test: &spec.name,
@@ -555,6 +555,7 @@ fn write_html_report(spec: &TestSpec, result_dir: &Path, cases: &[Case], log: &R
         script: &spec.script,
         timeline: &log.timeline(),
         addresses: &addresses,
+        kinds: &kinds,
         ended: report::utc_text(ended),
         files,
     };

@@ -38,6 +38,8 @@ pub struct Page<'a> {
     pub timeline: &'a Timeline,
     /// The node each of the run's addresses belongs to.
     pub addresses: &'a BTreeMap<String, String>,
+    /// Each node's kind (`VM`, `container`), by name.
+    pub kinds: &'a BTreeMap<String, &'static str>,
     /// When the run ended, as UTC text.
     pub ended: String,
     /// What `result/` holds besides the report.
@@ -96,8 +98,9 @@ pub fn render(page: &Page<'_>) -> String {
     let _ = write!(
         html,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{test}: {verdict}</title><style>{STYLE}</style></head><body>\n\
-         <header class=\"{verdict}\"><h1>{test} <span class=\"verdict\">{verdict}</span></h1><p>ended {ended} · {steps} steps over {total} · <a href=\"log.txt\">log.txt</a></p></header>\n",
+         <header class=\"{verdict}\"><h1>{test} <span class=\"verdict\">{verdict}</span></h1><p>ended {ended} · {steps} steps over {total} · {nodes} · <a href=\"log.txt\">log.txt</a></p></header>\n",
         test = escape(page.test),
+        nodes = escape(&page.kinds.iter().map(|(node, kind)| format!("{node} ({kind})")).collect::<Vec<_>>().join(", ")),
         ended = escape(&page.ended),
         steps = page.timeline.steps.len(),
         total = seconds(span(page.timeline)),
@@ -107,7 +110,7 @@ pub fn render(page: &Page<'_>) -> String {
     }
     timeline_section(&mut html, page.timeline);
     steps_section(&mut html, page.timeline);
-    consoles_section(&mut html, page.timeline);
+    consoles_section(&mut html, page.timeline, page.kinds);
     network_section(&mut html, &page.files.captures, page.addresses);
     screenshots_section(&mut html, &page.files.screenshots);
     files_section(&mut html, &page.files.all);
@@ -262,13 +265,14 @@ fn steps_section(html: &mut String, timeline: &Timeline) {
     html.push_str("</section>\n");
 }
 
-fn consoles_section(html: &mut String, timeline: &Timeline) {
+fn consoles_section(html: &mut String, timeline: &Timeline, kinds: &BTreeMap<String, &'static str>) {
     if timeline.consoles.is_empty() {
         return;
     }
-    html.push_str("<section><h2>Consoles</h2><p>Each node's serial console: the kernel, the journal (every entry) and the agent.</p>\n");
+    html.push_str("<section><h2>Consoles</h2><p>Each node's console: a VM's serial console (the kernel, the journal, every entry, and the agent), a container's (its systemd, the journal and the agent).</p>\n");
     for (node, console) in &timeline.consoles {
-        let _ = write!(html, "<details><summary><b>{}</b>: {} lines</summary><pre>", escape(node), console.lines.len() + console.dropped);
+        let kind = kinds.get(node).map_or(String::new(), |kind| format!(" ({kind})"));
+        let _ = write!(html, "<details><summary><b>{}</b>{}: {} lines</summary><pre>", escape(node), escape(&kind), console.lines.len() + console.dropped);
         if console.dropped > 0 {
             let _ = writeln!(html, "[{} earlier lines: see log.txt]", console.dropped);
         }
