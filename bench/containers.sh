@@ -56,14 +56,18 @@ print(f"BENCH anon-mib {' '.join(f'{x:.1f}' for x in anon)}")
 PY
 )
 
-# The example of kind $1 with its script ending in `# $2`.
+# The example of kind $1 with its script ending in `# $2` and this run's
+# stamp, so that no pass recorded by an earlier run answers.
+stamp=$(date +%s%N)
 write() {
-    python3 - "$work/$1/vmrig.toml" "# $2" <<'PY'
-import re, sys
+    python3 - "$work/$1/vmrig.toml" "# $2 $stamp" <<'PY'
+import sys
 path, extra = sys.argv[1], sys.argv[2]
 text = open(path).read()
-text = re.sub(r"print\("Test was successful"\)\n(.|\n)*?'''", lambda m: 'print("Test was successful")\n' + extra + "\n'''", text, count=1)
-open(path, "w").write(text)
+last = 'print("Test was successful")\n'
+start = text.index(last) + len(last)
+end = text.index("'''", start)
+open(path, "w").write(text[:start] + extra + "\n" + text[end:])
 PY
 }
 
