@@ -439,7 +439,7 @@ fn doctor(ui: Ui) -> ExitCode {
             }
         }
     };
-    for tool in [host::QEMU, host::MMDEBSTRAP, host::MKFS_EXT4, host::PYTHON, host::TESSERACT] {
+    for tool in [host::QEMU, host::MMDEBSTRAP, host::MKFS_EXT4, host::PYTHON, host::TESSERACT, host::SYSTEMD_NSPAWN, host::IP] {
         line(tool.program, describe(tool));
     }
     line(

@@ -70,6 +70,20 @@ pub const TESSERACT: Tool = Tool {
     version_arg: "--version",
 };
 
+/// What runs container nodes.
+pub const SYSTEMD_NSPAWN: Tool = Tool {
+    program: "systemd-nspawn",
+    package: "systemd-container",
+    version_arg: "--version",
+};
+
+/// What moves a container node's NICs into it.
+pub const IP: Tool = Tool {
+    program: "ip",
+    package: "iproute2",
+    version_arg: "-V",
+};
+
 /// The formatter of nodes' writable layers.
 pub const MKFS_EXT4: Tool = Tool {
     program: "mkfs.ext4",

@@ -61,8 +61,10 @@ const KEPT_LINES: usize = 20;
 pub struct ContainerConfig {
     /// The node's name.
     pub name: String,
-    /// The node's image (erofs), its root read-only.
+    /// The node's image, its root read-only.
     pub image: PathBuf,
+    /// The image's filesystem (`erofs`, `squashfs`).
+    pub image_type: String,
     /// The node's layer (the cpio a VM gets in its initramfs).
     pub layer: PathBuf,
     /// The guest agent's binary.
@@ -305,7 +307,7 @@ impl Machine {
         std::fs::create_dir_all(&ports).and_then(|()| std::os::unix::fs::chown(&ports, Some(base), Some(base))).map_err(self.start_error(format!("make {}", ports.display())))?;
         let fuse = self.config.socket_dir.join(format!("{name}.fuse"));
         fuse_device(&fuse).map_err(self.start_error(format!("make {}", fuse.display())))?;
-        let root = Root::prepare(&self.config.image, &self.config.state_dir, base).map_err(self.start_error("prepare its root"))?;
+        let root = Root::prepare(&self.config.image, &self.config.image_type, &self.config.state_dir, base).map_err(self.start_error("prepare its root"))?;
         let limits = Limits { memory_mib: self.config.memory_mib, cpus: self.config.cpus };
         let cgroups = Cgroups::make(&format!("vmrig-{}-{}-{name}", std::process::id(), self.serial), limits).map_err(self.start_error("make its cgroups"))?;
         let console = File::options().create(true).append(true).open(&self.config.console_log).map_err(self.start_error(format!("open {}", self.config.console_log.display())))?;

@@ -78,6 +78,7 @@ pub struct Root {
     /// mount of the image.
     user_namespace: OwnedFd,
     lower: CString,
+    fstype: CString,
     root: CString,
     overlay_options: CString,
     /// The folder `systemd-nspawn` is given.
@@ -86,9 +87,9 @@ pub struct Root {
 
 impl Root {
     /// Prepares the root of a container whose IDs start at `base`: `image`
-    /// (erofs) read-only under a writable layer in `folder`, which keeps
-    /// it across the container's restarts.
-    pub fn prepare(image: &Path, folder: &Path, base: u32) -> io::Result<Self> {
+    /// (a `fstype` filesystem) read-only under a writable layer in
+    /// `folder`, which keeps it across the container's restarts.
+    pub fn prepare(image: &Path, fstype: &str, folder: &Path, base: u32) -> io::Result<Self> {
         let (loop_device, loop_path) = attach_loop(image)?;
         let user_namespace = user_namespace(base)?;
         let [lower, upper, work, root] = ["lower", "upper", "work", "root"].map(|name| folder.join(name));
@@ -106,6 +107,7 @@ impl Root {
             loop_path,
             user_namespace,
             lower: c_path(&lower)?,
+            fstype: CString::new(fstype).map_err(io::Error::other)?,
             root: c_path(&root)?,
             overlay_options: CString::new(overlay).map_err(io::Error::other)?,
             dir: root,
@@ -115,12 +117,12 @@ impl Root {
     /// Makes `command`'s child assemble the root in a mount namespace of
     /// its own before it runs.
     pub fn assemble_in_child(&self, command: &mut Command) {
-        let (loop_path, lower, root, options) = (self.loop_path.clone(), self.lower.clone(), self.root.clone(), self.overlay_options.clone());
+        let (loop_path, lower, fstype, root, options) = (self.loop_path.clone(), self.lower.clone(), self.fstype.clone(), self.root.clone(), self.overlay_options.clone());
         let userns = self.user_namespace.as_raw_fd();
         // SAFETY: the closure runs between fork and exec and only makes
         // system calls, on memory prepared before the fork.
         unsafe {
-            command.pre_exec(move || assemble(&loop_path, &lower, &root, &options, userns));
+            command.pre_exec(move || assemble(&loop_path, &lower, &fstype, &root, &options, userns));
         }
     }
 }
@@ -135,14 +137,14 @@ fn check(result: libc::c_long) -> io::Result<libc::c_long> {
 
 /// In the child: a private mount namespace, the image, its idmapped
 /// clone over it, and the overlay.
-fn assemble(loop_path: &CString, lower: &CString, root: &CString, options: &CString, userns: i32) -> io::Result<()> {
+fn assemble(loop_path: &CString, lower: &CString, fstype: &CString, root: &CString, options: &CString, userns: i32) -> io::Result<()> {
     let none = std::ptr::null::<libc::c_char>();
     // SAFETY: each call gets NUL-terminated strings and structures that
     // live through it; none keeps a pointer.
     unsafe {
         check(libc::unshare(libc::CLONE_NEWNS).into())?;
         check(libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()).into())?;
-        check(libc::mount(loop_path.as_ptr(), lower.as_ptr(), c"erofs".as_ptr(), libc::MS_RDONLY, std::ptr::null()).into())?;
+        check(libc::mount(loop_path.as_ptr(), lower.as_ptr(), fstype.as_ptr(), libc::MS_RDONLY, std::ptr::null()).into())?;
         let tree = check(libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, lower.as_ptr(), OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint))? as i32;
         let attr = MountAttr { attr_set: MOUNT_ATTR_IDMAP, attr_clr: 0, propagation: 0, userns_fd: userns as u64 };
         check(libc::syscall(libc::SYS_mount_setattr, tree, c"".as_ptr(), libc::AT_EMPTY_PATH, &attr, std::mem::size_of::<MountAttr>()))?;

@@ -304,7 +304,15 @@ impl<'a> Prepared<'a> {
         let mut keepers = Vec::new();
         let mut vlans: BTreeMap<u8, Vec<net::Nic>> = BTreeMap::new();
         let agent_file = private.path().join("vmrig-agent");
-        if spec.nodes.values().any(|node| node.container) {
+        if let Some(node) = spec.nodes.values().find(|node| node.container) {
+            if !nix::unistd::geteuid().is_root() {
+                return Err(DriverError::Usage(format!(
+                    "{} is a container, and containers need root (a user namespace, mounts, cgroups and taps of their own): run vmrig as root (sudo), or declare it under [nodes] to run it as a VM",
+                    node.name
+                )));
+            }
+            host::SYSTEMD_NSPAWN.require()?;
+            host::IP.require()?;
             fs::write(&agent_file, &self.agent.bytes)
                 .and_then(|()| fs::set_permissions(&agent_file, std::os::unix::fs::PermissionsExt::from_mode(0o755)))
                 .map_err(file_error("write", &agent_file))?;
@@ -324,6 +332,7 @@ impl<'a> Prepared<'a> {
                 let config = ContainerConfig {
                     name: node.name.clone(),
                     image: boot.rootfs(),
+                    image_type: boot.rootfs_type().to_string(),
                     layer: layer_file,
                     agent: agent_file.clone(),
                     nics,
