@@ -2,13 +2,16 @@
 //! own image: the reference example with both nodes as containers, and
 //! with each beside a VM on one VLAN; a container node's NIC, shared
 //! folder, copies, background children, firewall, memory limit, power
-//! failure and cable; and what it cannot see or do of the host. Each run must leave no
-//! container behind.
+//! failure and cable; and what it cannot see or do of the host. Each run
+//! must leave no container behind, nor a vmrig killed with SIGKILL.
 
 mod common;
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use common::run;
 
@@ -174,4 +177,66 @@ print("container node ok")
     assert!(output.contains("\ncontainer node ok\n"), "{output}");
     assert_eq!(fs::read_to_string(test.path().join("result/from-host")).unwrap(), "the host's");
     assert_nothing_left(&output);
+}
+
+#[test]
+fn killing_vmrig_with_sigkill_ends_its_containers_and_gc_removes_their_cgroups() {
+    let test = tempfile::tempdir().unwrap();
+    fs::write(
+        test.path().join("vmrig.toml"),
+        "[containers.lone]\n[test]\nscript = '''\nlone.succeed(\"true\")\nprint(\"container is up\", flush=True)\nimport time\ntime.sleep(3600)\n'''\n",
+    )
+    .unwrap();
+    let mut child = common::vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut nspawn = None;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
+        nspawn = nspawn.or_else(|| nspawn_pids(&line).first().copied());
+        if line == "container is up" {
+            break;
+        }
+    }
+    let nspawn = nspawn.expect("vmrig logged systemd-nspawn's pid");
+    let vmrig = child.id();
+    let cgroup = fs::read_dir("/sys/fs/cgroup/unified")
+        .or_else(|_| fs::read_dir("/sys/fs/cgroup"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.file_name().unwrap().to_string_lossy().starts_with(&format!("vmrig-{vmrig}-")))
+        .expect("the container has a cgroup named after its run");
+    let members = || -> Vec<String> {
+        let mut pids = Vec::new();
+        for entry in walk(&cgroup) {
+            pids.extend(fs::read_to_string(entry.join("cgroup.procs")).unwrap_or_default().split_whitespace().map(str::to_string));
+        }
+        pids
+    };
+    assert!(!members().is_empty(), "no process in {}", cgroup.display());
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{nspawn}")).exists() || !members().is_empty() {
+        assert!(Instant::now() < deadline, "the container outlived vmrig: {:?}", members());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What it left, `vmrig gc` removes, and says so (unless a run of a
+    // test beside this one, which does the same as it starts, came first).
+    let left = cgroup.exists();
+    let gc = common::vmrig().arg("gc").output().unwrap();
+    let said = common::text(&gc);
+    assert!(gc.status.success(), "{said}");
+    assert!(!cgroup.exists(), "{} is left:\n{said}", cgroup.display());
+    assert!(!left || said.contains("cgroup(s) that containers of a run that was killed left"), "{said}");
+}
+
+/// `dir` and every folder below it.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = vec![dir.to_path_buf()];
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            found.extend(walk(&entry.path()));
+        }
+    }
+    found
 }
