@@ -5,7 +5,8 @@
 //!
 //! 1. wait for the host to move its NICs in;
 //! 2. copy the node's own files and units (its layer, which the host
-//!    bind-mounts at [`CONTAINER_LAYER`]) over the root;
+//!    bind-mounts at [`CONTAINER_LAYER`]) over the root, and write its
+//!    machine-id;
 //! 3. create the node's users, set its hostname, give each NIC its
 //!    addresses, load the firewall, as a VM's `/init` does;
 //! 4. listen on the ports' sockets in [`CONTAINER_PORTS`];
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use nix::unistd::{execv, fork, setsid, ForkResult};
 use vmrig_proto::shared::SHARED_PORT;
 use vmrig_proto::tunnel::TUNNEL_PORT;
-use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_PORTS, HANDOVER_BANNER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
+use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_MACHINE_ID, CONTAINER_PORTS, HANDOVER_BANNER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
 
 use crate::identity::unpack_cpio;
 use crate::layer::{configure_network, copy_tree, create_users, load_firewall, set_hostname, NicsAre};
@@ -53,6 +54,8 @@ fn start() -> Result<std::convert::Infallible, String> {
     let _ = fs::remove_dir_all(unpacked);
     unpack_cpio(&archive, unpacked)?;
     copy_tree(&unpacked.join(INITRAMFS_OVERLAY_DIR), Path::new("/"))?;
+    let machine_id = fs::read_to_string(CONTAINER_MACHINE_ID).map_err(|e| format!("cannot read {CONTAINER_MACHINE_ID}: {e}"))?;
+    fs::write("/etc/machine-id", machine_id).map_err(|e| format!("cannot write /etc/machine-id: {e}"))?;
     create_users(&fs::read_to_string(unpacked.join(INITRAMFS_USERS)).unwrap_or_default())?;
     set_hostname()?;
     let network = fs::read_to_string(unpacked.join(INITRAMFS_NETWORK)).unwrap_or_default();

@@ -84,6 +84,12 @@ pub const AGENT_PORT: &str = "vmrig.agent";
 /// gets in its initramfs), bind-mounted read-only by the host.
 pub const CONTAINER_LAYER: &str = "/run/vmrig/layer.cpio";
 
+/// Where a container node's agent finds the node's machine-id (made by the
+/// host for the run, the same across the container's restarts), which it
+/// writes to `/etc/machine-id` before systemd starts: every container of
+/// an image would otherwise have the image's.
+pub const CONTAINER_MACHINE_ID: &str = "/run/vmrig/machine-id";
+
 /// The folder, bind-mounted from the host, where a container node's agent
 /// listens on a Unix socket for each of its ports, named as the VM's
 /// virtio-serial ports are.

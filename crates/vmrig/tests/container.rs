@@ -1,8 +1,8 @@
 //! Container nodes on real `systemd-nspawn` containers, from the node's
 //! own image: the reference example with both nodes as containers, and
-//! with each beside a VM on one VLAN; a container node's NIC, shared
-//! folder, copies, background children, firewall, memory limit, power
-//! failure and cable; and what it cannot see or do of the host. Each run
+//! with each beside a VM on one VLAN; a container node's NIC, machine-id,
+//! shared folder, copies, background children, firewall, memory limit,
+//! power failure, reboot and cable; and what it cannot see or do of the host. Each run
 //! must leave no container behind, nor a vmrig killed with SIGKILL.
 
 mod common;
@@ -115,6 +115,8 @@ server.succeed("ip -o addr show eth1 | grep -F 192.168.1.2/24")
 server.succeed("test \"$(ls /sys/class/net | tr '\\n' ' ')\" = 'eth1 lo '")
 server.fail("ip route | grep default")
 assert server.succeed("hostname").strip() == "server"
+assert server.succeed("cat /etc/machine-id") != client.succeed("cat /etc/machine-id")
+assert server.systemctl("is-system-running")[1].strip() == "running"
 
 # The firewall admits the allowed port alone.
 assert client.succeed("curl -s --max-time 5 http://server:8000/") == "served"
@@ -150,6 +152,10 @@ server.crash()
 server.start()
 server.wait_for_unit("open.service")
 server.succeed("grep kept /root/kept")
+machine_id = server.succeed("cat /etc/machine-id")
+server.reboot()
+server.wait_for_unit("open.service")
+assert server.succeed("cat /etc/machine-id") == machine_id
 client.wait_until_succeeds("curl -s --max-time 3 http://server:8000/", timeout=30)
 
 # Root inside is not root outside; the host's files and devices are out

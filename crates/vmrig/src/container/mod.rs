@@ -37,7 +37,7 @@ use network::Network;
 use root::{Root, ID_RANGE};
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::shared::SHARED_PORT;
-use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_PORTS};
+use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_MACHINE_ID, CONTAINER_PORTS};
 
 use crate::guest::{
     connect_while_running, spawn_console_reader, AgentCalls, AgentClient, AgentError, BootTunnel, Commands, Control, ExitWatch, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
@@ -305,6 +305,13 @@ impl Machine {
         let ports = self.config.ports_dir();
         let _ = std::fs::remove_dir_all(&ports);
         std::fs::create_dir_all(&ports).and_then(|()| std::os::unix::fs::chown(&ports, Some(base), Some(base))).map_err(self.start_error(format!("make {}", ports.display())))?;
+        let machine_id = self.config.socket_dir.join(format!("{name}.machine-id"));
+        if !machine_id.exists() {
+            // One for the run: the container's restarts keep it, as a VM's
+            // reboots do.
+            let id = std::fs::read("/proc/sys/kernel/random/uuid").map(|uuid| uuid.iter().filter(|b| b.is_ascii_hexdigit()).map(|&b| b as char).collect::<String>());
+            id.and_then(|id| std::fs::write(&machine_id, format!("{id}\n"))).map_err(self.start_error(format!("write {}", machine_id.display())))?;
+        }
         let fuse = self.config.socket_dir.join(format!("{name}.fuse"));
         fuse_device(&fuse).map_err(self.start_error(format!("make {}", fuse.display())))?;
         let root = Root::prepare(&self.config.image, &self.config.image_type, &self.config.state_dir, base).map_err(self.start_error("prepare its root"))?;
@@ -322,6 +329,7 @@ impl Machine {
             .arg("--private-network")
             .arg(format!("--bind-ro={}:{AGENT_IN_CONTAINER}", self.config.agent.display()))
             .arg(format!("--bind-ro={}:{CONTAINER_LAYER}", self.config.layer.display()))
+            .arg(format!("--bind-ro={}:{CONTAINER_MACHINE_ID}", machine_id.display()))
             .arg(format!("--bind={}:{CONTAINER_PORTS}", ports.display()))
             // `/tmp/shared` is a FUSE filesystem the agent serves, as in a VM.
             .arg(format!("--bind={}:/dev/fuse", fuse.display()))
