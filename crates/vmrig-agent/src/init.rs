@@ -5,7 +5,8 @@
 //! 3. mount the read-only root image named by `vmrig.root=` and put a
 //!    writable overlay on it, kept on the ext4 disk named by `vmrig.state=`
 //!    (so that it survives a reboot) or else on a tmpfs;
-//! 4. copy the node's own files and units over it;
+//! 4. copy the node's own files and units over it, and give it a
+//!    machine-id of its own on its first boot;
 //! 5. move the kernel filesystems into the new root and make it `/`;
 //! 6. create the node's users, set its hostname, give each NIC its
 //!    addresses, load the firewall;
@@ -94,6 +95,7 @@ fn boot() -> Result<Infallible, String> {
     mount_root_overlay()?;
 
     copy_tree(Path::new("/").join(INITRAMFS_OVERLAY_DIR).as_path(), Path::new("/newroot"))?;
+    give_a_machine_id()?;
     // Read now: the initramfs is out of reach once the new root is `/`.
     let users = fs::read_to_string(Path::new("/").join(INITRAMFS_USERS).as_path()).unwrap_or_default();
     let network = fs::read_to_string(Path::new("/").join(INITRAMFS_NETWORK).as_path()).unwrap_or_default();
@@ -123,6 +125,19 @@ fn boot() -> Result<Infallible, String> {
     println!("{HANDOVER_BANNER} (kernel uptime {uptime} s)");
     let program = CString::new(SYSTEMD).expect("no NUL in a constant");
     execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
+}
+
+/// Gives the node a machine-id of its own on its first boot (its
+/// writable layer has none yet, unless the node's files set one), which
+/// its layer keeps across reboots: the image's is every node's. A NixOS
+/// test node's systemd makes one at its first boot.
+fn give_a_machine_id() -> Result<(), String> {
+    if Path::new("/rw/upper/etc/machine-id").exists() {
+        return Ok(());
+    }
+    let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(|e| format!("cannot read a random UUID: {e}"))?;
+    let id: String = uuid.chars().filter(char::is_ascii_hexdigit).collect();
+    fs::write("/newroot/etc/machine-id", format!("{id}\n")).map_err(|e| format!("cannot write /etc/machine-id: {e}"))
 }
 
 /// Puts the writable layer over the image at `/newroot`, able to hand out

@@ -119,8 +119,10 @@ with subtest("users, units and drop-ins as the definition declares them"):
     server.wait_for_unit("sleeper.service", timeout=60)
     server.wait_for_file("/run/ticked", timeout=60)
     assert "FROM_DROP_IN=yes" in server.succeed("systemctl show -p Environment dpkg-db-backup.service")
-    # As systemd names it, and as its name resolves.
+    # As systemd names it, and as its name resolves; its own machine-id,
+    # booted cold or restored.
     assert web_client.succeed("hostname") == "webclient\n"
+    assert server.succeed("cat /etc/machine-id") != web_client.succeed("cat /etc/machine-id")
     server.succeed("getent hosts web_client")
     # The node's own hosts lines come before the test's, as on NixOS: the
     # first address of the name is the node's own mapping.
