@@ -176,3 +176,21 @@ fn a_file_inside_a_file_and_a_node_named_as_a_script_global_are_refused() {
     assert!(output.contains("error: file `/etc/x/y` is inside `/etc/x`, which line 2 declares as a file: a path is a file or a folder, not both\n"), "{output}");
     assert!(output.contains("vmrig.toml:3:7\n"), "{output}");
 }
+
+#[test]
+fn a_container_with_a_display_or_kernel_parameters_is_refused_where_it_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let definition = "[containers.desk]\ngraphics = true\n\n[containers.tuned]\nkernel_params = [\"quiet\"]\n\n[containers.plain]\n\n[test]\nscript = \"plain.succeed('true')\"\n";
+    fs::write(dir.path().join("vmrig.toml"), definition).unwrap();
+    let (code, output) = vmrig_check(dir.path());
+    assert_eq!(code, 2, "{output}");
+    let toml = dir.path().join("vmrig.toml");
+    for (key, line, why) in [
+        ("graphics", line_of(definition, "graphics"), "a container has no display"),
+        ("kernel_params", line_of(definition, "kernel_params"), "a container runs on the host's kernel"),
+    ] {
+        assert!(output.contains(&format!("cannot have `{key}`: {why}")), "{output}");
+        assert!(output.contains(&format!("--> {}:{line}:", toml.display())), "{output}");
+    }
+    assert!(output.contains("make it a VM (`[nodes.desk]`)"), "{output}");
+}

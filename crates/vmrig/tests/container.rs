@@ -106,6 +106,7 @@ exec_start = "/bin/busybox httpd -f -p 8001 -h /srv/www"
 [test]
 script = '''
 start_all()
+assert machines_nspawn == machines and machines_qemu == [], (machines_nspawn, machines_qemu)
 server.wait_for_unit("open.service")
 server.wait_for_unit("closed.service")
 server.wait_for_console_text("Reached target")
