@@ -40,7 +40,7 @@ use vmrig_proto::shared::SHARED_PORT;
 use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_MACHINE_ID, CONTAINER_PORTS};
 
 use crate::guest::{
-    connect_while_running, spawn_console_reader, AgentCalls, AgentClient, AgentError, BootTunnel, Commands, Control, ExitWatch, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
+    connect_while_running, spawn_console_reader, AgentCalls, AGENT_LOSS_GRACE, AgentClient, AgentError, BootTunnel, Commands, Control, ExitWatch, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
 };
 use crate::net::Nic;
 use crate::runlog::RunLog;
@@ -524,7 +524,8 @@ impl AgentCalls for Machine {
     }
 
     fn agent_error(&mut self, source: AgentError) -> ContainerError {
-        let ending = self.running.as_ref().is_some_and(|running| running.exit.wait(Duration::from_millis(500)));
+        // As a VM's: the container's end may show a moment after its socket closed.
+        let ending = self.running.as_ref().is_some_and(|running| running.exit.wait(AGENT_LOSS_GRACE));
         if !ending && self.is_running() {
             ContainerError::Agent { node: self.config.name.clone(), source }
         } else {

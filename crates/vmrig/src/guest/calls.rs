@@ -10,6 +10,12 @@ use vmrig_proto::SocketTarget;
 
 use super::agent::{overflow_file, AgentClient, AgentError, ExecOutcome, PathEntry, OUTPUT_LIMIT};
 
+/// How long a machine whose agent connection failed waits for its
+/// process's end to show: a process being killed closes the agent's socket
+/// a moment before its end can be seen, and the error should say why it
+/// ended rather than that the connection did.
+pub const AGENT_LOSS_GRACE: Duration = Duration::from_millis(500);
+
 /// A machine's commands: the run's deadline they end by, and their count,
 /// which names the files of output too long to keep.
 pub struct Commands {

@@ -13,7 +13,7 @@ mod process;
 mod shared;
 
 pub use agent::{AgentClient, AgentError, ExecOutcome, Overflow, PathEntry, OUTPUT_LIMIT};
-pub use calls::{AgentCalls, Commands};
+pub use calls::{AgentCalls, Commands, AGENT_LOSS_GRACE};
 pub use feed::{spawn_console_reader, Feed};
 pub use forward::{BootTunnel, Forwards, ShellOpener};
 pub use launcher::Launcher;

@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 
 use crate::runlog::RunLog;
 use crate::guest::{
-    connect_while_running, spawn_console_reader, AgentCalls, AgentClient, Commands, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
+    connect_while_running, spawn_console_reader, AgentCalls, AGENT_LOSS_GRACE, AgentClient, Commands, AgentError, BootTunnel, Control, ExecOutcome, Feed, Forwards, KillSwitch, Launcher, ShellOpener, SharedServer,
 };
 use events::spawn_event_reader;
 use process::Qemu;
@@ -50,8 +50,6 @@ use snapshot::take_identity;
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a guest may take to power off once asked.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a failed agent connection waits for QEMU's end to show.
-const AGENT_LOSS_GRACE: Duration = Duration::from_millis(500);
 
 /// Where a machine is in its life.
 enum State {
