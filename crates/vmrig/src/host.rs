@@ -200,13 +200,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// `$VMRIG_AGENT`, else `vmrig-agent` beside the running `vmrig`.
+    /// `$VMRIG_AGENT`, else `vmrig-agent` beside the running program, or
+    /// one folder up.
     pub fn locate() -> Result<Self, HostError> {
         let path = match std::env::var_os("VMRIG_AGENT") {
             Some(path) => PathBuf::from(path),
+            // Beside the program, or one folder up: cargo builds a test
+            // program in `deps/`, below the binaries.
             None => std::env::current_exe()
                 .ok()
-                .and_then(|exe| exe.parent().map(|dir| dir.join("vmrig-agent")))
+                .and_then(|exe| exe.ancestors().skip(1).take(2).map(|dir| dir.join("vmrig-agent")).find(|agent| agent.is_file()))
                 .unwrap_or_else(|| PathBuf::from("vmrig-agent")),
         };
         if !path.is_file() {

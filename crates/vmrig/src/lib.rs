@@ -13,6 +13,10 @@
 //! [`interrupt`] notes the signals that stop a run. [`suite`] runs many
 //! tests side by side through the driver's phases. [`cli`] is the command
 //! line over all of it and [`ui`] is how progress and status look.
+//!
+//! [`harness`] is vmrig as a Rust library: [`Test`], [`RunningTest`] and
+//! [`Node`] drive a test's nodes from Rust code in a `#[test]`, through the
+//! same driver a script's run uses.
 
 pub mod attach;
 pub mod cli;
@@ -21,6 +25,7 @@ pub mod container;
 pub mod driver;
 pub mod error;
 pub mod guest;
+pub mod harness;
 pub mod host;
 pub mod image;
 pub mod interrupt;
@@ -38,3 +43,5 @@ pub mod template;
 pub mod ui;
 pub mod vm;
 pub mod warm;
+
+pub use harness::{Error, Node, RunningTest, Test};

@@ -2,19 +2,24 @@
 //! (a suite scheduler, a template builder): [`Prepared::new`] plans the
 //! images and hashes every input, [`Prepared::boot`] builds what is missing
 //! and sets up the machines and switches, [`Booted::script`] runs the script
-//! in a child `python3` and tears the machines down, [`Finished::report`]
+//! in a child `python3` and tears the machines down (or [`Booted::live`]
+//! answers calls made from Rust until [`Live::end`]), [`Finished::report`]
 //! writes the JUnit file and records a pass. [`run`] takes all four.
 //!
 //! The script talks to the driver over a Unix socket, a connection per
-//! script thread, one JSON line per request and per reply ([`api`]).
+//! script thread, one JSON line per request and per reply (`api`).
 //! Machines are started on their first use (or by `start_all()`), by one
 //! launcher thread that outlives them: their parent-death signal is tied to
-//! it. Whatever way the run ends, dropping the [`Run`] kills every QEMU it
+//! it. Whatever way the run ends, dropping the `Run` kills every QEMU it
 //! started.
 
 mod api;
 mod control;
+mod live;
 mod run;
+
+pub use api::{Failure as CallFailure, Reply};
+pub use live::Live;
 
 use run::{Clock, Run};
 
@@ -93,6 +98,11 @@ pub enum Mode {
     /// A Python prompt in place of the script (`vmrig interactive`);
     /// nothing is recorded.
     Interactive,
+    /// The calls come from Rust code through [`Live`] (vmrig as a
+    /// library), not from the script. No pass is recorded, as that code
+    /// is not among the inputs a run's key covers; nodes still start from
+    /// the store's templates and warm saves.
+    Library,
 }
 
 /// How the test ended.
@@ -205,6 +215,14 @@ impl<'a> Prepared<'a> {
     /// kept writable layer is an input the key does not cover, and an
     /// interactive session is no test run.
     fn cacheable(&self) -> bool {
+        self.warm_nodes() && self.options.mode != Mode::Library
+    }
+
+    /// Whether nodes start from warm saves, and are saved once up: not
+    /// with a kept writable layer (an input no key covers), nor in a
+    /// person's session. Only a script's run saves them (its keepers run
+    /// beside the script).
+    fn warm_nodes(&self) -> bool {
         !self.options.keep_state && self.options.mode != Mode::Interactive
     }
 
@@ -353,7 +371,7 @@ impl<'a> Prepared<'a> {
             let first_start = match template {
                 Some(template) => {
                     // A person's session is no run to keep a node from.
-                    let warm_key = (mode == BootMode::Warm && self.cacheable()).then(|| warm::key(template, layer, &nics));
+                    let warm_key = (mode == BootMode::Warm && self.warm_nodes()).then(|| warm::key(template, layer, &nics));
                     let saved = warm_key.as_ref().filter(|_| !options.rebuild).and_then(|key| Saved::lookup(store, key));
                     let (state, console_log, then) = match &saved {
                         Some(saved) => {
@@ -363,7 +381,8 @@ impl<'a> Prepared<'a> {
                         }
                         None => {
                             template.copy_layer(&state_disk)?;
-                            if let (Some(key), Some(number)) = (warm_key, net::node_number(spec, &node.name)) {
+                            let saves = options.mode != Mode::Library;
+                            if let (Some(key), Some(number), true) = (warm_key, net::node_number(spec, &node.name), saves) {
                                 keepers.push(Keeper::new(node.name.clone(), number, key, template.memory()));
                             }
                             (template.state(), template.console_log(), Restored::Become(layer.clone()))
@@ -428,7 +447,7 @@ impl<'a> Prepared<'a> {
             nested: Mutex::default(),
             mode: self.options.mode,
             prompt: match self.options.mode {
-                Mode::Test => false,
+                Mode::Test | Mode::Library => false,
                 Mode::Debug { .. } => !self.options.log_to_file_only && io::stdin().is_terminal(),
                 Mode::Interactive => true,
             },
@@ -500,17 +519,28 @@ impl<'a> Booted<'a> {
     /// The third phase: runs the script against the machines, then tears
     /// every one of them down.
     pub fn script(self) -> Finished<'a> {
-        let Self { run, private, prepared } = self;
-        let options = prepared.options;
-        let timeout = match (options.timeout, options.mode) {
+        let timeout = self.timeout();
+        let started = Instant::now();
+        let outcome = self.run.run_script(self.private.path(), timeout);
+        self.end(outcome, started.elapsed())
+    }
+
+    /// How long the run may last: `--timeout`, else the test's own (a
+    /// person's session lasts as long as they like).
+    fn timeout(&self) -> Duration {
+        match (self.prepared.options.timeout, self.prepared.options.mode) {
             (Some(timeout), _) => timeout,
             (None, Mode::Interactive) => INTERACTIVE_TIMEOUT,
-            (None, _) => prepared.spec.timeout,
-        };
-        let started = Instant::now();
+            (None, _) => self.prepared.spec.timeout,
+        }
+    }
+
+    /// Tears every machine down once the calls have ended with
+    /// `outcome`, `took` after they began: the rest of the third phase.
+    fn end(self, outcome: Result<Outcome, DriverError>, took: Duration) -> Finished<'a> {
+        let Self { run, private, prepared } = self;
         let log = run.log.clone();
-        let outcome = run.run_script(private.path(), timeout);
-        let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome, started.elapsed());
+        let cases = std::mem::take(&mut *run.subtests()).into_cases(&prepared.spec.name, &outcome, took);
         let cleanup = run.log.block(None, "cleanup");
         drop(run);
         drop(cleanup);

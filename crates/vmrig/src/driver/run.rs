@@ -116,7 +116,7 @@ impl Run<'_> {
         self.clock().deadline
     }
 
-    fn set_deadline(&self, deadline: Instant) {
+    pub(super) fn set_deadline(&self, deadline: Instant) {
         self.clock().deadline = deadline;
         for mut machine in self.each_machine() {
             machine.set_deadline(deadline);
@@ -260,7 +260,7 @@ impl Run<'_> {
             }
             match &end {
                 ScriptEnd::Interrupted(signal) => self.log.line(format!("interrupted by {signal}: stopping the script and every node")),
-                ScriptEnd::OutOfTime => self.log.line(format!("the test ran out of time ({} s)", timeout.as_secs())),
+                ScriptEnd::OutOfTime => self.log.line(super::live::out_of_time(timeout)),
                 ScriptEnd::PauseOver => self.log.line("the --debug pause is over: stopping the script and every node"),
                 ScriptEnd::Exited(_) => {}
             }
@@ -285,7 +285,7 @@ impl Run<'_> {
             // The script reported its failure before it paused.
             ScriptEnd::PauseOver => Ok(Outcome::Failed),
             ScriptEnd::OutOfTime => {
-                self.subtests().failure = Some(format!("the test ran out of time ({} s)", timeout.as_secs()));
+                self.subtests().failure = Some(super::live::out_of_time(timeout));
                 Ok(Outcome::Failed)
             }
             ScriptEnd::Exited(status) => {

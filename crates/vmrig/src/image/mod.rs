@@ -170,7 +170,7 @@ pub struct ImageRequest {
     pub packages: BTreeSet<String>,
     /// Whether its nodes have a display (its kernel and base set say so).
     pub graphics: bool,
-    /// Whether it keeps the packages' documentation (else [`UNREAD_TREES`]
+    /// Whether it keeps the packages' documentation (else `UNREAD_TREES`
     /// are removed).
     pub documentation: bool,
     /// The nodes that use this image, in name order.

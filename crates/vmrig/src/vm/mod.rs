@@ -7,7 +7,7 @@
 //! boots directly from the image's kernel and initramfs on QEMU's
 //! `microvm` machine, with the image as a read-only disk and the node's
 //! writable layer as a second one. Where a machine is in its life is one
-//! value, [`State`]: off, or on with its guest booting, becoming the node
+//! value, `State`: off, or on with its guest booting, becoming the node
 //! (restored from a template) or up.
 
 mod config;

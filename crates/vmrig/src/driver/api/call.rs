@@ -17,7 +17,7 @@ use crate::vm::Keys;
 
 /// One request line, before its call is read.
 #[derive(Deserialize)]
-pub(super) struct Envelope {
+pub(in crate::driver) struct Envelope {
     /// Echoed in the reply.
     pub id: Value,
     /// The machine a node's call is for.
@@ -31,7 +31,7 @@ impl Envelope {
     /// The call the envelope carries: a machine's when it names a node,
     /// else the run's. The error names the argument that was wrong, and
     /// says why.
-    pub fn call(&self) -> Result<Call, String> {
+    pub(super) fn call(&self) -> Result<Call, String> {
         // Tagged by the variant's name, so that an error's path is the
         // method and the argument: `impair.loss`.
         let tagged = Value::Object([(self.method.clone(), self.args.clone())].into_iter().collect());

@@ -29,10 +29,12 @@ use serde_json::{json, Value};
 
 use super::Run;
 use crate::machine::{Machine, MachineError};
-use call::{Call, Envelope, NodeCall, RunCall, Since};
+pub(super) use call::Envelope;
+use call::{Call, NodeCall, RunCall, Since};
 
 /// Why a request failed.
-pub(super) enum Failure {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
     /// The test failed.
     Test(String),
     /// vmrig, QEMU or the request itself is at fault.
@@ -41,7 +43,7 @@ pub(super) enum Failure {
 
 impl Failure {
     /// What went wrong, whoever is at fault.
-    pub(super) fn into_message(self) -> String {
+    pub fn into_message(self) -> String {
         match self {
             Self::Test(message) | Self::Infra(message) => message,
         }
@@ -72,11 +74,14 @@ pub(super) struct Answer {
     pub output: Vec<u8>,
 }
 
-/// What a call answers: a value, and a command's output for the calls
-/// that hand it over.
-struct Reply {
-    value: Value,
-    output: Option<Vec<u8>>,
+/// What a call answers: a value (what the script's client gets as JSON),
+/// and a command's output for the calls that hand it over.
+#[derive(Debug)]
+pub struct Reply {
+    /// The call's result.
+    pub value: Value,
+    /// A command's output, for `succeed`, `execute` and their kin.
+    pub output: Option<Vec<u8>>,
 }
 
 impl From<Value> for Reply {
@@ -94,7 +99,19 @@ pub(super) fn handle(run: &Run<'_>, line: &str) -> Answer {
             return Answer { line, output: Vec::new() };
         }
     };
-    let answered = envelope.call().map_err(Failure::Test).and_then(|call| match call {
+    let (reply, output) = match answer(run, &envelope) {
+        Ok(Reply { value, output: None }) => (json!({"id": envelope.id, "ok": value}), Vec::new()),
+        Ok(Reply { value, output: Some(output) }) => (json!({"id": envelope.id, "ok": value, "output": output.len()}), output),
+        Err(Failure::Test(message)) => (json!({"id": envelope.id, "error": {"kind": "test", "message": message}}), Vec::new()),
+        Err(Failure::Infra(message)) => (json!({"id": envelope.id, "error": {"kind": "infra", "message": message}}), Vec::new()),
+    };
+    Answer { line: reply.to_string(), output }
+}
+
+/// Answers a request, whether a script's client sent it or Rust code
+/// made it ([`super::Live::call`]).
+pub(super) fn answer(run: &Run<'_>, envelope: &Envelope) -> Result<Reply, Failure> {
+    envelope.call().map_err(Failure::Test).and_then(|call| match call {
         Call::Run(call) => run_call(run, call).map(Reply::from),
         Call::Node(node, call) => {
             if !call.leaves_the_node_as_it_was() {
@@ -107,15 +124,7 @@ pub(super) fn handle(run: &Run<'_>, line: &str) -> Answer {
             }
             answered
         }
-    });
-    let id = envelope.id;
-    let (reply, output) = match answered {
-        Ok(Reply { value, output: None }) => (json!({"id": id, "ok": value}), Vec::new()),
-        Ok(Reply { value, output: Some(output) }) => (json!({"id": id, "ok": value, "output": output.len()}), output),
-        Err(Failure::Test(message)) => (json!({"id": id, "error": {"kind": "test", "message": message}}), Vec::new()),
-        Err(Failure::Infra(message)) => (json!({"id": id, "error": {"kind": "infra", "message": message}}), Vec::new()),
-    };
-    Answer { line: reply.to_string(), output }
+    })
 }
 
 /// Answers a call on the run as a whole.

@@ -1,0 +1,116 @@
+//! vmrig as a Rust library, on real VMs: the reference example driven by
+//! `vmrig::Test` from this test program, with the script's calls from two
+//! threads at once, a failing call's message (the one a script gets), and
+//! a test that panics while its nodes run, which must leave no QEMU
+//! behind.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::Duration;
+
+use vmrig::{Error, Test};
+
+/// A copy of the reference example, so that its `result/` is the test's.
+fn reference_example() -> tempfile::TempDir {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/nix-is-cool");
+    let test = tempfile::tempdir().unwrap();
+    for file in ["main.py", "vmrig.toml"] {
+        fs::copy(example.join(file), test.path().join(file)).unwrap();
+    }
+    test
+}
+
+/// The pids of the QEMUs a run's log names.
+fn qemu_pids(result_dir: &Path) -> Vec<u32> {
+    let log = fs::read_to_string(result_dir.join("log.txt")).unwrap();
+    log.lines().filter_map(|line| line.split_once("QEMU running (pid ")?.1.split(')').next()?.parse().ok()).collect()
+}
+
+fn assert_no_qemu_left(result_dir: &Path) {
+    let pids = qemu_pids(result_dir);
+    assert!(!pids.is_empty(), "no QEMU started");
+    for pid in pids {
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "QEMU {pid} outlived its test");
+    }
+}
+
+/// An HTTP GET of `/` on the host's `port`: the response's body.
+fn get(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: server\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or(response)
+}
+
+#[test]
+fn the_reference_example_runs_from_rust_with_the_scripts_calls() {
+    let dir = reference_example();
+    let test = Test::load(dir.path()).unwrap().store(common::store()).timeout(Duration::from_secs(600));
+    let running = test.start().unwrap();
+    let result_dir = running.result_dir().to_path_buf();
+    let (server, client) = (running.node("server").unwrap(), running.node("client").unwrap());
+
+    // Both nodes boot and are waited for side by side.
+    std::thread::scope(|threads| {
+        threads.spawn(|| server.wait_for_unit("app.service").unwrap());
+        threads.spawn(|| client.wait_for_unit("multi-user.target").unwrap());
+    });
+    server.wait_for_open_port(4000).unwrap();
+    assert!(client.succeed("curl --fail -s http://server:4000/").unwrap().contains("Nix is cool!"));
+    assert_eq!(server.execute("echo out; exit 3").unwrap(), (3, "out\n".to_string()));
+    assert_eq!(server.systemctl("is-active app.service").unwrap(), (0, "active\n".to_string()));
+    client.fail("curl --fail -s --max-time 5 http://server:4001/").unwrap();
+    let port = server.forward_port(0, 4000).unwrap();
+    assert!(get(port).contains("Nix is cool!"), "through the forwarded port");
+
+    fs::write(dir.path().join("from-host.txt"), "from the host\n").unwrap();
+    client.copy_from_host("from-host.txt", "/root/from-host.txt").unwrap();
+    assert_eq!(client.succeed("cat /root/from-host.txt").unwrap(), "from the host\n");
+    server.copy_from_vm("/etc/hostname", "copies").unwrap();
+    assert_eq!(fs::read_to_string(result_dir.join("copies/hostname")).unwrap(), "server\n");
+
+    server.block().unwrap();
+    client.fail("curl --fail -s --max-time 3 http://server:4000/").unwrap();
+    server.unblock().unwrap();
+    client.wait_until_succeeds("curl --fail -s --max-time 3 http://server:4000/", Duration::from_secs(120)).unwrap();
+
+    let no_node = running.node("database").err().unwrap();
+    assert_eq!(no_node.to_string(), "the test has no node `database`; its nodes: client, server");
+    running.finish().unwrap();
+
+    assert_no_qemu_left(&result_dir);
+    let log = fs::read_to_string(result_dir.join("log.txt")).unwrap();
+    assert!(log.contains("client: must succeed: curl --fail -s http://server:4000/"), "the calls are in the log:\n{log}");
+    assert!(fs::read_to_string(result_dir.join("report.html")).unwrap().contains("api-test"));
+    assert!(fs::read_to_string(result_dir.join("junit.xml")).unwrap().contains("failures=\"0\""));
+}
+
+#[test]
+fn a_failed_call_says_what_a_script_is_told_and_a_panic_leaves_no_node_running() {
+    let dir = reference_example();
+    let test = Test::load(dir.path()).unwrap().store(common::store()).timeout(Duration::from_secs(600));
+
+    let mut result_dir = None;
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let running = test.start().unwrap();
+        result_dir = Some(running.result_dir().to_path_buf());
+        let client = running.node("client").unwrap();
+        match client.succeed("echo to stdout; exit 4") {
+            Err(Error::Test(message)) => assert!(message.starts_with("client: command `echo to stdout; exit 4` failed (exit status 4)\nstdout: to stdout"), "{message}"),
+            other => panic!("a failing command is a test failure, not {other:?}"),
+        }
+        panic!("the test's own assertion fails while its node runs");
+    }));
+    assert!(panicked.is_err());
+
+    let result_dir = result_dir.unwrap();
+    assert_no_qemu_left(&result_dir);
+    let junit = fs::read_to_string(result_dir.join("junit.xml")).unwrap();
+    assert!(junit.contains("client: command `echo to stdout; exit 4` failed"), "the first failure is the test's:\n{junit}");
+}
