@@ -202,7 +202,7 @@ pub fn main() -> ExitCode {
         Commands::Check { test } => check(&test, ui),
         Commands::Run { tests, selection, jobs, fail_fast, accel, keep_state, timeout, rebuild, junit, debug, debug_wait } => {
             let mode = if debug { Mode::Debug { wait: Duration::from_secs(debug_wait) } } else { Mode::Test };
-            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, mode, log_to_file_only: false };
+            let options = RunOptions { accel, keep_state, timeout: timeout.map(Duration::from_secs), rebuild, mode, log_to_file_only: false, result_dir: None };
             match (tests.as_slice(), selection.partition) {
                 // One test named alone runs as it always has.
                 ([test], None) if test.is_file() || test.join(DEFINITION_FILE).is_file() => run(test, remote, ui, &options, junit.as_deref()),
@@ -211,7 +211,7 @@ pub fn main() -> ExitCode {
         }
         Commands::List { tests, selection } => list(&tests, selection),
         Commands::Interactive { test, accel, keep_state } => {
-            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, mode: Mode::Interactive, log_to_file_only: false };
+            let options = RunOptions { accel, keep_state, timeout: None, rebuild: true, mode: Mode::Interactive, log_to_file_only: false, result_dir: None };
             interactive(&test, remote, ui, &options)
         }
         Commands::Ps => ps(),

@@ -44,4 +44,4 @@ pub mod ui;
 pub mod vm;
 pub mod warm;
 
-pub use harness::{Error, Node, RunningTest, Test};
+pub use harness::{Error, Node, NodeDefinition, RunningTest, ServiceDefinition, Test, TestBuilder};

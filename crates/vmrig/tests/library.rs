@@ -114,3 +114,54 @@ fn a_failed_call_says_what_a_script_is_told_and_a_panic_leaves_no_node_running()
     let junit = fs::read_to_string(result_dir.join("junit.xml")).unwrap();
     assert!(junit.contains("client: command `echo to stdout; exit 4` failed"), "the first failure is the test's:\n{junit}");
 }
+
+/// The example crate, copied out of the repository with its path to vmrig
+/// made absolute: a crate of its own, which cargo builds into the
+/// workspace's target folder (its dependencies are built there already).
+fn example_crate() -> tempfile::TempDir {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/rust");
+    let vmrig = Path::new(env!("CARGO_MANIFEST_DIR")).canonicalize().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    for file in ["Cargo.lock", ".cargo/config.toml", "src/main.rs", "tests/two_nodes.rs"] {
+        let target = copy.path().join(file);
+        fs::create_dir_all(target.parent().unwrap()).unwrap();
+        fs::copy(example.join(file), target).unwrap();
+    }
+    let manifest = fs::read_to_string(example.join("Cargo.toml")).unwrap();
+    let manifest = manifest.replace("path = \"../../crates/vmrig\"", &format!("path = {:?}", vmrig.display().to_string()));
+    fs::write(copy.path().join("Cargo.toml"), manifest).unwrap();
+    copy
+}
+
+/// `cargo test ARGS` in `crate_dir`, with the suite's store: whether it
+/// passed, and all it printed.
+fn cargo_test(crate_dir: &Path, args: &[&str]) -> (bool, String) {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../..");
+    let output = std::process::Command::new(env!("CARGO"))
+        .arg("test")
+        .args(args)
+        .current_dir(crate_dir)
+        .env("CARGO_TARGET_DIR", target)
+        .env("VMRIG_STORE", common::store())
+        .output()
+        .unwrap();
+    (output.status.success(), common::text(&output))
+}
+
+#[test]
+fn a_crate_outside_the_workspace_runs_its_vm_tests_with_cargo_test_and_a_failing_one_leaves_nothing() {
+    let crate_dir = example_crate();
+    let (passed, output) = cargo_test(crate_dir.path(), &[]);
+    assert!(passed, "{output}");
+    assert!(output.contains("test the_client_is_greeted_and_the_admin_port_is_closed_to_it ... ok"), "{output}");
+
+    let (passed, output) = cargo_test(crate_dir.path(), &["--", "--ignored"]);
+    assert!(!passed, "{output}");
+    let result_dir = crate_dir.path().join("result/failing");
+    assert!(
+        output.contains("the test panicked; its last failed call: client: command `curl --fail -s http://server:8000/goodbye` failed (exit status 22)"),
+        "the failure says why:\n{output}"
+    );
+    assert!(output.contains(&format!("(the run's log and report: {})", result_dir.display())), "and where its report is:\n{output}");
+    assert_no_qemu_left(&result_dir);
+}

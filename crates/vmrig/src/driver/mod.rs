@@ -80,6 +80,9 @@ pub struct RunOptions {
     /// Keep the run's log to `result/log.txt` alone, off stderr (a suite
     /// shows its own status instead).
     pub log_to_file_only: bool,
+    /// Where the run's report goes, in place of the test folder's
+    /// `result/`.
+    pub result_dir: Option<PathBuf>,
 }
 
 /// What a run does with the test script.
@@ -200,14 +203,19 @@ impl<'a> Prepared<'a> {
             nodeconfig::write_layer(&mut layer, spec, node)?;
             layers.insert(node.name.clone(), layer);
         }
-        let key = report::Inputs {
-            test_dir: &spec.dir,
-            layers: layers.values().map(Vec::as_slice).collect(),
-            image_keys: requests.iter().map(ImageRequest::key).collect(),
-            agent: &agent.bytes,
-        }
-        .key()?;
-        let result_dir = spec.dir.join(RESULT_DIR);
+        // A library run records no pass, and its folder may be a whole
+        // crate's, build outputs included: its inputs are not hashed.
+        let key = match options.mode {
+            Mode::Library => String::new(),
+            _ => report::Inputs {
+                test_dir: &spec.dir,
+                layers: layers.values().map(Vec::as_slice).collect(),
+                image_keys: requests.iter().map(ImageRequest::key).collect(),
+                agent: &agent.bytes,
+            }
+            .key()?,
+        };
+        let result_dir = options.result_dir.clone().unwrap_or_else(|| spec.dir.join(RESULT_DIR));
         Ok(Self { spec, options, requests, agent, layers, key, result_dir, boot_cap })
     }
 

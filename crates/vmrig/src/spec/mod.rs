@@ -391,6 +391,15 @@ impl TestSpec {
         parse::parse(&source, &dir).map_err(|(diagnostics, context)| (SpecError::Invalid(diagnostics), context))
     }
 
+    /// Reads and validates a definition given as text, `shown_path` being
+    /// what its diagnostics name as its file and `dir` the folder its
+    /// relative paths are in (a test built in Rust, which the
+    /// library writes as a definition).
+    pub fn from_definition(text: String, shown_path: PathBuf, dir: &Path) -> Result<Self, SpecError> {
+        let source = SourceFile { path: shown_path, text };
+        parse::parse(&source, dir).map_err(|(diagnostics, _)| SpecError::Invalid(diagnostics))
+    }
+
     /// What the script is checked against.
     pub fn script_context(&self) -> ScriptContext {
         let vlans: BTreeSet<u8> = self.nodes.values().flat_map(|node| node.vlans.iter().copied()).collect();

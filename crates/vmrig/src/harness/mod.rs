@@ -26,6 +26,10 @@
 //! else `vmrig-agent` beside the running program or one folder up (a test
 //! program cargo built in `deps/`).
 
+mod definition;
+
+pub use definition::{NodeDefinition, ServiceDefinition, TestBuilder};
+
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -103,6 +107,8 @@ pub struct Test {
     options: RunOptions,
     /// The store's folder, opened by each start.
     store: PathBuf,
+    /// Where the files a built test gave as bytes are, for its runs.
+    _files: Option<tempfile::TempDir>,
 }
 
 impl Test {
@@ -116,10 +122,16 @@ impl Test {
     /// # Ok::<(), vmrig::Error>(())
     /// ```
     pub fn load(dir: impl AsRef<Path>) -> Result<Self, Error> {
-        let spec = driver::with_nodes_env(TestSpec::load(dir.as_ref())?)?;
+        Self::from_spec(TestSpec::load(dir.as_ref())?, None)
+    }
+
+    /// A test of `spec`, with the environment's settings and store, whose
+    /// files given as bytes are in `files`.
+    fn from_spec(spec: TestSpec, files: Option<tempfile::TempDir>) -> Result<Self, Error> {
+        let spec = driver::with_nodes_env(spec)?;
         let store = Store::default_location()?;
-        let options = RunOptions { accel: AccelChoice::Auto, keep_state: false, timeout: None, rebuild: false, mode: Mode::Library, log_to_file_only: true };
-        Ok(Self { spec, options, store })
+        let options = RunOptions { accel: AccelChoice::Auto, keep_state: false, timeout: None, rebuild: false, mode: Mode::Library, log_to_file_only: true, result_dir: None };
+        Ok(Self { spec, options, store, _files: files })
     }
 
     /// Uses the store at `root` (made if missing) for images, templates
@@ -131,6 +143,19 @@ impl Test {
     /// ```
     pub fn store(mut self, root: impl Into<PathBuf>) -> Self {
         self.store = root.into();
+        self
+    }
+
+    /// Where each run writes its log, consoles, captures and report, in
+    /// place of the test folder's `result/` (a built test's default is
+    /// `result/NAME` in its folder).
+    ///
+    /// ```no_run
+    /// let test = vmrig::Test::load("examples/nix-is-cool")?.result_dir("/tmp/nix-is-cool");
+    /// # Ok::<(), vmrig::Error>(())
+    /// ```
+    pub fn result_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.options.result_dir = Some(dir.into());
         self
     }
 
@@ -157,21 +182,24 @@ impl Test {
     pub fn start(&self) -> Result<RunningTest<'_>, Error> {
         let store = Store::open(&self.store)?;
         let booted = driver::Prepared::new(&self.spec, &self.options)?.boot(&store, Ui::detect())?;
-        Ok(RunningTest { live: Some(booted.live()), store, failure: Mutex::new(None) })
+        Ok(RunningTest { live: Some(booted.live()), store, last_failure: Mutex::new(None) })
     }
 }
 
-/// A test whose nodes are set up: calls go to its [`Node`]s. Dropping it
-/// stops every node and writes the run's report, the test failed if a
-/// call failed it or the thread is panicking; [`RunningTest::finish`]
-/// does the same and says how the test ended.
+/// A test whose nodes are set up: calls go to its [`Node`]s.
+/// [`RunningTest::finish`] says the test reached its end: it passed, what
+/// its code did with the calls that failed being its own affair (a
+/// script's `try` around a call). Dropping it without `finish` ends it
+/// failed when the thread panics or a call failed (an error returned
+/// with `?`), with the last call's failure, else passed; either way every
+/// node stops and the run's report is written.
 pub struct RunningTest<'t> {
     /// Taken when the run ends.
     live: Option<Live<'t>>,
     store: Store,
-    /// The first failure a call returned: the test's, unless it ends
-    /// otherwise.
-    failure: Mutex<Option<String>>,
+    /// The last failure a call returned: why the test failed, if it ends
+    /// without `finish`.
+    last_failure: Mutex<Option<String>>,
 }
 
 impl<'t> RunningTest<'t> {
@@ -217,8 +245,8 @@ impl<'t> RunningTest<'t> {
         self.live().result_dir()
     }
 
-    /// Ends the test: stops every node and writes the report. An
-    /// [`Error::Failed`] when a call failed the test.
+    /// Ends the test, passed: stops every node and writes the report.
+    /// An [`Error::Failed`] when the run's time ran out.
     ///
     /// ```no_run
     /// # let test = vmrig::Test::load("examples/nix-is-cool")?;
@@ -228,19 +256,18 @@ impl<'t> RunningTest<'t> {
     /// # Ok::<(), vmrig::Error>(())
     /// ```
     pub fn finish(mut self) -> Result<(), Error> {
-        let failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.end(failure)
+        self.end(None)
     }
 
     fn live(&self) -> &Live<'t> {
         self.live.as_ref().expect("the run is live until it ends")
     }
 
-    /// Makes a call, noting the first failure of the test.
+    /// Makes a call, noting its failure.
     fn call(&self, node: Option<&str>, method: &str, args: Value) -> Result<Reply, Error> {
         let answered = self.live().call(node, method, args);
         if let Err(CallFailure::Test(message) | CallFailure::Infra(message)) = &answered {
-            self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| message.clone());
+            *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
         }
         Ok(answered?)
     }
@@ -259,10 +286,15 @@ impl<'t> RunningTest<'t> {
 
 impl Drop for RunningTest<'_> {
     fn drop(&mut self) {
-        let mut failure = self.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if std::thread::panicking() {
-            failure.get_or_insert_with(|| "the test panicked".into());
+        if self.live.is_none() {
+            return;
         }
+        let last_failure = self.last_failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let failure = match (std::thread::panicking(), last_failure) {
+            (true, Some(call)) => Some(format!("the test panicked; its last failed call: {call}")),
+            (true, None) => Some("the test panicked".to_string()),
+            (false, call) => call,
+        };
         // A drop cannot return the error: it is said where a failing
         // test's output shows it.
         if let Err(error) = self.end(failure) {
