@@ -94,7 +94,7 @@ enum Commands {
         selection: Selection,
     },
     /// A Python prompt with the test's machines defined and not started:
-    /// start_all(), <machine>.shell_interact(), test_script().
+    /// start_all(), `<machine>.shell_interact()`, test_script().
     Interactive {
         /// The test directory (holding vmrig.toml).
         test: PathBuf,

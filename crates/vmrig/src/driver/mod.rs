@@ -4,7 +4,7 @@
 //! and sets up the machines and switches, [`Booted::script`] runs the script
 //! in a child `python3` and tears the machines down (or [`Booted::live`]
 //! answers calls made from Rust until [`Live::end`]), [`Finished::report`]
-//! writes the JUnit file and records a pass. [`run`] takes all four.
+//! writes the JUnit file and records a pass. `run` takes all four.
 //!
 //! The script talks to the driver over a Unix socket, a connection per
 //! script thread, one JSON line per request and per reply (`api`).
