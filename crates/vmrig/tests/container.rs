@@ -8,7 +8,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -235,6 +235,41 @@ fn killing_vmrig_with_sigkill_ends_its_containers_and_gc_removes_their_cgroups()
     assert!(gc.status.success(), "{said}");
     assert!(!cgroup.exists(), "{} is left:\n{said}", cgroup.display());
     assert!(!left || said.contains("cgroup(s) that containers of a run that was killed left"), "{said}");
+}
+
+#[test]
+fn vmrig_ps_shell_and_cp_reach_a_container_node_while_its_test_runs() {
+    let test = tempfile::tempdir().unwrap();
+    fs::write(
+        test.path().join("vmrig.toml"),
+        "[containers.lone]\n[test]\nscript = '''\nlone.succeed(\"echo from-the-node > /root/note\")\nprint(\"container is up\", flush=True)\nlone.wait_for_file(\"/tmp/shell-was-here\", timeout=300)\n'''\n",
+    )
+    .unwrap();
+    let mut child = common::vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
+    let mut seen: Vec<String> = lines.by_ref().take_while(|line| line != "container is up").collect();
+    let rest = std::thread::spawn(move || lines.collect::<Vec<_>>());
+
+    let listed = common::text(&common::vmrig().arg("ps").output().unwrap());
+    let name = test.path().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(listed.lines().any(|l| l.starts_with(&name) && l.contains("lone") && l.contains(&child.id().to_string())), "vmrig ps:\n{listed}");
+
+    let host = tempfile::tempdir().unwrap();
+    let copy = common::vmrig().arg("cp").arg(test.path()).arg("lone:/root/note").arg(host.path().join("note")).output().unwrap();
+    assert!(copy.status.success(), "{}", common::text(&copy));
+    assert_eq!(fs::read_to_string(host.path().join("note")).unwrap(), "from-the-node\n");
+
+    let mut shell = common::vmrig().arg("shell").arg(test.path()).arg("lone").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    shell.stdin.take().unwrap().write_all(b"echo piped-$((40+2)); touch /tmp/shell-was-here\n").unwrap();
+    let output = shell.wait_with_output().unwrap();
+    assert!(output.status.success() && common::text(&output).contains("piped-42"), "{}", common::text(&output));
+
+    let status = child.wait().unwrap();
+    seen.extend(rest.join().unwrap());
+    let seen = seen.join("\n");
+    assert!(status.success(), "{seen}");
+    assert!(seen.contains("lone: a root shell attached (vmrig shell)"), "{seen}");
+    assert_nothing_left(&seen);
 }
 
 /// `dir` and every folder below it.
