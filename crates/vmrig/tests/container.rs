@@ -1,7 +1,7 @@
 //! Container nodes on real `systemd-nspawn` containers, from the node's
 //! own image: the reference example with both nodes as containers, and
 //! with each beside a VM on one VLAN; a container node's NIC, machine-id,
-//! shared folder, copies, background children, firewall, memory limit,
+//! shared folder, copies, background children, firewall, memory and CPU limits,
 //! power failure, reboot and cable; and what it cannot see or do of the host. Each run
 //! must leave no container behind, nor a vmrig killed with SIGKILL.
 
@@ -90,6 +90,7 @@ packages = ["busybox", "curl"]
 
 [containers.server]
 memory = 192
+cpus = 1
 firewall.allowed_tcp_ports = [8000]
 files."/srv/www/index.html" = {{ text = "served" }}
 
@@ -136,6 +137,11 @@ server.copy_from_vm("/root/from-host", "")
 # Its memory is a limit: more than it is fails, less passes.
 server.succeed("dd if=/dev/zero of=/dev/null bs=64M count=1")
 server.fail("dd if=/dev/zero of=/dev/null bs=400M count=1")
+
+# Its CPUs are a limit: its cgroup (the root of the cgroups it sees) may
+# use one CPU's time per period (cgroup v2's cpu.max, or v1's CFS quota).
+quota = server.succeed("cat /sys/fs/cgroup/cpu.max 2>/dev/null || cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+assert quota.split()[0] == "100000", quota
 
 # A background child outlives its command.
 server.succeed("(sleep 1; echo later > /tmp/later) >&2 &")
