@@ -11,6 +11,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
 use common::run;
@@ -22,6 +23,11 @@ fn nspawn_pids(output: &str) -> Vec<u32> {
         .filter_map(|line| line.split_once("systemd-nspawn running (pid ")?.1.split(')').next()?.parse().ok())
         .collect()
 }
+
+/// Held (shared) by the tests that check no cgroup of an ended run is
+/// left, and alone by the one that leaves some on purpose (a vmrig killed
+/// with SIGKILL) until `vmrig gc` removes them.
+static CGROUPS: RwLock<()> = RwLock::new(());
 
 /// Asserts that none of the containers a run started outlived it, nor
 /// their cgroups (`vmrig-<vmrig's pid>-<node>`: those of a vmrig that
@@ -55,6 +61,7 @@ fn reference_example(kinds: [&str; 2]) -> tempfile::TempDir {
 
 #[test]
 fn the_reference_example_passes_as_containers_and_each_beside_a_vm() {
+    let _cgroups = CGROUPS.read().unwrap_or_else(|p| p.into_inner());
     for kinds in [["containers", "containers"], ["containers", "nodes"], ["nodes", "containers"]] {
         let test = reference_example(kinds);
         let (code, output) = run(test.path());
@@ -78,6 +85,7 @@ fn the_reference_example_passes_as_containers_and_each_beside_a_vm() {
 
 #[test]
 fn a_container_node_behaves_as_a_node_and_sees_nothing_of_the_host() {
+    let _cgroups = CGROUPS.read().unwrap_or_else(|p| p.into_inner());
     let test = tempfile::tempdir().unwrap();
     let marker = test.path().join("host-only");
     fs::write(&marker, "the host's").unwrap();
@@ -192,15 +200,21 @@ print("container node ok")
     assert_nothing_left(&output);
 }
 
+/// `vmrig run` of a test of one container node, `lone`, whose script runs
+/// `setup` on it, prints `container is up`, then runs `rest`; its log on
+/// a pipe.
+fn lone_container_run(setup: &str, rest: &str) -> (tempfile::TempDir, std::process::Child) {
+    let test = tempfile::tempdir().unwrap();
+    let script = format!("lone.succeed({setup:?})\nprint(\"container is up\", flush=True)\n{rest}\n");
+    fs::write(test.path().join("vmrig.toml"), format!("[containers.lone]\n[test]\nscript = '''\n{script}'''\n")).unwrap();
+    let child = common::vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    (test, child)
+}
+
 #[test]
 fn killing_vmrig_with_sigkill_ends_its_containers_and_gc_removes_their_cgroups() {
-    let test = tempfile::tempdir().unwrap();
-    fs::write(
-        test.path().join("vmrig.toml"),
-        "[containers.lone]\n[test]\nscript = '''\nlone.succeed(\"true\")\nprint(\"container is up\", flush=True)\nimport time\ntime.sleep(3600)\n'''\n",
-    )
-    .unwrap();
-    let mut child = common::vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let _cgroups = CGROUPS.write().unwrap_or_else(|p| p.into_inner());
+    let (_test, mut child) = lone_container_run("true", "import time\ntime.sleep(3600)");
     let mut nspawn = None;
     for line in BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok) {
         nspawn = nspawn.or_else(|| nspawn_pids(&line).first().copied());
@@ -245,13 +259,8 @@ fn killing_vmrig_with_sigkill_ends_its_containers_and_gc_removes_their_cgroups()
 
 #[test]
 fn vmrig_ps_shell_and_cp_reach_a_container_node_while_its_test_runs() {
-    let test = tempfile::tempdir().unwrap();
-    fs::write(
-        test.path().join("vmrig.toml"),
-        "[containers.lone]\n[test]\nscript = '''\nlone.succeed(\"echo from-the-node > /root/note\")\nprint(\"container is up\", flush=True)\nlone.wait_for_file(\"/tmp/shell-was-here\", timeout=300)\n'''\n",
-    )
-    .unwrap();
-    let mut child = common::vmrig_run(test.path()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let _cgroups = CGROUPS.read().unwrap_or_else(|p| p.into_inner());
+    let (test, mut child) = lone_container_run("echo from-the-node > /root/note", "lone.wait_for_file(\"/tmp/shell-was-here\", timeout=300)");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines().map_while(Result::ok);
     let mut seen: Vec<String> = lines.by_ref().take_while(|line| line != "container is up").collect();
     let rest = std::thread::spawn(move || lines.collect::<Vec<_>>());
