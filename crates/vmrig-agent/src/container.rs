@@ -15,13 +15,11 @@
 //! Any failure is printed and the process exits: the container ends, and
 //! its end is what the driver reports.
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::unistd::{execv, fork, setsid, ForkResult};
 use vmrig_proto::shared::SHARED_PORT;
 use vmrig_proto::tunnel::TUNNEL_PORT;
 use vmrig_proto::{AGENT_PORT, CONTAINER_LAYER, CONTAINER_MACHINE_ID, CONTAINER_PORTS, HANDOVER_BANNER, INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS};
@@ -33,8 +31,6 @@ use crate::layer::{configure_network, copy_tree, create_users, load_firewall, se
 const UNPACKED: &str = "/run/vmrig-layer";
 /// How long the host may take to move the container's NICs in.
 const NIC_WAIT: Duration = Duration::from_secs(30);
-/// Where systemd lives on a merged-/usr Debian root.
-const SYSTEMD: &str = "/lib/systemd/systemd";
 
 /// Makes the container the node and hands it to systemd; returns only
 /// by exiting.
@@ -65,14 +61,8 @@ fn start() -> Result<std::convert::Infallible, String> {
     let _ = fs::remove_dir_all(unpacked);
     crate::ports::listen_in_container(Path::new(CONTAINER_PORTS), &[AGENT_PORT, TUNNEL_PORT, SHARED_PORT])?;
 
-    // SAFETY: no thread has been started, so the child may run any code.
-    if let ForkResult::Child = unsafe { fork() }.map_err(|e| format!("cannot start the agent: {e}"))? {
-        let _ = setsid();
-        crate::server::serve();
-    }
-    println!("{HANDOVER_BANNER}");
-    let program = CString::new(SYSTEMD).expect("no NUL in a constant");
-    execv(&program, &[&program]).map_err(|e| format!("cannot start {SYSTEMD}: {e}"))
+    // SAFETY: no thread has been started.
+    unsafe { crate::handover::start_agent_then_systemd(HANDOVER_BANNER) }
 }
 
 /// Waits until a NIC has each MAC the network list names (`NAME MAC …`):

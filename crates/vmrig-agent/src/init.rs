@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use nix::kmod::{finit_module, ModuleInitFlags};
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
-use nix::unistd::{chdir, chroot, execv};
-use nix::unistd::{fork, setsid, ForkResult};
+use nix::unistd::{chdir, chroot};
 use vmrig_proto::{
     CMDLINE_ROOT, CMDLINE_ROOT_FSTYPE, CMDLINE_STATE, HANDOVER_BANNER, INITRAMFS_MODULE_DIR, INITRAMFS_MODULE_ORDER,
     INITRAMFS_NETWORK, INITRAMFS_OVERLAY_DIR, INITRAMFS_USERS,
@@ -37,8 +36,6 @@ use crate::layer::{configure_network, copy_tree, create_users, load_firewall, se
 const DEVICE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `MODULE_INIT_COMPRESSED_FILE`: the kernel decompresses the module itself.
 const COMPRESSED_MODULE: u32 = 4;
-/// Where systemd lives on a merged-/usr Debian root.
-const SYSTEMD: &str = "/lib/systemd/systemd";
 
 /// Boots the guest; returns only by powering it off.
 pub fn run() -> ! {
@@ -114,17 +111,10 @@ fn boot() -> Result<Infallible, String> {
     configure_network(&network, NicsAre::Named)?;
     load_firewall()?;
 
-    // SAFETY: we are single-threaded here (PID 1 has started no thread), so
-    // the child may run any code.
-    if let ForkResult::Child = unsafe { fork() }.map_err(fail("cannot start the agent"))? {
-        let _ = setsid();
-        crate::server::serve();
-    }
     let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
     let uptime = uptime.split_whitespace().next().unwrap_or("?");
-    println!("{HANDOVER_BANNER} (kernel uptime {uptime} s)");
-    let program = CString::new(SYSTEMD).expect("no NUL in a constant");
-    execv(&program, &[&program]).map_err(fail(format!("cannot start {SYSTEMD}")))
+    // SAFETY: PID 1 has started no thread.
+    unsafe { crate::handover::start_agent_then_systemd(&format!("{HANDOVER_BANNER} (kernel uptime {uptime} s)")) }
 }
 
 /// Gives the node a machine-id of its own on its first boot (its

@@ -8,6 +8,7 @@
 //! assembled (see `container`).
 
 mod container;
+mod handover;
 mod identity;
 mod init;
 mod layer;
