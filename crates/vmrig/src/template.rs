@@ -34,7 +34,7 @@ use crate::vm::{Accel, FirstStart, Machine, MachineConfig, VmError};
 /// Store entry kind of templates.
 pub const TEMPLATE_KIND: &str = "templates";
 /// Bumped when what a template holds or how it is made changes.
-const TEMPLATE_FORMAT: &str = "template-v3";
+const TEMPLATE_FORMAT: &str = "template-v4";
 const STATE_FILE: &str = "devices.state";
 const MEMORY_FILE: &str = "memory.ram";
 const LAYER_FILE: &str = "layer.extents";
