@@ -90,6 +90,15 @@ impl Root {
     /// (a `fstype` filesystem) read-only under a writable layer in
     /// `folder`, which keeps it across the container's restarts.
     pub fn prepare(image: &Path, fstype: &str, folder: &Path, base: u32) -> io::Result<Self> {
+        fs::create_dir_all(folder)?;
+        if nix::sys::statfs::statfs(folder).map_err(io::Error::from)?.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC {
+            // The kernel refuses it with EINVAL alone (inside Docker, say,
+            // or a VM whose root is an overlay).
+            return Err(io::Error::other(format!(
+                "its writable layer would be in {}, on an overlayfs, which cannot be an overlay's upper layer: set TMPDIR (or VMRIG_STORE, with --keep-state) to a folder on another filesystem, such as a tmpfs",
+                folder.display()
+            )));
+        }
         let (loop_device, loop_path) = attach_loop(image)?;
         let user_namespace = user_namespace(base)?;
         let [lower, upper, work, root] = ["lower", "upper", "work", "root"].map(|name| folder.join(name));
