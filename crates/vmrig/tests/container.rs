@@ -200,6 +200,84 @@ print("container node ok")
     assert_nothing_left(&output);
 }
 
+/// This host's PID 1 is not systemd, and it has cgroup v1 beside the
+/// unified hierarchy; a VM node's is systemd with cgroup v2 alone, as most
+/// hosts have. vmrig runs there, inside the VM, a test whose node is a
+/// container, from the image built here (the VM has no archive to build
+/// from), and must leave no cgroup behind.
+#[test]
+fn a_container_node_runs_on_a_host_whose_pid_1_is_systemd() {
+    let inner = tempfile::tempdir().unwrap();
+    fs::write(
+        inner.path().join("vmrig.toml"),
+        r#"
+[containers.c]
+packages = ["busybox"]
+firewall.allowed_tcp_ports = [8000]
+files."/srv/www/index.html" = { text = "served on a systemd host" }
+
+[containers.c.services.web]
+wanted_by = ["multi-user.target"]
+exec_start = "/bin/busybox httpd -f -p 8000 -h /srv/www"
+
+[test]
+script = '''
+c.wait_for_unit("web.service")
+assert c.succeed("busybox wget -qO- http://localhost:8000/") == "served on a systemd host"
+print("the container ran")
+'''
+"#,
+    )
+    .unwrap();
+    let built = common::vmrig().arg("build").arg(inner.path()).output().unwrap();
+    let said = common::text(&built);
+    assert!(built.status.success(), "{said}");
+    let image = said.split_once("c: image ").and_then(|(_, rest)| rest.split_whitespace().next()).unwrap_or_else(|| panic!("{said}"));
+    let key = Path::new(image).file_name().unwrap().to_str().unwrap();
+
+    let outer = tempfile::tempdir().unwrap();
+    let vmrig = Path::new(env!("CARGO_BIN_EXE_vmrig"));
+    fs::write(
+        outer.path().join("vmrig.toml"),
+        format!(
+            r#"
+[nodes.host]
+packages = ["systemd-container", "python3"]
+memory = 1024
+# Its own boot: what is tested is a host's PID 1, not a template's.
+boot = "cold"
+
+[test]
+script = '''
+host.wait_for_unit("multi-user.target")
+assert host.succeed("readlink /proc/1/exe").strip().endswith("/systemd")
+assert host.succeed("stat -fc %T /sys/fs/cgroup").strip() == "cgroup2fs"
+host.succeed("mkdir -p /usr/local/bin /var/lib/vmrig/images /var/tmp/vmrig && mount -t tmpfs tmpfs /var/tmp/vmrig")
+host.copy_from_host("{vmrig}", "/usr/local/bin/vmrig")
+host.copy_from_host("{agent}", "/usr/local/bin/vmrig-agent")
+host.succeed("chmod 755 /usr/local/bin/vmrig /usr/local/bin/vmrig-agent")
+host.copy_from_host("{inner}/vmrig.toml", "/root/inner/vmrig.toml")
+host.copy_from_host("{image}", "/var/lib/vmrig/images/{key}")
+# The node's root is an overlay, which cannot hold a container's writable
+# layer: the run's private folder goes to a tmpfs, as on most hosts.
+status, output = host.execute("TMPDIR=/var/tmp/vmrig VMRIG_STORE=/var/lib/vmrig vmrig run /root/inner 2>&1", timeout=900)
+print(output)
+assert status == 0, status
+assert "the container ran" in output
+assert host.succeed("ls /sys/fs/cgroup | grep -c vmrig- || true").strip() == "0"
+'''
+"#,
+            vmrig = vmrig.display(),
+            agent = vmrig.with_file_name("vmrig-agent").display(),
+            inner = inner.path().display(),
+        ),
+    )
+    .unwrap();
+    let (code, output) = run(outer.path());
+    assert_eq!(code, Some(0), "{output}");
+    assert!(output.contains("c: connected to the agent"), "{output}");
+}
+
 /// `vmrig run` of a test of one container node, `lone`, whose script runs
 /// `setup` on it, prints `container is up`, then runs `rest`; its log on
 /// a pipe.
