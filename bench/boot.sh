@@ -8,29 +8,18 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-5}
 
-dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
-    || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
-
 "$vmrig" build bench/boot >/dev/null 2>&1
 image=$("$vmrig" build bench/boot 2>&1 | sed -n 's/^machine: image \(.*\) (cached).*/\1/p')
 kernel="$image/vmlinuz"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir -p "$work/initramfs/bin"
-cp /bin/busybox "$work/initramfs/bin/busybox"
-printf '#!/bin/busybox sh\n/bin/busybox reboot -f\n' > "$work/initramfs/init"
-chmod +x "$work/initramfs/init"
-(cd "$work/initramfs" && find . | cpio -o -H newc --quiet > "$work/bare.cpio")
+bare_initramfs "$work"
 
-
+# The same firmware as a node's.
 bare=()
 for _ in $(seq "$rounds"); do
-    start=$(date +%s.%N)
-    qemu-system-x86_64 -machine microvm,rtc=on -accel tcg -cpu max -m 512 -smp 1 \
-        -nodefaults -no-user-config -display none -no-reboot -serial null \
-        -kernel "$kernel" -initrd "$work/bare.cpio" -append "console=ttyS0 reboot=t panic=-1 pci=off quiet"
-    bare+=("$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}')")
+    bare+=("$(bare_boot "$kernel" "$work/bare.cpio" -bios qboot.rom)")
 done
 
 node=()

@@ -33,3 +33,27 @@ revision_vmrig() {
     (cd "$tree" && cargo build --release -q --workspace)
     echo "$tree/target/x86_64-unknown-linux-gnu/release/vmrig"
 }
+
+# Writes DIR/bare.cpio, an initramfs whose one line powers the machine off
+# at once (busybox-static, installed if missing): a bare boot's end.
+bare_initramfs() {
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "install ok installed" \
+        || DEBIAN_FRONTEND=noninteractive apt-get install -y -q busybox-static >/dev/null
+    mkdir -p "$1/initramfs/bin"
+    cp /bin/busybox "$1/initramfs/bin/busybox"
+    printf '#!/bin/busybox sh\n/bin/busybox reboot -f\n' > "$1/initramfs/init"
+    chmod +x "$1/initramfs/init"
+    (cd "$1/initramfs" && find . | cpio -o -H newc --quiet > "$1/bare.cpio")
+}
+
+# Seconds a bare QEMU (vmrig's machine, under TCG, with QEMU ARGS…) takes
+# to boot KERNEL into INITRAMFS and power off.
+bare_boot() {
+    local kernel=$1 initramfs=$2 start
+    shift 2
+    start=$(date +%s.%N)
+    qemu-system-x86_64 -machine microvm,rtc=on "$@" -accel tcg -cpu max -m 512 -smp 1 \
+        -nodefaults -no-user-config -display none -no-reboot -serial null \
+        -kernel "$kernel" -initrd "$initramfs" -append "console=ttyS0 reboot=t panic=-1 pci=off quiet"
+    awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN {printf "%.3f", b - a}'
+}
