@@ -125,8 +125,7 @@ fn give_a_machine_id() -> Result<(), String> {
     if Path::new("/rw/upper/etc/machine-id").exists() {
         return Ok(());
     }
-    let uuid = fs::read_to_string("/proc/sys/kernel/random/uuid").map_err(|e| format!("cannot read a random UUID: {e}"))?;
-    let id: String = uuid.chars().filter(char::is_ascii_hexdigit).collect();
+    let id = vmrig_proto::random_machine_id().map_err(|e| format!("cannot read a random UUID: {e}"))?;
     fs::write("/newroot/etc/machine-id", format!("{id}\n")).map_err(|e| format!("cannot write /etc/machine-id: {e}"))
 }
 

@@ -101,6 +101,15 @@ pub fn template_mac(index: usize) -> String {
     format!("52:54:00:ff:00:{:02x}", index + 1)
 }
 
+/// A new machine-id, as systemd writes one: 32 lowercase hex digits, the
+/// kernel's random UUID without its dashes. Every node has one of its own,
+/// made by `/init` on a cold-booted node's first boot, by the host for a
+/// container or a node restored from a template.
+pub fn random_machine_id() -> io::Result<String> {
+    let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid")?;
+    Ok(uuid.chars().filter(char::is_ascii_hexdigit).collect())
+}
+
 /// The target a template boots to: settled, before the packages' own
 /// services (which `multi-user.target` starts) have run.
 pub const TEMPLATE_TARGET: &str = "vmrig-template.target";

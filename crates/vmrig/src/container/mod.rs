@@ -309,8 +309,7 @@ impl Machine {
         if !machine_id.exists() {
             // One for the run: the container's restarts keep it, as a VM's
             // reboots do.
-            let id = std::fs::read("/proc/sys/kernel/random/uuid").map(|uuid| uuid.iter().filter(|b| b.is_ascii_hexdigit()).map(|&b| b as char).collect::<String>());
-            id.and_then(|id| std::fs::write(&machine_id, format!("{id}\n"))).map_err(self.start_error(format!("write {}", machine_id.display())))?;
+            vmrig_proto::random_machine_id().and_then(|id| std::fs::write(&machine_id, format!("{id}\n"))).map_err(self.start_error(format!("write {}", machine_id.display())))?;
         }
         let fuse = self.config.socket_dir.join(format!("{name}.fuse"));
         fuse_device(&fuse).map_err(self.start_error(format!("make {}", fuse.display())))?;

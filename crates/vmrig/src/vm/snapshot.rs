@@ -142,13 +142,14 @@ impl Machine {
 /// Where a restored machine's layer is written for its agent.
 const BECOME_LAYER: &str = "/run/vmrig-node-layer.cpio";
 
-/// The host's time now and fresh randomness, for a restored guest.
+/// The host's time now, fresh randomness and a new machine-id, for a
+/// guest restored from a template.
 fn time_and_entropy() -> io::Result<(u64, String, String)> {
     let unix_nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut random = [0u8; 80];
+    let mut random = [0u8; 64];
     File::open("/dev/urandom")?.read_exact(&mut random)?;
-    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    Ok((unix_nanos, hex(&random[..64]), hex(&random[64..])))
+    let entropy = random.iter().map(|b| format!("{b:02x}")).collect();
+    Ok((unix_nanos, entropy, vmrig_proto::random_machine_id()?))
 }
 
 /// Makes the guest just restored (QEMU's end watched by `exit`, agent at
