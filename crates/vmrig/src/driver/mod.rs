@@ -185,7 +185,9 @@ pub struct Prepared<'a> {
     agent: Agent,
     /// Each node's layer, by node name.
     layers: BTreeMap<String, Vec<u8>>,
-    key: String,
+    /// The key of all its inputs; none for a library run, whose calls
+    /// are no input of it.
+    key: Option<String>,
     result_dir: PathBuf,
     /// How far the environment lets nodes keep from earlier runs.
     boot_cap: BootMode,
@@ -206,30 +208,32 @@ impl<'a> Prepared<'a> {
         // A library run records no pass, and its folder may be a whole
         // crate's, build outputs included: its inputs are not hashed.
         let key = match options.mode {
-            Mode::Library => String::new(),
-            _ => report::Inputs {
-                test_dir: &spec.dir,
-                layers: layers.values().map(Vec::as_slice).collect(),
-                image_keys: requests.iter().map(ImageRequest::key).collect(),
-                agent: &agent.bytes,
-            }
-            .key()?,
+            Mode::Library => None,
+            _ => Some(
+                report::Inputs {
+                    test_dir: &spec.dir,
+                    layers: layers.values().map(Vec::as_slice).collect(),
+                    image_keys: requests.iter().map(ImageRequest::key).collect(),
+                    agent: &agent.bytes,
+                }
+                .key()?,
+            ),
         };
         let result_dir = options.result_dir.clone().unwrap_or_else(|| spec.dir.join(RESULT_DIR));
         Ok(Self { spec, options, requests, agent, layers, key, result_dir, boot_cap })
     }
 
-    /// Whether a pass of this run is recorded, and answers a later one: a
-    /// kept writable layer is an input the key does not cover, and an
-    /// interactive session is no test run.
-    fn cacheable(&self) -> bool {
-        self.warm_nodes() && self.options.mode != Mode::Library
+    /// The key of a run whose pass is recorded, and answers a later one: a
+    /// kept writable layer is an input the key does not cover, an
+    /// interactive session is no test run, and a library run has no key.
+    /// Such a run also saves its nodes once up (its keepers run beside the
+    /// script).
+    fn recorded_key(&self) -> Option<&str> {
+        self.key.as_deref().filter(|_| self.warm_nodes())
     }
 
-    /// Whether nodes start from warm saves, and are saved once up: not
-    /// with a kept writable layer (an input no key covers), nor in a
-    /// person's session. Only a script's run saves them (its keepers run
-    /// beside the script).
+    /// Whether nodes start from warm saves: not with a kept writable
+    /// layer (an input no key covers), nor in a person's session.
     fn warm_nodes(&self) -> bool {
         !self.options.keep_state && self.options.mode != Mode::Interactive
     }
@@ -237,10 +241,10 @@ impl<'a> Prepared<'a> {
     /// The pass recorded for these inputs, if one is and the options let
     /// it answer; its report is then back in `result/`.
     pub fn recorded_pass(&self, store: &Store) -> Result<Option<RecordedPass>, DriverError> {
-        if !self.cacheable() || self.options.rebuild {
-            return Ok(None);
+        match self.recorded_key() {
+            Some(key) if !self.options.rebuild => Ok(report::recorded_pass(store, key, &self.result_dir)?),
+            _ => Ok(None),
         }
-        Ok(report::recorded_pass(store, &self.key, &self.result_dir)?)
     }
 
     /// Builds the images of this run that the store lacks (a suite builds
@@ -389,8 +393,8 @@ impl<'a> Prepared<'a> {
                         }
                         None => {
                             template.copy_layer(&state_disk)?;
-                            let saves = options.mode != Mode::Library;
-                            if let (Some(key), Some(number), true) = (warm_key, net::node_number(spec, &node.name), saves) {
+                            let saved_once_up = warm_key.filter(|_| self.recorded_key().is_some());
+                            if let (Some(key), Some(number)) = (saved_once_up, net::node_number(spec, &node.name)) {
                                 keepers.push(Keeper::new(node.name.clone(), number, key, template.memory()));
                             }
                             (template.state(), template.console_log(), Restored::Become(layer.clone()))
@@ -566,25 +570,35 @@ pub struct Finished<'a> {
 }
 
 impl Finished<'_> {
+    /// Why the test failed, as its report will say: the first failed
+    /// case's reason.
+    pub fn failure(&self) -> Option<&str> {
+        self.cases.iter().find_map(|case| case.failure.as_deref())
+    }
+
     /// The last phase: writes `result/junit.xml` and `result/report.html`,
     /// marks the report with the run's key, and records a pass in the
     /// store.
     pub fn report(self, store: &Store) -> Result<Outcome, DriverError> {
+        let failure = self.failure().map(str::to_string);
         let Self { prepared, outcome, cases, log } = self;
         let result_dir = &prepared.result_dir;
         let junit = result_dir.join("junit.xml");
         fs::write(&junit, report::junit_xml(&prepared.spec.name, &cases)).map_err(file_error("write", &junit))?;
-        write_html_report(prepared.spec, result_dir, &cases, &log)?;
-        report::mark(result_dir, &prepared.key)?;
-        if let (Ok(Outcome::Passed { duration }), true) = (&outcome, prepared.cacheable()) {
-            report::record_pass(store, &prepared.key, result_dir, *duration)?;
+        write_html_report(prepared.spec, result_dir, failure.as_deref(), &log)?;
+        if let Some(key) = &prepared.key {
+            report::mark(result_dir, key)?;
+        }
+        if let (Ok(Outcome::Passed { duration }), Some(key)) = (&outcome, prepared.recorded_key()) {
+            report::record_pass(store, key, result_dir, *duration)?;
         }
         outcome
     }
 }
 
-/// Writes `result/report.html` for a run whose cases are `cases`.
-fn write_html_report(spec: &TestSpec, result_dir: &Path, cases: &[Case], log: &RunLog) -> Result<(), DriverError> {
+/// Writes `result/report.html` for a run that failed with `failure`, if
+/// it did.
+fn write_html_report(spec: &TestSpec, result_dir: &Path, failure: Option<&str>, log: &RunLog) -> Result<(), DriverError> {
     let path = result_dir.join(report::html::REPORT_FILE);
     let files = report::html::Files::gather(result_dir).map_err(file_error("read", result_dir))?;
     let mut addresses = BTreeMap::new();
@@ -598,7 +612,7 @@ fn write_html_report(spec: &TestSpec, result_dir: &Path, cases: &[Case], log: &R
     let ended = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let page = report::html::Page {
         test: &spec.name,
-        failure: cases.iter().find_map(|case| case.failure.as_deref()),
+        failure,
         script: &spec.script,
         timeline: &log.timeline(),
         addresses: &addresses,

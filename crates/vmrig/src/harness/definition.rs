@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use toml::Value;
 
 use super::{Error, Test};
+use crate::error::file_error;
 use crate::spec::{TestSpec, RESULT_DIR};
 
 /// The script of a test built in Rust: its calls come from Rust.
@@ -108,10 +109,10 @@ impl TestBuilder {
         let files = if blobs.is_empty() {
             None
         } else {
-            let files = tempfile::Builder::new().prefix("vmrig-files-").tempdir().map_err(|e| Error::Infra(format!("cannot make a folder for the test's files: {e}")))?;
+            let files = tempfile::Builder::new().prefix("vmrig-files-").tempdir().map_err(file_error("create a folder in", &std::env::temp_dir()))?;
             for (index, (key, bytes)) in blobs.into_iter().enumerate() {
                 let path = files.path().join(index.to_string());
-                std::fs::write(&path, bytes).map_err(|e| Error::Infra(format!("cannot write {}: {e}", path.display())))?;
+                std::fs::write(&path, bytes).map_err(file_error("write", &path))?;
                 lines.push((format!("{key}.source"), Value::from(path.to_string_lossy().into_owned())));
             }
             Some(files)

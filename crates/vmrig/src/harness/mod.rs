@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::error::FileError;
 use crate::driver::{self, AccelChoice, CallFailure, DriverError, Live, Mode, Outcome, Reply, RunOptions};
 use crate::spec::{SpecError, TestSpec};
 use crate::store::{Store, StoreError};
@@ -53,6 +54,9 @@ pub enum Error {
     /// Building, booting or reporting failed (the host, not the test).
     #[error(transparent)]
     Driver(#[from] DriverError),
+    /// A file of a test built in Rust could not be written.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The test has no node of that name.
     #[error("the test has no node `{name}`; its nodes: {nodes}")]
     NoNode {
@@ -77,6 +81,11 @@ pub enum Error {
         /// Where its `log.txt` and `report.html` are.
         result_dir: PathBuf,
     },
+}
+
+/// A command's output as text, as a script gets it.
+fn text(output: Option<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&output.unwrap_or_default()).into_owned()
 }
 
 /// An error is shown with its causes, for `fn test() -> Result<(), Error>`
@@ -276,10 +285,13 @@ impl<'t> RunningTest<'t> {
     fn end(&mut self, failure: Option<String>) -> Result<(), Error> {
         let Some(live) = self.live.take() else { return Ok(()) };
         let result_dir = live.result_dir().to_path_buf();
-        let message = failure.clone();
-        match live.end(failure).report(&self.store)? {
+        let finished = live.end(failure);
+        // Why it failed, as its report says: the caller's failure, or the
+        // run's time running out.
+        let message = finished.failure().unwrap_or_default().to_string();
+        match finished.report(&self.store)? {
             Outcome::Passed { .. } | Outcome::PassedBefore(_) => Ok(()),
-            Outcome::Failed | Outcome::Interrupted(_) => Err(Error::Failed { message: message.unwrap_or_else(|| "the test ran out of time".into()), result_dir }),
+            Outcome::Failed | Outcome::Interrupted(_) => Err(Error::Failed { message, result_dir }),
         }
     }
 }
@@ -331,8 +343,14 @@ impl Node<'_, '_> {
 
     /// A call whose answer is a command's output.
     fn output(&self, method: &str, args: Value) -> Result<String, Error> {
+        Ok(text(self.call(method, args)?.output))
+    }
+
+    /// A call whose answer is a command's exit status and output.
+    fn status_and_output(&self, method: &str, args: Value) -> Result<(i32, String), Error> {
         let reply = self.call(method, args)?;
-        Ok(String::from_utf8_lossy(&reply.output.unwrap_or_default()).into_owned())
+        let status = reply.value["status"].as_i64().and_then(|s| i32::try_from(s).ok()).unwrap_or(-1);
+        Ok((status, text(reply.output)))
     }
 
     /// A call that answers nothing.
@@ -376,9 +394,7 @@ impl Node<'_, '_> {
     /// # Ok::<(), vmrig::Error>(())
     /// ```
     pub fn execute(&self, command: &str) -> Result<(i32, String), Error> {
-        let reply = self.call("execute", json!({"command": command}))?;
-        let status = reply.value["status"].as_i64().and_then(|s| i32::try_from(s).ok()).unwrap_or(-1);
-        Ok((status, String::from_utf8_lossy(&reply.output.unwrap_or_default()).into_owned()))
+        self.status_and_output("execute", json!({"command": command}))
     }
 
     /// Repeats a command until it succeeds, for at most `timeout`; returns
@@ -454,9 +470,7 @@ impl Node<'_, '_> {
     /// # Ok::<(), vmrig::Error>(())
     /// ```
     pub fn systemctl(&self, query: &str) -> Result<(i32, String), Error> {
-        let reply = self.call("systemctl", json!({"query": query}))?;
-        let status = reply.value["status"].as_i64().and_then(|s| i32::try_from(s).ok()).unwrap_or(-1);
-        Ok((status, String::from_utf8_lossy(&reply.output.unwrap_or_default()).into_owned()))
+        self.status_and_output("systemctl", json!({"query": query}))
     }
 
     /// Copies a host file or folder (relative to the test's folder) to

@@ -33,7 +33,7 @@ pub(super) use call::Envelope;
 use call::{Call, NodeCall, RunCall, Since};
 
 /// Why a request failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Failure {
     /// The test failed.
     Test(String),
@@ -43,7 +43,7 @@ pub enum Failure {
 
 impl Failure {
     /// What went wrong, whoever is at fault.
-    pub fn into_message(self) -> String {
+    pub(super) fn into_message(self) -> String {
         match self {
             Self::Test(message) | Self::Infra(message) => message,
         }
