@@ -8,9 +8,7 @@
 source "$(dirname "$0")/common.sh"
 rounds=${1:-5}
 
-"$vmrig" build bench/boot >/dev/null 2>&1
-image=$("$vmrig" build bench/boot 2>&1 | sed -n 's/^machine: image \(.*\) (cached).*/\1/p')
-kernel="$image/vmlinuz"
+kernel=$(boot_kernel)
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -34,6 +34,14 @@ revision_vmrig() {
     echo "$tree/target/x86_64-unknown-linux-gnu/release/vmrig"
 }
 
+# The kernel of bench/boot's node (its image built if missing), which the
+# bare boots boot.
+boot_kernel() {
+    local said
+    said=$("$vmrig" build bench/boot 2>&1) || { echo "$said" >&2; return 1; }
+    echo "$said" | sed -n 's/^machine: image \([^ ]*\) (.*/\1\/vmlinuz/p'
+}
+
 # Writes DIR/bare.cpio, an initramfs whose one line powers the machine off
 # at once (busybox-static, installed if missing): a bare boot's end.
 bare_initramfs() {
