@@ -34,8 +34,15 @@ fn serve(listener: &TcpListener, answer: impl Fn(&str) -> Option<String>) {
 }
 
 fn respond(mut stream: TcpStream, answer: &impl Fn(&str) -> Option<String>) -> std::io::Result<()> {
+    let mut request = BufReader::new(&stream);
     let mut request_line = String::new();
-    BufReader::new(&stream).read_line(&mut request_line)?;
+    request.read_line(&mut request_line)?;
+    // The headers are read to their end: a socket closed with bytes unread
+    // is reset, and the client may lose the answer.
+    let mut header = String::new();
+    while request.read_line(&mut header)? > 0 && !header.trim_end().is_empty() {
+        header.clear();
+    }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     let (status, body) = match answer(path) {
         Some(body) => ("200 OK", body),
