@@ -54,6 +54,11 @@ fn haproxy_balances_two_backends_and_drops_a_stopped_one() {
 }
 
 #[test]
+fn an_apache_balancer_fails_over_while_a_backend_is_unplugged_and_back() {
+    passes("apache-proxy");
+}
+
+#[test]
 fn memcached_stores_counts_and_expires_values() {
     passes("memcached");
 }
