@@ -233,7 +233,7 @@ pub fn main() -> ExitCode {
 /// Prints an error and each of its causes, once.
 fn report(failure: &Failure) {
     match failure {
-        Failure::Spec(SpecError::Invalid(diagnostics)) | Failure::Invalid(diagnostics) => {
+        Failure::Spec(SpecError::Invalid(diagnostics)) | Failure::Invalid(diagnostics) | Failure::Driver(DriverError::InvalidScript(diagnostics)) => {
             eprintln!("{diagnostics}");
         }
         _ => eprintln!("error: {}", crate::error::chain(failure)),

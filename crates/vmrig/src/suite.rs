@@ -302,7 +302,10 @@ pub fn run(tests: &[PathBuf], store: &Store, ui: Ui, options: &RunOptions, suite
             }
         };
         let checked = Instant::now();
-        let prepared = Prepared::new(spec, &options).and_then(|prepared| Ok((prepared.recorded_pass(store)?, prepared)));
+        let prepared = Prepared::new(spec, &options).and_then(|prepared| match prepared.recorded_pass(store)? {
+            Some(pass) => Ok((Some(pass), prepared)),
+            None => prepared.check_script().map(|()| (None, prepared)),
+        });
         match prepared {
             Ok((Some(pass), _)) => verdicts[index] = Some((Verdict::Cached(pass), checked.elapsed())),
             Ok((None, prepared)) => queue.push_back((index, prepared, Demand::of(spec))),

@@ -88,6 +88,28 @@ fn a_script_syntax_error_points_into_the_definition() {
     assert!(output.contains("vmrig.toml:6:"), "{output}");
 }
 
+/// `vmrig run` refuses what `vmrig check` finds in a script before it
+/// builds or boots anything: the mistakes would only end the run later.
+#[test]
+fn run_refuses_a_script_with_a_misspelt_node_before_building_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("vmrig.toml"),
+        "[nodes.client]\npackages = [\"curl\"]\n\n[test]\nscript = '''\nstart_all()\nclinet.succeed('true')\nclient.wait_for_unitt('x')\n'''\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_vmrig")).arg("run").arg(dir.path()).env("VMRIG_STORE", store.path()).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{text}");
+    assert!(text.contains("error: unknown node `clinet` in the test script"), "{text}");
+    assert!(text.contains("vmrig.toml:7:1"), "{text}");
+    assert!(text.contains("did you mean `wait_for_unit`?"), "{text}");
+    assert!(!dir.path().join("result").exists(), "{text}");
+    let built: Vec<_> = ["bases", "images"].iter().filter_map(|kind| fs::read_dir(store.path().join(kind)).ok()).flatten().collect();
+    assert!(built.is_empty(), "the refused run built {built:?}:\n{text}");
+}
+
 #[test]
 fn a_missing_definition_is_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();

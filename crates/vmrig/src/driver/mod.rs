@@ -39,7 +39,8 @@ use crate::net::{self, Contacts, SharedRules, Switch};
 use crate::nodeconfig::{self, NodeConfigError};
 use crate::report::{self, Case, RecordedPass};
 use crate::runlog::{Block, RunLog};
-use crate::spec::{TestSpec, RESULT_DIR};
+use crate::script::ScriptError;
+use crate::spec::{Diagnostics, TestSpec, RESULT_DIR};
 use crate::store::{key_of, Store, StoreError};
 use crate::ui::Ui;
 use crate::spec::{BootMode, Node};
@@ -148,6 +149,12 @@ pub enum DriverError {
     /// The script's interpreter failed in a way that is not the test's.
     #[error("the test script's python3 failed: {0}")]
     Script(String),
+    /// The script has mistakes `vmrig check` finds: it is not run.
+    #[error("{0}")]
+    InvalidScript(Diagnostics),
+    /// The script could not be checked.
+    #[error(transparent)]
+    ScriptCheck(#[from] ScriptError),
     /// A setting in the environment is wrong.
     #[error("{0}")]
     Usage(String),
@@ -159,7 +166,7 @@ impl DriverError {
     pub fn exit_status(&self) -> u8 {
         match self {
             Self::Image(error) => error.exit_status(),
-            Self::Usage(_) => crate::error::EXIT_USAGE,
+            Self::Usage(_) | Self::InvalidScript(_) => crate::error::EXIT_USAGE,
             _ => crate::error::EXIT_INFRA,
         }
     }
@@ -172,6 +179,11 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     let prepared = Prepared::new(spec, options)?;
     if let Some(pass) = prepared.recorded_pass(store)? {
         return Ok(Outcome::PassedBefore(pass));
+    }
+    // A person's session starts even when the script has mistakes: they
+    // may be what the person came to mend.
+    if options.mode != Mode::Interactive {
+        prepared.check_script()?;
     }
     prepared.boot(store, ui)?.script().report(store)
 }
@@ -221,6 +233,19 @@ impl<'a> Prepared<'a> {
         };
         let result_dir = options.result_dir.clone().unwrap_or_else(|| spec.dir.join(RESULT_DIR));
         Ok(Self { spec, options, requests, agent, layers, key, result_dir, boot_cap })
+    }
+
+    /// Refuses a script with the mistakes `vmrig check` finds (not Python,
+    /// a name nothing defines, a method no machine has) before anything is
+    /// built or booted, as NixOS's driver refuses one its linter and type
+    /// checker reject; run where no pass answers, as one that passed
+    /// cannot have them.
+    pub fn check_script(&self) -> Result<(), DriverError> {
+        let problems = crate::script::lint(&self.spec.script_context())?;
+        if problems.is_empty() {
+            return Ok(());
+        }
+        Err(DriverError::InvalidScript(Diagnostics(problems)))
     }
 
     /// The key of a run whose pass is recorded, and answers a later one: a
