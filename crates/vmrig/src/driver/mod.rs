@@ -180,11 +180,7 @@ pub fn run(spec: &TestSpec, store: &Store, ui: Ui, options: &RunOptions) -> Resu
     if let Some(pass) = prepared.recorded_pass(store)? {
         return Ok(Outcome::PassedBefore(pass));
     }
-    // A person's session starts even when the script has mistakes: they
-    // may be what the person came to mend.
-    if options.mode != Mode::Interactive {
-        prepared.check_script()?;
-    }
+    prepared.check_script()?;
     prepared.boot(store, ui)?.script().report(store)
 }
 
@@ -239,8 +235,12 @@ impl<'a> Prepared<'a> {
     /// a name nothing defines, a method no machine has) before anything is
     /// built or booted, as NixOS's driver refuses one its linter and type
     /// checker reject; run where no pass answers, as one that passed
-    /// cannot have them.
+    /// cannot have them. A person's session starts all the same: the
+    /// mistakes may be what they came to mend.
     pub fn check_script(&self) -> Result<(), DriverError> {
+        if self.options.mode == Mode::Interactive {
+            return Ok(());
+        }
         let problems = crate::script::lint(&self.spec.script_context())?;
         if problems.is_empty() {
             return Ok(());
